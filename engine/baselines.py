@@ -1,0 +1,60 @@
+"""Baselines every method is compared against: seeded random, and nearest neighbours.
+
+random: each candidate gets u_i = H(seed, id_i) uniform in [0, 1); the budget B rows with the
+    smallest u are chosen. Because u depends only on (seed, id), the selection is the same whatever
+    the row order, shard count or worker count, and a grown pool keeps every row that still ranks in
+    the first B. Inclusion probability B / N.
+knn, `max`: score_i = max_j <x_i, q_j>, the cosine similarity of candidate i to its nearest target
+    (embeddings are unit-norm); top B.
+knn, `centroid`: score_i = <x_i, c / |c|> with c the mean target embedding; top B.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from engine.ids import hash_uniform
+from engine.selection import Selection, check_budget, top_k
+
+KNN_MODES = ("max", "centroid")
+
+
+def random_select(ids: np.ndarray, budget: int, seed: int) -> Selection:
+    check_budget(budget, len(ids))
+    u = np.asarray(hash_uniform(ids, seed), dtype=np.float64)
+    chosen = top_k(-u, budget, ids)
+    return Selection(chosen, 1.0 - u[chosen], probability=np.full(budget, budget / len(ids)))
+
+
+def max_similarity(candidates: np.ndarray, targets: np.ndarray, block: int = 65536) -> np.ndarray:
+    """max_j <x_i, q_j> for every candidate, exact (FAISS flat inner-product index over targets)."""
+    index = faiss.IndexFlatIP(targets.shape[1])
+    index.add(np.ascontiguousarray(targets, dtype=np.float32))
+    out = np.empty(len(candidates), dtype=np.float32)
+    for start in range(0, len(candidates), block):
+        chunk = np.ascontiguousarray(candidates[start : start + block], dtype=np.float32)
+        sims, _ = index.search(chunk, 1)
+        out[start : start + block] = sims[:, 0]
+    return out
+
+
+def knn_select(
+    candidates: np.ndarray, targets: np.ndarray, ids: np.ndarray, budget: int, mode: str = "max"
+) -> Selection:
+    check_budget(budget, len(candidates))
+    if len(targets) == 0:
+        raise ValueError("knn needs at least one target embedding")
+    if candidates.shape[1] != targets.shape[1]:
+        raise ValueError(
+            f"candidate dimension {candidates.shape[1]} != target dimension {targets.shape[1]}"
+        )
+    if mode == "max":
+        score = max_similarity(candidates, targets)
+    elif mode == "centroid":
+        c = targets.astype(np.float64).mean(axis=0)
+        score = (candidates @ (c / np.linalg.norm(c)).astype(np.float32)).astype(np.float32)
+    else:
+        raise ValueError(f"knn mode must be one of {KNN_MODES}, got {mode!r}")
+    chosen = top_k(score.astype(np.float64), budget, ids)
+    return Selection(chosen, score[chosen])

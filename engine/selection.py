@@ -1,0 +1,50 @@
+"""What every selection method returns, whatever its math."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Selection:
+    """Chosen candidate rows in rank order (0 = best).
+
+    indices: candidate row numbers, int64, best first, no repeats.
+    score: the method's score for each chosen row (higher = chosen earlier).
+    probability: selection probability of each chosen row where the method defines one.
+    count: times each chosen row was drawn, for methods that sample with replacement.
+    """
+
+    indices: np.ndarray
+    score: np.ndarray
+    probability: np.ndarray | None = None
+    count: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+        self.score = np.asarray(self.score, dtype=np.float64)
+        n = len(self.indices)
+        for name in ("score", "probability", "count"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"Selection.{name} has {len(value)} rows, indices has {n}")
+        if len(np.unique(self.indices)) != n:
+            raise ValueError("Selection.indices has repeated rows")
+
+
+def check_budget(budget: int, n_candidates: int) -> None:
+    if budget < 1:
+        raise ValueError(f"select.budget must be >= 1, got {budget}")
+    if budget > n_candidates:
+        raise ValueError(
+            f"select.budget={budget} is larger than the pool ({n_candidates} candidates)"
+        )
+
+
+def top_k(score: np.ndarray, k: int, tiebreak: np.ndarray) -> np.ndarray:
+    """Indices of the k highest scores, best first; ties broken by ascending `tiebreak` (the id),
+    so the order never depends on the order rows arrived in."""
+    order = np.lexsort((tiebreak, -score))
+    return order[:k]

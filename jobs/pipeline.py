@@ -1,0 +1,132 @@
+"""The pipeline: a list of stages, each with one job, run in order over one run folder.
+
+    ingest   candidates and targets -> data/<side>.parquet          (Ray Data read + clean)
+    embed    data/<side>.parquet -> embeddings/<side>/part-*.parquet (actor pool, resumable)
+    select   embeddings -> selection.parquet + selected.jsonl        (engine method)
+
+Each stage records status, rows and seconds in manifest.json. A finished stage whose inputs are
+unchanged is skipped on a rerun; embed resumes inside the stage, shard by shard.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from jobs.config import Config, to_yaml
+from jobs.errors import InputError
+from jobs.ingest import check_input, fingerprint
+from jobs.runfolder import Manifest, clean_leftovers, write_parquet, write_text
+
+STAGES = ("ingest", "embed", "select")
+SIDES = ("candidates", "targets")
+RAY_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start_ray(cfg: Config) -> None:
+    """Join `ray.address`, or start a local cluster; reuse the one this process already has."""
+    import ray
+
+    os.environ.update(RAY_ENV)
+    if not ray.is_initialized():
+        kwargs: dict = {
+            "include_dashboard": False,
+            "runtime_env": {"env_vars": RAY_ENV},
+            "log_to_driver": False,
+        }
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
+    configure_data()
+
+
+def configure_data() -> None:
+    """Ray Data settings every raysift driver uses."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # ingest keeps input order; `limit` takes the head
+    # Raise the UDF's own exception (an InputError stays an InputError -> exit 2), not a wrapper.
+    ctx.raise_original_map_exception = True
+
+
+def _ingest(cfg: Config, run_dir: Path, manifest: Manifest) -> dict:
+    from jobs.ingest import ingest_side
+
+    specs = {"candidates": cfg.candidates, "targets": cfg.targets}
+    for side, spec in specs.items():  # fail fast on both sides before reading either
+        check_input(spec, side)
+    info = {}
+    for side, spec in specs.items():
+        table, counts = ingest_side(spec, side)
+        write_parquet(run_dir / "data" / f"{side}.parquet", table)
+        info[side] = {**counts, "spec": spec.model_dump(mode="json")}
+    return info
+
+
+def _ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
+    entry = manifest.stage("ingest")
+    if entry.get("status") != "done":
+        return False
+    for side, spec in (("candidates", cfg.candidates), ("targets", cfg.targets)):
+        if not (run_dir / "data" / f"{side}.parquet").is_file():
+            return False
+        _, files = check_input(spec, side)
+        previous = entry.get(side, {})
+        if previous.get("spec") != spec.model_dump(mode="json"):
+            return False
+        if previous.get("inputs") != fingerprint(files):
+            return False
+    return True
+
+
+def _embed(cfg: Config, run_dir: Path, manifest: Manifest) -> dict:
+    from jobs.embed import run_embed
+
+    return run_embed(cfg, run_dir)
+
+
+def _select(cfg: Config, run_dir: Path, manifest: Manifest) -> dict:
+    from jobs.select import run_select
+
+    return run_select(cfg, run_dir)
+
+
+RUNNERS: dict[str, Callable[[Config, Path, Manifest], dict]] = {
+    "ingest": _ingest,
+    "embed": _embed,
+    "select": _select,
+}
+NEEDS_RAY = {"ingest", "embed"}
+
+
+def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run `stages` (default: the config's) in pipeline order; returns the run folder."""
+    stages = [s for s in STAGES if s in (stages or cfg.stages)]
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output_dir: {run_dir} exists and is not a folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(run_dir)
+    resolved = cfg.model_dump(mode="json")
+    write_text(run_dir / "config.yaml", to_yaml(cfg))
+    manifest = Manifest(run_dir, resolved, cfg.seed)
+    manifest.save()
+    for stage in stages:
+        if stage == "ingest" and _ingest_is_current(cfg, run_dir, manifest):
+            log("ingest: inputs unchanged since the last run, reusing data/")
+            continue
+        if stage in NEEDS_RAY:
+            start_ray(cfg)
+        log(f"{stage}: running")
+        t0 = manifest.start(stage)
+        try:
+            info = RUNNERS[stage](cfg, run_dir, manifest)
+        except BaseException as exc:
+            manifest.fail(stage, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+            raise
+        manifest.finish(stage, t0, **info)
+        log(f"{stage}: done in {manifest.stage(stage)['seconds']:.1f} s")
+    return run_dir

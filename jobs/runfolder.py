@@ -1,0 +1,142 @@
+"""The run folder: atomic writes and the manifest.
+
+Every file a run produces is written under a temporary name in the same folder and renamed into
+place (`os.replace`, atomic on POSIX), so a killed run leaves either the old file, the new one, or a
+`.tmp-*` leftover that no reader looks at — never a file that looks complete and is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_PREFIX = ".tmp-"
+_VERSIONED = (
+    "raysift",
+    "ray",
+    "torch",
+    "transformers",
+    "datasets",
+    "faiss-cpu",
+    "faiss-gpu-cu12",
+    "pot",
+    "pyarrow",
+    "numpy",
+    "pydantic",
+)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; on success it is renamed to `final`, on error removed.
+
+    Works for files and folders alike (a folder replaces an existing one of the same name).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}"
+    try:
+        yield tmp
+        if tmp.is_dir() and final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def clean_leftovers(folder: Path) -> int:
+    """Remove `.tmp-*` files and folders a killed run left behind; returns how many."""
+    n = 0
+    if folder.is_dir():
+        for p in list(folder.rglob(f"{TMP_PREFIX}*")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+            n += 1
+    return n
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+class Manifest:
+    """`manifest.json`: resolved config, versions, seed, and per-stage status, rows and timings.
+
+    Rewritten atomically on every change, so it always describes the last finished step.
+    """
+
+    def __init__(self, run_dir: Path, config: dict, seed: int):
+        self.path = Path(run_dir) / "manifest.json"
+        previous = self._read()
+        self.data: dict[str, Any] = {
+            "raysift_manifest": 1,
+            "config": config,
+            "seed": seed,
+            "versions": package_versions(),
+            "command": sys.argv,
+            # Earlier stages stay on record: each stage decides itself whether they still hold.
+            "stages": previous.get("stages", {}),
+        }
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].get(name, {})
+
+    def start(self, name: str) -> float:
+        self.data["stages"][name] = {"status": "running", "started": time.time()}
+        self.save()
+        return time.perf_counter()
+
+    def finish(self, name: str, t0: float, **info: Any) -> None:
+        entry = self.data["stages"][name]
+        entry.update(status="done", seconds=round(time.perf_counter() - t0, 3), **info)
+        self.save()
+
+    def fail(self, name: str, error: str) -> None:
+        entry = self.data["stages"].setdefault(name, {})
+        entry.update(status="failed", error=error)
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.data)

@@ -1,0 +1,99 @@
+"""Select stage: embeddings + method -> `selection.parquet` and `selected.jsonl`.
+
+`selection.parquet` has the same columns for every method: id, rank (0 = best), score,
+probability (null where the method has none), count (null unless the method samples with
+replacement), then the carried source columns. `selected.jsonl` holds the selected rows with their
+text, in rank order, as the fine-tune stage reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.baselines import knn_select, random_select
+from engine.selection import Selection
+from jobs.config import Config
+from jobs.embed import read_embeddings
+from jobs.errors import InputError
+from jobs.runfolder import atomic_path, write_parquet
+
+
+def _random(cfg: Config, ids, candidates, targets) -> Selection:
+    return random_select(ids, cfg.select.budget, cfg.seed)
+
+
+def _knn(cfg: Config, ids, candidates, targets) -> Selection:
+    return knn_select(candidates, targets, ids, cfg.select.budget, cfg.select.knn.mode)
+
+
+METHODS: dict[str, Callable[..., Selection]] = {"random": _random, "knn": _knn}
+
+
+def aligned_vectors(run_dir: Path, side: str, ids: np.ndarray) -> np.ndarray:
+    """The vectors of `ids` in that order, from the committed shards; every id must be there."""
+    emb_ids, vectors = read_embeddings(run_dir / "embeddings" / side)
+    order = np.argsort(emb_ids, kind="stable")
+    pos = np.searchsorted(emb_ids[order], ids)
+    pos = np.minimum(pos, len(order) - 1) if len(order) else pos
+    found = len(order) > 0 and np.array_equal(emb_ids[order][pos], ids)
+    if not found:
+        raise InputError(f"{run_dir}/embeddings/{side}: vectors missing; run the embed stage first")
+    return vectors[order[pos]]
+
+
+def selection_table(sel: Selection, data: pa.Table, keep: list[str]) -> pa.Table:
+    n = len(sel.indices)
+    rows = pa.array(sel.indices)
+    cols = {
+        "id": data.column("id").take(rows),
+        "rank": pa.array(np.arange(n, dtype=np.int64)),
+        "score": pa.array(sel.score, pa.float64()),
+        "probability": pa.array(sel.probability, pa.float64())
+        if sel.probability is not None
+        else pa.nulls(n, pa.float64()),
+        "count": pa.array(sel.count, pa.int64())
+        if sel.count is not None
+        else pa.nulls(n, pa.int64()),
+    }
+    cols.update({c: data.column(c).take(rows) for c in keep})
+    return pa.table(cols)
+
+
+def write_jsonl(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for row in table.to_pylist():
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run_select(cfg: Config, run_dir: Path) -> dict:
+    data_path = run_dir / "data" / "candidates.parquet"
+    if not data_path.is_file():
+        raise InputError(f"{run_dir}: no data/candidates.parquet; run the ingest stage first")
+    data = pq.read_table(data_path)
+    ids = np.asarray(data.column("id").to_numpy(zero_copy_only=False), dtype=str)
+    if cfg.select.budget > len(ids):
+        raise InputError(
+            f"select.budget: {cfg.select.budget} is larger than the pool ({len(ids)} candidates)"
+        )
+    candidates = targets = None
+    if cfg.select.method != "random":
+        candidates = aligned_vectors(run_dir, "candidates", ids)
+        target_ids = pq.read_table(run_dir / "data" / "targets.parquet", columns=["id"])
+        targets = aligned_vectors(
+            run_dir,
+            "targets",
+            np.asarray(target_ids.column("id").to_numpy(zero_copy_only=False), str),
+        )
+    sel = METHODS[cfg.select.method](cfg, ids, candidates, targets)
+    keep = list(cfg.candidates.keep_columns)
+    table = selection_table(sel, data, keep)
+    write_parquet(run_dir / "selection.parquet", table)
+    rows = data.take(pa.array(sel.indices)).select(["id", "text", *keep])
+    write_jsonl(run_dir / "selected.jsonl", rows.append_column("rank", table.column("rank")))
+    return {"method": cfg.select.method, "rows": table.num_rows, "pool": len(ids)}

@@ -1,0 +1,111 @@
+import pytest
+import yaml
+
+from jobs.config import load_config, parse_override, to_yaml, validate
+from jobs.errors import InputError
+
+from .conftest import REPO, write_config
+
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def base(tmp_path):
+    return {
+        "output_dir": str(tmp_path / "run"),
+        "candidates": {"path": "pool.parquet"},
+        "targets": {"path": "targets.jsonl"},
+    }
+
+
+def error_of(tmp_path, tree, overrides=()):
+    path = write_config(tmp_path / "c.yaml", **tree)
+    with pytest.raises(InputError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_demo_config_loads_and_resolves_paths_against_its_folder():
+    cfg = load_config(DEMO)
+    assert cfg.candidates.path == str(REPO / "demo" / "pool.parquet")
+    assert cfg.output_dir == str(REPO / "runs" / "demo")
+    assert cfg.select.method == "knn" and cfg.embed.max_length == 128
+
+
+def test_overrides_are_typed_and_win(tmp_path):
+    cfg = load_config(
+        DEMO, ["embed.batch_size=128", "select.method=random", "seed=7", f"output_dir={tmp_path}"]
+    )
+    assert cfg.embed.batch_size == 128 and isinstance(cfg.embed.batch_size, int)
+    assert cfg.select.method == "random" and cfg.seed == 7
+    assert cfg.output_dir == str(tmp_path)
+
+
+def test_unknown_key_is_named(tmp_path):
+    tree = base(tmp_path) | {"embed": {"batch_sz": 3}}
+    assert error_of(tmp_path, tree).endswith("embed.batch_sz: unknown key")
+
+
+def test_unknown_override_key_is_named(tmp_path):
+    msg = error_of(tmp_path, base(tmp_path), ["select.budgett=5"])
+    assert "select.budgett: unknown key" in msg
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "field"),
+    [
+        ({"embed": {"batch_size": 0}}, None, "embed.batch_size"),
+        ({"embed": {"max_length": 100000}}, None, "embed.max_length"),
+        ({"embed": {"precision": "int4"}}, None, "embed.precision"),
+        ({"select": {"method": "magic"}}, None, "select.method"),
+        ({"select": {"budget": -1}}, None, "select.budget"),
+        ({"seed": -3}, None, "seed"),
+        ({"candidates": {"path": "x", "format": "xml"}}, None, "candidates.format"),
+    ],
+)
+def test_range_and_choice_errors_name_the_field(tmp_path, section, value, field):
+    msg = error_of(tmp_path, base(tmp_path) | section)
+    assert f": {field}: " in msg, msg
+
+
+def test_missing_required_field(tmp_path):
+    tree = base(tmp_path)
+    del tree["output_dir"]
+    assert "output_dir: required field is missing" in error_of(tmp_path, tree)
+
+
+def test_actor_pool_that_would_starve_readers_is_refused(tmp_path):
+    tree = base(tmp_path) | {
+        "ray": {"num_cpus": 2},
+        "embed": {"num_actors": 2, "cpus_per_actor": 1},
+    }
+    assert "must stay below ray.num_cpus" in error_of(tmp_path, tree)
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: x\nembed: [1,\n")
+    with pytest.raises(InputError, match=r"c.yaml: not valid YAML at line \d"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("item", ["embed.batch_size", "=3", "embed.batch_size=[1,"])
+def test_malformed_override(item):
+    with pytest.raises(InputError, match="--set"):
+        parse_override(item)
+
+
+def test_override_into_a_scalar_is_refused(tmp_path):
+    path = write_config(tmp_path / "c.yaml", **base(tmp_path))
+    with pytest.raises(InputError, match="seed"):
+        load_config(path, ["seed.x=1"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(DEMO, ["select.budget=10"])
+    again = validate(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
