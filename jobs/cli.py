@@ -96,6 +96,12 @@ def demo(
     source_table(run_dir)
 
 
+# Typer >= 0.25 ships its own copy of click; older ones raise click's classes.
+_EXITS = (click.exceptions.Exit, typer.Exit)
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+_USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+
+
 def _input_error(exc: BaseException) -> InputError | None:
     """The InputError behind `exc`, also when Ray wrapped it in a task error."""
     seen = set()
@@ -111,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False, prog_name="raysift")
         return 0
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _ABORTS:
         print("raysift: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:  # usage errors: unknown option, missing argument
+    except _USAGE_ERRORS as exc:  # unknown command or option, missing argument
         print(f"raysift: error: {exc.format_message()}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence

@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 
 from actors.embedder import Embedder
 from jobs.config import Config, EmbedConfig
-from jobs.errors import InputError
 from jobs.runfolder import TMP_PREFIX, write_json, write_parquet
 
 SIDES = ("targets", "candidates")
@@ -131,6 +130,9 @@ def embed_side(run_dir: Path, side: str, cfg: EmbedConfig) -> dict:
         ds = ray.data.read_parquet(str(data_path), columns=["id", "text"])
         if len(done):
             ds = ds.map_batches(_drop_committed, batch_format="pyarrow", fn_kwargs={"done": done})
+        # Ray Data emits an actor's output when its whole input block is done: blocks of one call
+        # each let finished rows stream to the shard writer (and survive a kill) call by call.
+        ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_call)
         ds = ds.map_batches(
             Embedder,
             fn_constructor_kwargs={
@@ -162,7 +164,4 @@ def embed_side(run_dir: Path, side: str, cfg: EmbedConfig) -> dict:
 
 
 def run_embed(cfg: Config, run_dir: Path) -> dict:
-    for side in SIDES:
-        if not (run_dir / "data" / f"{side}.parquet").is_file():
-            raise InputError(f"{run_dir}: no data/{side}.parquet; run the ingest stage first")
     return {side: embed_side(run_dir, side, cfg.embed) for side in SIDES}

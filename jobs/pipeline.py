@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jobs.config import Config, to_yaml
+from jobs.embed import run_embed, shard_files
 from jobs.errors import InputError
 from jobs.ingest import check_input, fingerprint
 from jobs.runfolder import Manifest, clean_leftovers, write_parquet, write_text
+from jobs.select import NEEDS_VECTORS, check_budget, run_select
 
 STAGES = ("ingest", "embed", "select")
 SIDES = ("candidates", "targets")
@@ -83,14 +85,10 @@ def _ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
 
 
 def _embed(cfg: Config, run_dir: Path, manifest: Manifest) -> dict:
-    from jobs.embed import run_embed
-
     return run_embed(cfg, run_dir)
 
 
 def _select(cfg: Config, run_dir: Path, manifest: Manifest) -> dict:
-    from jobs.select import run_select
-
     return run_select(cfg, run_dir)
 
 
@@ -100,6 +98,23 @@ RUNNERS: dict[str, Callable[[Config, Path, Manifest], dict]] = {
     "select": _select,
 }
 NEEDS_RAY = {"ingest", "embed"}
+
+
+def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
+    """Every check that needs no cluster, before one starts: a typo fails in a second."""
+    if "ingest" in stages:
+        check_input(cfg.candidates, "candidates")
+        check_input(cfg.targets, "targets")
+        return
+    for side in SIDES:
+        if not (run_dir / "data" / f"{side}.parquet").is_file():
+            raise InputError(f"{run_dir}: no data/{side}.parquet; run the ingest stage first")
+    if "select" in stages:
+        check_budget(cfg, run_dir)
+        if "embed" not in stages and cfg.select.method in NEEDS_VECTORS:
+            for side in SIDES:
+                if not shard_files(run_dir / "embeddings" / side):
+                    raise InputError(f"{run_dir}: no embeddings/{side}; run the embed stage first")
 
 
 def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
@@ -114,6 +129,7 @@ def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None]
     write_text(run_dir / "config.yaml", to_yaml(cfg))
     manifest = Manifest(run_dir, resolved, cfg.seed)
     manifest.save()
+    preflight(cfg, stages, run_dir)
     for stage in stages:
         if stage == "ingest" and _ingest_is_current(cfg, run_dir, manifest):
             log("ingest: inputs unchanged since the last run, reusing data/")

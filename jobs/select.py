@@ -33,6 +33,17 @@ def _knn(cfg: Config, ids, candidates, targets) -> Selection:
 
 
 METHODS: dict[str, Callable[..., Selection]] = {"random": _random, "knn": _knn}
+NEEDS_VECTORS = {"knn"}
+
+
+def check_budget(cfg: Config, run_dir: Path) -> int:
+    """The pool size, from the ingested table's metadata; the budget must fit in it."""
+    n = pq.ParquetFile(run_dir / "data" / "candidates.parquet").metadata.num_rows
+    if cfg.select.budget > n:
+        raise InputError(
+            f"select.budget: {cfg.select.budget} is larger than the pool ({n} candidates)"
+        )
+    return n
 
 
 def aligned_vectors(run_dir: Path, side: str, ids: np.ndarray) -> np.ndarray:
@@ -72,17 +83,11 @@ def write_jsonl(path: Path, table: pa.Table) -> None:
 
 
 def run_select(cfg: Config, run_dir: Path) -> dict:
-    data_path = run_dir / "data" / "candidates.parquet"
-    if not data_path.is_file():
-        raise InputError(f"{run_dir}: no data/candidates.parquet; run the ingest stage first")
-    data = pq.read_table(data_path)
+    data = pq.read_table(run_dir / "data" / "candidates.parquet")
     ids = np.asarray(data.column("id").to_numpy(zero_copy_only=False), dtype=str)
-    if cfg.select.budget > len(ids):
-        raise InputError(
-            f"select.budget: {cfg.select.budget} is larger than the pool ({len(ids)} candidates)"
-        )
+    check_budget(cfg, run_dir)
     candidates = targets = None
-    if cfg.select.method != "random":
+    if cfg.select.method in NEEDS_VECTORS:
         candidates = aligned_vectors(run_dir, "candidates", ids)
         target_ids = pq.read_table(run_dir / "data" / "targets.parquet", columns=["id"])
         targets = aligned_vectors(

@@ -1,0 +1,176 @@
+"""`raysift` exit codes: 0 success, 2 bad input or config (one line on stderr), 1 internal."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import cli
+
+from .conftest import DEMO_POOL, DEMO_TARGETS, REPO, write_config
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def raysift(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAYSIFT_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *map(str, args)],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=110,
+    )
+
+
+def good(tmp_path, **changes):
+    sections = {
+        "output_dir": str(tmp_path / "run"),
+        "candidates": {"path": str(DEMO_POOL), "id_column": "id"},
+        "targets": {"path": str(DEMO_TARGETS)},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            sections[section] = {**sections[section], field: value}
+        else:
+            sections[section] = value
+    return write_config(tmp_path / "c.yaml", **sections)
+
+
+def bad_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("output_dir: [\n")
+    return ["run", tmp_path / "c.yaml"], "not valid YAML"
+
+
+def missing_file(tmp_path):
+    return ["run", tmp_path / "absent.yaml"], "config file not found"
+
+
+def unknown_key(tmp_path):
+    return ["run", good(tmp_path, embed={"batch_sise": 8})], "embed.batch_sise: unknown key"
+
+
+def out_of_range(tmp_path):
+    return ["run", good(tmp_path), "--set", "embed.max_length=2"], "embed.max_length"
+
+
+def bad_override(tmp_path):
+    return ["run", good(tmp_path), "--set", "embed.batch_size"], "expected KEY=VALUE"
+
+
+def missing_input(tmp_path):
+    cfg = good(tmp_path, candidates__path=str(tmp_path / "nope.parquet"))
+    return ["run", cfg], "candidates.path"
+
+
+def missing_column(tmp_path):
+    return [
+        "run",
+        good(tmp_path, targets__text_column="body"),
+    ], "column 'body' (targets.text_column)"
+
+
+def corrupt_parquet(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 garbage")
+    cfg = good(tmp_path, candidates__path=str(tmp_path / "bad.parquet"))
+    return ["run", cfg], "not a readable parquet file"
+
+
+def unknown_format(tmp_path):
+    (tmp_path / "pool.xml").write_text("<rows/>")
+    return ["run", good(tmp_path, candidates__path=str(tmp_path / "pool.xml"))], "cannot tell"
+
+
+def bad_jsonl(tmp_path):
+    (tmp_path / "t.jsonl").write_text("not json\n")
+    return ["run", good(tmp_path, targets__path=str(tmp_path / "t.jsonl"))], "not a readable jsonl"
+
+
+def ingested(tmp_path):
+    """A run folder as ingest leaves it, two candidates and one target, without embeddings."""
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), data / "candidates.parquet")
+    pq.write_table(pa.table({"id": ["t"], "text": ["z"]}), data / "targets.parquet")
+
+
+def budget_too_large(tmp_path):
+    ingested(tmp_path)
+    cfg = good(tmp_path, select={"method": "random", "budget": 5})
+    return ["select", cfg], "select.budget: 5 is larger than the pool (2 candidates)"
+
+
+def select_before_embed(tmp_path):
+    ingested(tmp_path)
+    return ["select", good(tmp_path, select={"budget": 1})], "run the embed stage first"
+
+
+def embed_before_ingest(tmp_path):
+    return ["embed", good(tmp_path)], "run the ingest stage first"
+
+
+def unknown_command(tmp_path):
+    return ["frobnicate"], "No such command"
+
+
+def output_dir_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    return ["select", good(tmp_path, output_dir=str(tmp_path / "f"))], "output_dir"
+
+
+CASES = [
+    bad_yaml,
+    missing_file,
+    unknown_key,
+    out_of_range,
+    bad_override,
+    missing_input,
+    missing_column,
+    corrupt_parquet,
+    unknown_format,
+    bad_jsonl,
+    budget_too_large,
+    select_before_embed,
+    embed_before_ingest,
+    unknown_command,
+    output_dir_is_a_file,
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_exits_2_with_one_line(tmp_path, case):
+    args, expected = case(tmp_path)
+    result = raysift(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("raysift: error: ") and expected in lines[0], lines[0]
+    assert not (tmp_path / "run" / "selection.parquet").exists()
+
+
+def test_help_and_validate_exit_0(tmp_path):
+    assert raysift("--help").returncode == 0
+    result = raysift("validate", good(tmp_path), "--set", "select.budget=7")
+    assert result.returncode == 0, result.stderr
+    assert "budget: 7" in result.stdout
+
+
+def test_internal_failure_exits_1(tmp_path, monkeypatch, capsys):
+    import jobs.pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(jobs.pipeline, "run", broken)
+    assert cli.main(["select", str(good(tmp_path))]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "raysift: internal error: RuntimeError: disk on fire "
+        "(set RAYSIFT_DEBUG=1 for the traceback)"
+    ]

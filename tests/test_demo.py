@@ -1,0 +1,112 @@
+"""The demo config end to end on a small slice, on the shared local Ray cluster."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from jobs.report import composition
+
+from .conftest import DEMO_POOL
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("ray_cluster")]
+
+SLICE = ["candidates.limit=400", "targets.limit=40", "select.budget=40"]
+
+
+def demo(tmp_path, name, *extra):
+    out = tmp_path / name
+    assert (
+        main(
+            [
+                "demo",
+                "--output-dir",
+                str(out),
+                *sum((["--set", s] for s in SLICE + list(extra)), []),
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def manifest(run):
+    return json.loads((run / "manifest.json").read_text())
+
+
+def test_demo_slice_end_to_end(tmp_path, capsys):
+    run = demo(tmp_path, "a")
+    shown = capsys.readouterr().out
+    assert "Where the 40 selected rows came from (knn)" in shown and "debian_pkg" in shown
+
+    m = manifest(run)
+    assert [m["stages"][s]["status"] for s in ("ingest", "embed", "select")] == ["done"] * 3
+    assert m["seed"] == 0 and m["config"]["select"]["budget"] == 40
+    assert m["stages"]["ingest"]["candidates"]["rows"] == 400
+    assert m["stages"]["ingest"]["targets"]["rows"] == 40
+    assert m["stages"]["embed"]["candidates"]["rows_embedded"] == 400
+    assert m["stages"]["embed"]["candidates"]["precision"] in (["bf16"], ["fp32"])
+    assert all(m["stages"][s]["seconds"] > 0 for s in ("ingest", "embed", "select"))
+    assert (run / "config.yaml").is_file()
+
+    for side, n in (("candidates", 400), ("targets", 40)):
+        tables = [
+            pq.read_table(p) for p in sorted((run / "embeddings" / side).glob("part-*.parquet"))
+        ]
+        table = pa.concat_tables(tables)
+        assert table.num_rows == n and table.column_names == ["id", "vector"]
+        assert table.schema.field("vector").type == pa.list_(pa.float32(), 384)
+
+    sel = pq.read_table(run / "selection.parquet")
+    assert sel.column_names == ["id", "rank", "score", "probability", "count", "source", "label"]
+    assert sel["rank"].to_pylist() == list(range(40))
+    scores = sel["score"].to_pylist()
+    assert scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1
+    pool_ids = set(pq.read_table(DEMO_POOL, columns=["id"])["id"].to_pylist()[:400])
+    assert set(sel["id"].to_pylist()) <= pool_ids and len(set(sel["id"].to_pylist())) == 40
+
+    lines = [json.loads(x) for x in (run / "selected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == sel["id"].to_pylist()
+    assert all(r["text"].strip() and r["source"] for r in lines)
+
+    # The targets are Debian "science" descriptions: the nearest neighbours must lean to debian_pkg
+    # far above its share of the pool (17%).
+    rows = dict((name, picked) for name, _, picked in composition(run))
+    assert rows.get("debian_pkg", 0) / 40 > 0.5
+
+    # A rerun with nothing changed redoes nothing and selects the same rows.
+    run_again = demo(tmp_path, "a")
+    m2 = manifest(run_again)
+    assert m2["stages"]["embed"]["candidates"]["rows_embedded"] == 0
+    assert m2["stages"]["embed"]["candidates"]["rows_reused"] == 400
+    assert pq.read_table(run / "selection.parquet").equals(sel)
+
+    # Other shard sizes, block sizes and two actors: the same selection.
+    other = demo(
+        tmp_path,
+        "b",
+        "embed.shard_rows=37",
+        "embed.rows_per_call=53",
+        "embed.num_actors=2",
+        "embed.cpus_per_actor=0.5",
+        "embed.batch_size=16",
+    )
+    assert manifest(other)["stages"]["embed"]["candidates"]["shards"] == 11
+    assert pq.read_table(other / "selection.parquet")["id"].equals(sel["id"])
+
+
+def test_random_needs_no_embeddings_and_is_seeded(tmp_path):
+    no_embed = "stages=[ingest, select]"
+    a = demo(tmp_path, "r1", "select.method=random", "seed=3", no_embed)
+    b = demo(tmp_path, "r2", "select.method=random", "seed=3", no_embed, "candidates.limit=399")
+    c = demo(tmp_path, "r3", "select.method=random", "seed=4", no_embed)
+    assert not (a / "embeddings").exists()
+    ids = [pq.read_table(r / "selection.parquet")["id"].to_pylist() for r in (a, b, c)]
+    # u = H(seed, id) does not depend on the other rows: dropping the pool's last row changes the
+    # selection by at most that row (and the one that takes its place).
+    assert len(set(ids[0]) & set(ids[1])) >= 39
+    assert len(set(ids[0]) & set(ids[2])) < 20
+    prob = pq.read_table(a / "selection.parquet")["probability"].to_pylist()
+    assert prob == [40 / 400] * 40

@@ -1,0 +1,149 @@
+"""The embedding actor on the real MiniLM, and the stage's resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from engine.embed import DEFAULT_MODEL, resolve_model_path
+from jobs.cli import main
+from jobs.embed import committed_ids, read_embeddings, shard_files
+
+from .conftest import DEMO_POOL, DEMO_TARGETS, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+
+def direct_forward(texts, max_length=128):
+    """all-MiniLM-L6-v2 the plain way: pad the batch, forward, mean-pool over the mask, L2."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_path(DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    v = (hidden * m).sum(1) / m.sum(1)
+    return torch.nn.functional.normalize(v, dim=1).numpy()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("precision", "tol"), [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_actor_matches_a_direct_forward_pass(demo_rows, precision, tol):
+    import ray
+    import ray.data
+
+    from actors.embedder import Embedder
+
+    rows = demo_rows.slice(0, 24).select(["id", "text"])  # mixed lengths, code included
+    ds = ray.data.from_arrow(rows).map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "model": DEFAULT_MODEL,
+            "max_length": 128,
+            "batch_size": 5,
+            "precision": precision,
+            "torch_threads": 1,
+        },
+        batch_size=10,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+    )
+    got = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    assert got["id"].to_pylist() == rows["id"].to_pylist()
+    assert set(got["precision"].to_pylist()) == {precision}
+    vec = got["vector"].combine_chunks()
+    assert vec.type.list_size == 384 and vec.type.value_type == pa.float32()
+    vectors = vec.values.to_numpy().reshape(-1, 384)
+    expected = direct_forward(rows["text"].to_pylist())
+    assert np.abs(vectors - expected).max() < tol
+    assert (vectors * expected).sum(1).min() > (0.99999 if precision == "fp32" else 0.999)
+
+
+def resume_config(tmp_path, n_rows):
+    return write_config(
+        tmp_path / "c.yaml",
+        output_dir=str(tmp_path / "run"),
+        candidates={"path": str(DEMO_POOL), "id_column": "id", "limit": n_rows},
+        targets={"path": str(DEMO_TARGETS), "limit": 50},
+        ray={"num_cpus": 2},
+        # fp32 and small shards: slow enough to be killed in the middle, many commit points
+        embed={"precision": "fp32", "shard_rows": 100, "rows_per_call": 100},
+        stages=["ingest", "embed"],
+    )
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_embed_resumes_without_redoing_committed_shards(tmp_path):
+    n_rows = 600
+    cfg = resume_config(tmp_path, n_rows)
+    folder = tmp_path / "run" / "embeddings" / "candidates"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "run", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if folder.is_dir() and len(shard_files(folder)) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished or died before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    before = {p.name: p.read_bytes() for p in shard_files(folder)}
+    committed = len(committed_ids(folder))
+    assert 200 <= committed < n_rows, committed
+    for name in before:  # every file that looks committed is a whole, readable shard
+        assert pq.read_table(folder / name).num_rows == 100
+
+    assert main(["embed", str(cfg)]) == 0
+    stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["embed"]
+    assert stage["status"] == "done"
+    assert stage["candidates"]["rows_reused"] == committed
+    assert stage["candidates"]["rows_embedded"] == n_rows - committed
+    assert stage["candidates"]["precision"] == ["fp32"]
+    for name, data in before.items():  # committed shards were not rewritten
+        assert (folder / name).read_bytes() == data
+    ids, vectors = read_embeddings(folder)
+    assert len(ids) == len(set(ids)) == n_rows
+    pool = pq.read_table(DEMO_POOL).slice(0, n_rows)
+    assert set(ids) == set(pool["id"].to_pylist())
+    sample = [int(i) for i in np.linspace(0, n_rows - 1, 6)]
+    row_of = {k: i for i, k in enumerate(ids)}
+    expected = direct_forward([pool["text"][i].as_py() for i in sample])
+    got = vectors[[row_of[pool["id"][i].as_py()] for i in sample]]
+    assert np.abs(got - expected).max() < 1e-5
+
+    assert main(["embed", str(cfg)]) == 0  # nothing left to do
+    stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["embed"]
+    assert stage["candidates"]["rows_embedded"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_changing_the_model_discards_committed_vectors(tmp_path):
+    cfg = resume_config(tmp_path, 40)
+    assert main(["run", str(cfg)]) == 0
+    folder = tmp_path / "run" / "embeddings" / "targets"
+    assert shard_files(folder)
+    assert main(["embed", str(cfg), "--set", "embed.max_length=32"]) == 0
+    stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["embed"]
+    assert stage["targets"]["shards_discarded"] >= 1
+    assert stage["targets"]["rows_embedded"] == 50
