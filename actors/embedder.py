@@ -2,7 +2,7 @@
 `Dataset.map_batches(Embedder, compute=ActorPoolStrategy(...))`.
 
 Each actor loads the encoder once in `__init__` (device chosen there: the GPU Ray assigned it, or
-the CPU) and turns pyarrow batches of (id, text) into (id, vector, precision) rows.
+the CPU) and turns pyarrow batches of (id, text, ...) into (id, ..., vector, precision) rows.
 """
 
 from __future__ import annotations
@@ -37,12 +37,9 @@ class Embedder:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        vectors = encode(self.encoder, texts)
-        return pa.table(
-            {
-                "id": batch.column("id"),
-                "vector": vectors_to_arrow(vectors),
-                "precision": pa.array([self.encoder.precision] * len(texts), pa.string()),
-            }
-        )
+        """(text, other columns...) -> (other columns..., vector, precision)."""
+        vectors = encode(self.encoder, batch.column("text").to_pylist())
+        out = batch.drop_columns(["text"])
+        out = out.append_column("vector", vectors_to_arrow(vectors))
+        precision = pa.array([self.encoder.precision] * batch.num_rows, pa.string())
+        return out.append_column("precision", precision)

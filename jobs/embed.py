@@ -74,10 +74,6 @@ def _check_settings(folder: Path, cfg: EmbedConfig) -> int:
     return discarded
 
 
-def _drop_committed(batch: pa.Table, done: pa.Array) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=done)))
-
-
 def _count_missing(ids: pa.Array, have: pa.Array) -> int:
     return int(pc.sum(pc.invert(pc.is_in(ids, value_set=have))).as_py() or 0)
 
@@ -108,28 +104,47 @@ def resolve_threads(cfg: EmbedConfig, gpus: float) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.num_actors)
 
 
-def embed_side(run_dir: Path, side: str, cfg: EmbedConfig) -> dict:
+def _pending(batch: pa.Table, side: str, done: pa.Array) -> pa.Table:
+    """Rows of `side` with no committed vector, tagged with their side."""
+    if len(done):
+        batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=done)))
+    return batch.append_column("side", pa.array([side] * batch.num_rows, pa.string()))
+
+
+def embed_sides(run_dir: Path, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[str, dict]:
+    """Embed every row of `data/<side>.parquet` that has no committed vector yet.
+
+    All sides go through one actor pool (one model load per actor, not one per side).
+    """
     import ray.data
 
-    data_path = run_dir / "data" / f"{side}.parquet"
-    folder = run_dir / "embeddings" / side
-    folder.mkdir(parents=True, exist_ok=True)
-    discarded = _check_settings(folder, cfg)
-    done = committed_ids(folder)
-    all_ids = pq.read_table(data_path, columns=["id"]).column("id").combine_chunks()
-    todo = _count_missing(all_ids, done)
-    info = {
-        "rows": len(all_ids),
-        "rows_reused": len(all_ids) - todo,
-        "rows_embedded": 0,
-        "shards_discarded": discarded,
-        "precision": [],
-    }
-    if todo:
+    infos: dict[str, dict] = {}
+    parts = []
+    for side in sides:
+        data_path = run_dir / "data" / f"{side}.parquet"
+        folder = run_dir / "embeddings" / side
+        folder.mkdir(parents=True, exist_ok=True)
+        discarded = _check_settings(folder, cfg)
+        done = committed_ids(folder)
+        all_ids = pq.read_table(data_path, columns=["id"]).column("id").combine_chunks()
+        todo = _count_missing(all_ids, done)
+        infos[side] = {
+            "rows": len(all_ids),
+            "rows_reused": len(all_ids) - todo,
+            "rows_embedded": 0,
+            "shards_discarded": discarded,
+            "precision": [],
+        }
+        if todo:
+            part = ray.data.read_parquet(str(data_path), columns=["id", "text"])
+            parts.append(
+                part.map_batches(
+                    _pending, batch_format="pyarrow", fn_kwargs={"side": side, "done": done}
+                )
+            )
+    if parts:
         gpus = resolve_gpus(cfg)
-        ds = ray.data.read_parquet(str(data_path), columns=["id", "text"])
-        if len(done):
-            ds = ds.map_batches(_drop_committed, batch_format="pyarrow", fn_kwargs={"done": done})
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         # Ray Data emits an actor's output when its whole input block is done: blocks of one call
         # each let finished rows stream to the shard writer (and survive a kill) call by call.
         ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_call)
@@ -148,20 +163,30 @@ def embed_side(run_dir: Path, side: str, cfg: EmbedConfig) -> dict:
             num_gpus=gpus,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
         )
-        precisions: set[str] = set()
         for batch in ds.iter_batches(batch_size=cfg.shard_rows, batch_format="pyarrow"):
-            precisions.update(pc.unique(batch.column("precision")).to_pylist())
-            shard = batch.select(["id", "vector"]).combine_chunks()
-            write_parquet(folder / _shard_name(shard.column("id")), shard)
-            info["rows_embedded"] += shard.num_rows
-        info["precision"] = sorted(precisions)
-        info["gpus_per_actor"] = gpus
-    missing = _count_missing(all_ids, committed_ids(folder))
-    if missing:
-        raise RuntimeError(f"embed {side}: {missing} rows have no committed vector after the stage")
-    info["shards"] = len(shard_files(folder))
-    return info
+            for side in pc.unique(batch.column("side")).to_pylist():
+                rows = batch.filter(pc.equal(batch.column("side"), side))
+                shard = rows.select(["id", "vector"]).combine_chunks()
+                write_parquet(
+                    run_dir / "embeddings" / side / _shard_name(shard.column("id")), shard
+                )
+                info = infos[side]
+                info["rows_embedded"] += shard.num_rows
+                info["precision"] = sorted(
+                    set(info["precision"]) | set(pc.unique(rows.column("precision")).to_pylist())
+                )
+                info["gpus_per_actor"] = gpus
+    for side in sides:
+        folder = run_dir / "embeddings" / side
+        all_ids = pq.read_table(run_dir / "data" / f"{side}.parquet", columns=["id"]).column("id")
+        missing = _count_missing(all_ids.combine_chunks(), committed_ids(folder))
+        if missing:
+            raise RuntimeError(
+                f"embed {side}: {missing} rows have no committed vector after the stage"
+            )
+        infos[side]["shards"] = len(shard_files(folder))
+    return infos
 
 
 def run_embed(cfg: Config, run_dir: Path) -> dict:
-    return {side: embed_side(run_dir, side, cfg.embed) for side in SIDES}
+    return embed_sides(run_dir, SIDES, cfg.embed)

@@ -23,7 +23,7 @@ from jobs.select import NEEDS_VECTORS, check_budget, run_select
 
 STAGES = ("ingest", "embed", "select")
 SIDES = ("candidates", "targets")
-RAY_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+RAY_ENV = {"HF_HUB_OFFLINE": "1"}
 
 
 def start_ray(cfg: Config) -> None:

@@ -110,9 +110,9 @@ def test_a_killed_embed_resumes_without_redoing_committed_shards(tmp_path):
 
     before = {p.name: p.read_bytes() for p in shard_files(folder)}
     committed = len(committed_ids(folder))
-    assert 200 <= committed < n_rows, committed
+    assert 100 <= committed < n_rows, committed
     for name in before:  # every file that looks committed is a whole, readable shard
-        assert pq.read_table(folder / name).num_rows == 100
+        assert 0 < pq.read_table(folder / name).num_rows <= 100
 
     assert main(["embed", str(cfg)]) == 0
     stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["embed"]
@@ -147,3 +147,17 @@ def test_changing_the_model_discards_committed_vectors(tmp_path):
     stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["embed"]
     assert stage["targets"]["shards_discarded"] >= 1
     assert stage["targets"]["rows_embedded"] == 50
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_gpu_embedding_matches_cpu(demo_rows):
+    from engine.embed import encode, load_encoder
+
+    texts = demo_rows["text"].to_pylist()[:64]
+    gpu = load_encoder(precision="auto", use_gpu=True)
+    assert gpu.device.type == "cuda" and gpu.precision in ("bf16", "fp16")
+    cpu = load_encoder(precision="fp32", use_gpu=False)
+    a, b = encode(gpu, texts), encode(cpu, texts)
+    assert (a * b).sum(1).min() > 0.999
