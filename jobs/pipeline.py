@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.embed import resolve_model_path
 from jobs.config import Config, to_yaml
 from jobs.embed import run_embed, shard_files
 from jobs.errors import InputError
@@ -102,6 +103,11 @@ NEEDS_RAY = {"ingest", "embed"}
 
 def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
     """Every check that needs no cluster, before one starts: a typo fails in a second."""
+    if "embed" in stages:
+        try:
+            resolve_model_path(cfg.embed.model)
+        except FileNotFoundError as exc:
+            raise InputError(str(exc)) from None
     if "ingest" in stages:
         check_input(cfg.candidates, "candidates")
         check_input(cfg.targets, "targets")

@@ -115,6 +115,14 @@ def embed_before_ingest(tmp_path):
     return ["embed", good(tmp_path)], "run the ingest stage first"
 
 
+def model_not_local(tmp_path):
+    cfg = good(tmp_path, embed={"model": "sentence-transformers/all-MiniLM-L6-v2"})
+    return [
+        "run",
+        cfg,
+    ], "embed.model: 'sentence-transformers/all-MiniLM-L6-v2' is not a transformers"
+
+
 def unknown_command(tmp_path):
     return ["frobnicate"], "No such command"
 
@@ -138,6 +146,7 @@ CASES = [
     budget_too_large,
     select_before_embed,
     embed_before_ingest,
+    model_not_local,
     unknown_command,
     output_dir_is_a_file,
 ]
