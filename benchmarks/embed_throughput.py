@@ -9,7 +9,7 @@ Ray Data (its first execution starts helper actors), a once-per-cluster cost tha
 pays in its ingest stage; it is reported separately. Peak RSS is the sum over the process tree
 (driver, raylet, workers, actors), sampled every 0.25 s.
 
-    python benchmarks/embed_throughput.py [--n 10000] [--repeats 1]
+    python benchmarks/embed_throughput.py [--n 10000] [--repeats 1] [--precisions bf16 fp32]
 """
 
 from __future__ import annotations
@@ -139,6 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"]
+    )
     parser.add_argument("--worker", nargs=3, metavar=("MODE", "PRECISION", "DATA"))
     args = parser.parse_args()
     if args.worker:
@@ -149,7 +152,7 @@ def main() -> None:
         source = sample_texts(args.n, data)
         results = []
         for _ in range(args.repeats):
-            for precision in ("bf16", "fp32"):
+            for precision in args.precisions:
                 for mode in ("raw", "ray"):
                     out = subprocess.run(
                         [sys.executable, __file__, "--worker", mode, precision, str(data)],
@@ -179,7 +182,7 @@ def main() -> None:
         "| Ray peak RSS GB (all processes) | Ray cluster start + Ray Data warm-up s |"
     )
     print("|---|---|---|---|---|---|---|")
-    for precision in ("bf16", "fp32"):
+    for precision in args.precisions:
         raw = [r for r in results if r["mode"] == "raw" and r["precision"] == precision]
         ray_ = [r for r in results if r["mode"] == "ray" and r["precision"] == precision]
         r_tps = np.median([r["texts_per_s"] for r in raw])

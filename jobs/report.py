@@ -25,24 +25,14 @@ def composition(run_dir: Path, column: str = "source") -> list[tuple[str, int, i
     return sorted(rows, key=lambda r: (-r[2], -r[1], r[0]))
 
 
-def source_table(run_dir: Path, column: str = "source", console: Console | None = None) -> None:
-    console = console or Console()
-    schema = pq.read_schema(run_dir / "selection.parquet")
-    if column not in schema.names:
-        console.print(
-            f"(no {column!r} column carried into the selection: add it to "
-            "candidates.keep_columns for a breakdown)"
-        )
-        return
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+def _table(run_dir: Path, column: str, title: str, top: int | None = None) -> Table:
     rows = composition(run_dir, column)
     n_pool = sum(r[1] for r in rows)
     n_sel = sum(r[2] for r in rows)
-    method = manifest["config"]["select"]["method"]
-    table = Table(title=f"Where the {n_sel} selected rows came from ({method}), next to the pool")
+    table = Table(title=title)
     for name in (column, "pool rows", "pool %", "selected", "selected %"):
         table.add_column(name, justify="left" if name == column else "right")
-    for value, in_pool, in_sel in rows:
+    for value, in_pool, in_sel in rows[:top]:
         table.add_row(
             value,
             f"{in_pool:,}",
@@ -50,8 +40,24 @@ def source_table(run_dir: Path, column: str = "source", console: Console | None 
             f"{in_sel:,}",
             f"{100 * in_sel / max(n_sel, 1):.1f}",
         )
-    console.print(table)
-    console.print(
-        f"selection: {run_dir / 'selection.parquet'}   rows for training: "
-        f"{run_dir / 'selected.jsonl'}"
-    )
+    return table
+
+
+def source_table(run_dir: Path, console: Console | None = None) -> None:
+    """Where the selection came from, by `source` (all) and `label` (top 8), next to the pool."""
+    console = console or Console()
+    schema = pq.read_schema(run_dir / "selection.parquet")
+    method = json.loads((run_dir / "manifest.json").read_text())["config"]["select"]["method"]
+    n_sel = pq.ParquetFile(run_dir / "selection.parquet").metadata.num_rows
+    if "source" in schema.names:
+        title = f"Where the {n_sel} selected rows came from ({method}), next to the pool"
+        console.print(_table(run_dir, "source", title))
+    else:
+        console.print(
+            "(no 'source' column carried into the selection: add it to "
+            "candidates.keep_columns for a breakdown)"
+        )
+    if "label" in schema.names:
+        console.print(_table(run_dir, "label", "Most selected labels", top=8))
+    console.print(f"selection:         {run_dir / 'selection.parquet'}", soft_wrap=True)
+    console.print(f"rows for training: {run_dir / 'selected.jsonl'}", soft_wrap=True)

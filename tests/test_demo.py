@@ -40,6 +40,7 @@ def test_demo_slice_end_to_end(tmp_path, capsys):
     run = demo(tmp_path, "a")
     shown = capsys.readouterr().out
     assert "Where the 40 selected rows came from (knn)" in shown and "debian_pkg" in shown
+    assert "Most selected labels" in shown and "selected.jsonl" in shown
 
     m = manifest(run)
     assert [m["stages"][s]["status"] for s in ("ingest", "embed", "select")] == ["done"] * 3
