@@ -16,14 +16,13 @@ from pathlib import Path
 
 from engine.embed import resolve_model_path
 from jobs.config import Config, to_yaml
-from jobs.embed import run_embed, shard_files
+from jobs.embed import SIDES, run_embed, shard_files
 from jobs.errors import InputError
-from jobs.ingest import check_input, fingerprint
+from jobs.ingest import check_input, fingerprint, ingest_side
 from jobs.runfolder import Manifest, clean_leftovers, write_parquet, write_text
 from jobs.select import NEEDS_VECTORS, check_budget, run_select
 
 STAGES = ("ingest", "embed", "select")
-SIDES = ("candidates", "targets")
 RAY_ENV = {"HF_HUB_OFFLINE": "1"}
 
 
@@ -55,25 +54,23 @@ def configure_data() -> None:
     ctx.raise_original_map_exception = True
 
 
-def _ingest(cfg: Config, run_dir: Path, manifest: Manifest) -> dict:
-    from jobs.ingest import ingest_side
-
-    specs = {"candidates": cfg.candidates, "targets": cfg.targets}
-    for side, spec in specs.items():  # fail fast on both sides before reading either
-        check_input(spec, side)
+def run_ingest(cfg: Config, run_dir: Path) -> dict:
     info = {}
-    for side, spec in specs.items():
+    for side in SIDES:
+        spec = getattr(cfg, side)
         table, counts = ingest_side(spec, side)
         write_parquet(run_dir / "data" / f"{side}.parquet", table)
         info[side] = {**counts, "spec": spec.model_dump(mode="json")}
     return info
 
 
-def _ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
+def ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
+    """True when the last ingest finished with the same input specs and unchanged input files."""
     entry = manifest.stage("ingest")
     if entry.get("status") != "done":
         return False
-    for side, spec in (("candidates", cfg.candidates), ("targets", cfg.targets)):
+    for side in SIDES:
+        spec = getattr(cfg, side)
         if not (run_dir / "data" / f"{side}.parquet").is_file():
             return False
         _, files = check_input(spec, side)
@@ -85,18 +82,10 @@ def _ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
     return True
 
 
-def _embed(cfg: Config, run_dir: Path, manifest: Manifest) -> dict:
-    return run_embed(cfg, run_dir)
-
-
-def _select(cfg: Config, run_dir: Path, manifest: Manifest) -> dict:
-    return run_select(cfg, run_dir)
-
-
-RUNNERS: dict[str, Callable[[Config, Path, Manifest], dict]] = {
-    "ingest": _ingest,
-    "embed": _embed,
-    "select": _select,
+RUNNERS: dict[str, Callable[[Config, Path], dict]] = {
+    "ingest": run_ingest,
+    "embed": run_embed,
+    "select": run_select,
 }
 NEEDS_RAY = {"ingest", "embed"}
 
@@ -109,8 +98,8 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
         except FileNotFoundError as exc:
             raise InputError(str(exc)) from None
     if "ingest" in stages:
-        check_input(cfg.candidates, "candidates")
-        check_input(cfg.targets, "targets")
+        for side in SIDES:
+            check_input(getattr(cfg, side), side)
         return
     for side in SIDES:
         if not (run_dir / "data" / f"{side}.parquet").is_file():
@@ -129,15 +118,14 @@ def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None]
     run_dir = Path(cfg.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"output_dir: {run_dir} exists and is not a folder")
+    preflight(cfg, stages, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(run_dir)
-    resolved = cfg.model_dump(mode="json")
     write_text(run_dir / "config.yaml", to_yaml(cfg))
-    manifest = Manifest(run_dir, resolved, cfg.seed)
+    manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
     manifest.save()
-    preflight(cfg, stages, run_dir)
     for stage in stages:
-        if stage == "ingest" and _ingest_is_current(cfg, run_dir, manifest):
+        if stage == "ingest" and ingest_is_current(cfg, run_dir, manifest):
             log("ingest: inputs unchanged since the last run, reusing data/")
             continue
         if stage in NEEDS_RAY:
@@ -145,7 +133,7 @@ def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None]
         log(f"{stage}: running")
         t0 = manifest.start(stage)
         try:
-            info = RUNNERS[stage](cfg, run_dir, manifest)
+            info = RUNNERS[stage](cfg, run_dir)
         except BaseException as exc:
             manifest.fail(stage, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
             raise

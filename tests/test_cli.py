@@ -161,6 +161,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("raysift: error: ") and expected in lines[0], lines[0]
     assert not (tmp_path / "run" / "selection.parquet").exists()
+    if case not in (budget_too_large, select_before_embed):  # these two made a run folder first
+        assert not (tmp_path / "run").exists()
 
 
 def test_help_and_validate_exit_0(tmp_path):
