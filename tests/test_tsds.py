@@ -25,18 +25,11 @@ def run(z, mode):
 
 
 @pytest.mark.parametrize("mode", ["compat", "exact"])
-def test_toy_parity(mode):
-    z = np.load(TOY, allow_pickle=False)
-    sol = run(z, mode)
-    tol = 1e-12 if mode == "compat" else 1e-8
-    assert np.abs(sol.p - z["p_official"]).max() <= tol
-    assert sol.events == int(z["official_heap_pops"])
-
-
-@pytest.mark.skipif(not SYNTH.is_file(), reason=f"{SYNTH} not found (shared fixtures absent)")
-@pytest.mark.parametrize("mode", ["compat", "exact"])
-def test_synth100k_parity(mode):
-    z = np.load(SYNTH, allow_pickle=False)
+@pytest.mark.parametrize("fixture", [TOY, SYNTH], ids=["toy", "synth100k"])
+def test_parity_with_the_reference(fixture, mode):
+    if not fixture.is_file():
+        pytest.skip(f"{fixture} not found (shared fixtures absent)")
+    z = np.load(fixture, allow_pickle=False)
     sol = run(z, mode)
     tol = 1e-12 if mode == "compat" else 1e-8
     assert np.abs(sol.p - z["p_official"]).max() <= tol
