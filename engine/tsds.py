@@ -94,16 +94,14 @@ def solve(
     M, L = knn_dist.shape
     if mode == "compat":
         d = knn_dist  # float32 in the reference
-        inv = 1.0 / rho.astype(np.float64)  # python 1.0 / float32 scalar -> float64 (numpy 1)
         # d/rho: float32 / float32 stays float32; float32 / int64 (the sigma = 0 ones) is float64
         w_dtype = np.result_type(d.dtype, rho.dtype)
-        w = (d.astype(w_dtype) / rho.astype(w_dtype)).astype(w_dtype)
     else:
         d = knn_dist.astype(np.float64)
-        inv = 1.0 / rho.astype(np.float64)
         w_dtype = np.float64
-        w = d / rho.astype(np.float64)
-    c = np.cumsum(inv, axis=1)  # float64, sequential like `count += ...`
+    w = d.astype(w_dtype) / rho.astype(w_dtype)
+    # counts: python 1.0 / float32 scalar is float64 under numpy 1, in both modes
+    c = np.cumsum(1.0 / rho.astype(np.float64), axis=1)  # sequential like `count += ...`
     g = np.cumsum(w, axis=1, dtype=w_dtype)  # sequential in its own dtype
     # Event (j, k), k = 0..L-2: query j's cost becomes d_{j,k+1} c_j(k) - g_j(k).
     cost = d[:, 1:].astype(np.float64) * c[:, :-1] - g[:, :-1].astype(np.float64)

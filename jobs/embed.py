@@ -119,6 +119,8 @@ def embed_sides(run_dir: Path, sides: tuple[str, ...], cfg: EmbedConfig) -> dict
     import ray.data
 
     infos: dict[str, dict] = {}
+    all_ids: dict[str, pa.Array] = {}
+    precisions: dict[str, set[str]] = {side: set() for side in sides}
     parts = []
     for side in sides:
         data_path = run_dir / "data" / f"{side}.parquet"
@@ -126,14 +128,13 @@ def embed_sides(run_dir: Path, sides: tuple[str, ...], cfg: EmbedConfig) -> dict
         folder.mkdir(parents=True, exist_ok=True)
         discarded = _check_settings(folder, cfg)
         done = committed_ids(folder)
-        all_ids = pq.read_table(data_path, columns=["id"]).column("id").combine_chunks()
-        todo = _count_missing(all_ids, done)
+        all_ids[side] = pq.read_table(data_path, columns=["id"]).column("id").combine_chunks()
+        todo = _count_missing(all_ids[side], done)
         infos[side] = {
-            "rows": len(all_ids),
-            "rows_reused": len(all_ids) - todo,
+            "rows": len(all_ids[side]),
+            "rows_reused": len(all_ids[side]) - todo,
             "rows_embedded": 0,
             "shards_discarded": discarded,
-            "precision": [],
         }
         if todo:
             part = ray.data.read_parquet(str(data_path), columns=["id", "text"])
@@ -170,16 +171,14 @@ def embed_sides(run_dir: Path, sides: tuple[str, ...], cfg: EmbedConfig) -> dict
                 write_parquet(
                     run_dir / "embeddings" / side / _shard_name(shard.column("id")), shard
                 )
-                info = infos[side]
-                info["rows_embedded"] += shard.num_rows
-                info["precision"] = sorted(
-                    set(info["precision"]) | set(pc.unique(rows.column("precision")).to_pylist())
-                )
-                info["gpus_per_actor"] = gpus
+                infos[side]["rows_embedded"] += shard.num_rows
+                precisions[side].update(pc.unique(rows.column("precision")).to_pylist())
+        for side in sides:
+            infos[side]["gpus_per_actor"] = gpus
     for side in sides:
+        infos[side]["precision"] = sorted(precisions[side])
         folder = run_dir / "embeddings" / side
-        all_ids = pq.read_table(run_dir / "data" / f"{side}.parquet", columns=["id"]).column("id")
-        missing = _count_missing(all_ids.combine_chunks(), committed_ids(folder))
+        missing = _count_missing(all_ids[side], committed_ids(folder))
         if missing:
             raise RuntimeError(
                 f"embed {side}: {missing} rows have no committed vector after the stage"

@@ -18,7 +18,7 @@ from engine.embed import resolve_model_path
 from jobs.config import Config, to_yaml
 from jobs.embed import SIDES, run_embed, shard_files
 from jobs.errors import InputError
-from jobs.ingest import check_input, fingerprint, ingest_side
+from jobs.ingest import check_input, fingerprint, ingest_side, input_files
 from jobs.runfolder import Manifest, clean_leftovers, write_parquet, write_text
 from jobs.select import NEEDS_VECTORS, check_budget, run_select
 
@@ -73,7 +73,7 @@ def ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
         spec = getattr(cfg, side)
         if not (run_dir / "data" / f"{side}.parquet").is_file():
             return False
-        _, files = check_input(spec, side)
+        _, files = input_files(spec, side)  # preflight has checked the schemas already
         previous = entry.get(side, {})
         if previous.get("spec") != spec.model_dump(mode="json"):
             return False
