@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +21,8 @@ class Selection:
     score: np.ndarray
     probability: np.ndarray | None = None
     count: np.ndarray | None = None
+    p: np.ndarray | None = None  # the full distribution over the pool, for methods that have one
+    info: dict = field(default_factory=dict)  # what the method wants in the manifest
 
     def __post_init__(self) -> None:
         self.indices = np.asarray(self.indices, dtype=np.int64)

@@ -28,6 +28,7 @@ Modes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ class TSDSSolution:
     last: np.ndarray  # (M,) int64: each query's last full neighbour, -1 for none
     events: int  # events processed before the stop (the reference's heap pops, the stop included)
     exhausted: bool  # True when no event met the condition (compat only; exact raises)
+    raw_last: np.ndarray | None = None  # last full neighbour before compat's clip at 0
 
 
 def _check(knn_dist, knn_idx, rho, alpha, C, n_candidates) -> None:
@@ -86,11 +88,100 @@ def solve(
     n_candidates: int,
     mode: str = "compat",
 ) -> TSDSSolution:
-    """Selection probabilities from each query's neighbours (ascending distance) and densities."""
+    """Selection probabilities from each query's neighbours (ascending distance) and densities.
+
+    In exact mode, lists that run out before the optimal level raise `NeighboursExhausted`, unless
+    they already hold the whole pool (L = n_candidates): then every query spreads its 1/M over all
+    candidates in proportion to 1/rho, which is the optimum once nothing else is left.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     knn_dist, knn_idx, rho = np.asarray(knn_dist), np.asarray(knn_idx), np.asarray(rho)
     _check(knn_dist, knn_idx, rho, alpha, C, n_candidates)
+    sol = _solve(knn_dist, knn_idx, rho, alpha, C, n_candidates, mode, None)
+    if sol.exhausted and mode == "exact":
+        if knn_dist.shape[1] < n_candidates:
+            raise _exhausted(knn_dist.shape[1])
+        return _fill_all(knn_idx, rho, n_candidates)
+    return sol
+
+
+def solve_lazy(
+    knn_dist: np.ndarray,
+    knn_idx: np.ndarray,
+    density: Callable[[np.ndarray], np.ndarray],
+    *,
+    alpha: float,
+    C: float,
+    n_candidates: int,
+    mode: str = "compat",
+    first: int = 64,
+) -> tuple[TSDSSolution, int]:
+    """`solve` with rho computed only where the solution can depend on it.
+
+    The answer depends on rho only at positions <= last_j + 1 of each query. Each query starts with
+    its `first` neighbours; a solve over the truncated lists equals the full solve when no query
+    has processed all its events (every unprocessed event of a longer list has a larger count, so
+    it comes after the stop), and the rows that did are doubled until that holds.
+    `density(rows)` returns rho for candidate rows (unique, ascending); returns (solution, number
+    of candidates whose density was computed). Same output as `solve`, bit for bit.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    knn_dist, knn_idx = np.asarray(knn_dist), np.asarray(knn_idx)
+    M, L = knn_dist.shape
+    _check(knn_dist, knn_idx, np.ones(knn_dist.shape, np.float32), alpha, C, n_candidates)
+    rho = None
+    known_rows, known_rho = np.empty(0, np.int64), np.empty(0)
+    lengths = np.full(M, min(L, max(2, first)))
+    while True:
+        reach = np.arange(L)[None, :] < lengths[:, None]
+        new = np.setdiff1d(knn_idx[reach], known_rows)
+        if len(new):
+            values = np.asarray(density(new))
+            if values.shape != new.shape or not np.all(np.isfinite(values)) or values.min() <= 0:
+                raise ValueError("density must return one finite value > 0 per requested row")
+            if rho is None:
+                rho = np.ones(knn_dist.shape, dtype=values.dtype)
+            known_rows = np.concatenate([known_rows, new])
+            known_rho = np.concatenate([known_rho.astype(values.dtype), values])
+            order = np.argsort(known_rows)
+            known_rows, known_rho = known_rows[order], known_rho[order]
+            rho[reach] = known_rho[np.searchsorted(known_rows, knn_idx[reach])]
+        sol = _solve(knn_dist, knn_idx, rho, alpha, C, n_candidates, mode, lengths)
+        raw_last = sol.raw_last
+        grow = (raw_last > lengths - 3) & (lengths < L)
+        if sol.exhausted:
+            grow = lengths < L
+        if not grow.any():
+            break
+        lengths = np.where(grow, np.minimum(L, 2 * lengths), lengths)
+    if sol.exhausted and mode == "exact":
+        if L < n_candidates:
+            raise _exhausted(L)
+        sol = _fill_all(knn_idx, rho, n_candidates)
+    return sol, len(known_rows)
+
+
+def _exhausted(L: int) -> NeighboursExhausted:
+    return NeighboursExhausted(
+        f"the {L} neighbours per query do not reach the optimal level; fetch more neighbours"
+    )
+
+
+def _fill_all(knn_idx: np.ndarray, rho: np.ndarray, n_candidates: int) -> TSDSSolution:
+    """Every query's list is the whole pool: gamma_ji = 1 / (M s_j rho_ji), s_j = sum_i 1/rho_ji."""
+    M, L = knn_idx.shape
+    inv = 1.0 / rho.astype(np.float64)
+    s = inv.sum(axis=1)
+    p = np.zeros(n_candidates)
+    np.add.at(p, knn_idx.ravel(), (inv / (M * s[:, None])).ravel())
+    last = np.full(M, L - 1, dtype=np.int64)
+    return TSDSSolution(p, float(s.max()), last, -1, True, last)
+
+
+def _solve(knn_dist, knn_idx, rho, alpha, C, n_candidates, mode, lengths) -> TSDSSolution:
+    """The event sweep; `lengths[j]` (default L) is how many of query j's neighbours are known."""
     M, L = knn_dist.shape
     if mode == "compat":
         d = knn_dist  # float32 in the reference
@@ -106,13 +197,19 @@ def solve(
     # Event (j, k), k = 0..L-2: query j's cost becomes d_{j,k+1} c_j(k) - g_j(k).
     cost = d[:, 1:].astype(np.float64) * c[:, :-1] - g[:, :-1].astype(np.float64)
     flat_c = c[:, :-1].ravel()  # event (j, k) sits at j * (L - 1) + k
-    n_events = flat_c.size
+    if lengths is None:
+        valid = np.arange(flat_c.size)
+    else:  # events past a query's known neighbours never come before the stop (count = inf)
+        known = np.arange(L - 1)[None, :] <= (lengths - 2)[:, None]
+        valid = np.flatnonzero(known.ravel())
+        flat_c = np.where(known.ravel(), flat_c, np.inf)
+    n_events = len(valid)
     take = min(n_events, max(4096, n_events // 32))
     while True:
         # Events with c below a bound are a prefix of the heap's pop order: sort only those, and
         # widen the bound until the stop falls inside (solvers usually stop after a few percent).
         if take >= n_events:
-            chosen = np.arange(n_events)
+            chosen = valid
         else:
             bound = np.partition(flat_c, take - 1)[take - 1]
             chosen = np.flatnonzero(flat_c <= bound)  # every tie at the bound included
@@ -132,20 +229,14 @@ def solve(
             break
         take *= 8
     exhausted = len(hit) == 0
-    if exhausted and mode == "exact":
-        raise NeighboursExhausted(
-            f"the {L} neighbours per query do not reach the optimal level; fetch more neighbours"
-        )
     stop = len(ev_j) - 1 if exhausted else int(hit[0])
     s = float(c[ev_j[stop], ev_k[stop]])
     processed = stop + 1 if exhausted else stop  # the stopping event does not advance its query
-    last = np.full(M, -1, dtype=np.int64)
-    np.maximum.at(last, ev_j[:processed], ev_k[:processed])
-    if mode == "compat":
-        last = np.maximum(last, 0)  # the reference starts every query at 0 (defect 4)
-    return TSDSSolution(
-        _probabilities(rho, knn_idx, last, s, M, n_candidates, mode), s, last, stop + 1, exhausted
-    )
+    raw_last = np.full(M, -1, dtype=np.int64)
+    np.maximum.at(raw_last, ev_j[:processed], ev_k[:processed])
+    last = np.maximum(raw_last, 0) if mode == "compat" else raw_last  # reference: defect 4
+    p = _probabilities(rho, knn_idx, last, s, M, n_candidates, mode)
+    return TSDSSolution(p, s, last, stop + 1, exhausted, raw_last)
 
 
 def _probabilities(rho, knn_idx, last, s, M, n_candidates, mode) -> np.ndarray:
@@ -207,6 +298,6 @@ def objective(
     rho = np.asarray(rho, dtype=np.float64)
     M, L = d.shape
     gamma = np.where(np.arange(L)[None, :] <= sol.last[:, None], 1.0 / (M * sol.s * rho), 0.0)
-    rows = np.arange(M)
-    gamma[rows, sol.last + 1] = 1.0 / M - gamma.sum(axis=1)
+    rows = np.flatnonzero(sol.last + 1 < L)  # a query filling its whole list has no remainder
+    gamma[rows, sol.last[rows] + 1] = 1.0 / M - gamma[rows].sum(axis=1)
     return float(alpha / C * (gamma * d).sum() + (1 - alpha) * M * (rho * gamma).max())

@@ -76,10 +76,61 @@ class KnnConfig(Strict):
     mode: Literal["max", "centroid"] = "max"
 
 
+class IndexConfig(Strict):
+    kind: Literal["flat", "ivf", "hnsw"] = Field(
+        "flat", description="flat = exact search; ivf / hnsw = approximate, faster on big pools"
+    )
+    nlist: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="ivf lists per shard; null = int(sqrt(rows)) // 2 (the reference)"
+    )
+    nprobe: Annotated[int, Field(ge=1, le=65536)] = 10
+    train_points_per_list: Annotated[int, Field(ge=1)] = 256
+    niter: Annotated[int, Field(ge=1, le=1000)] = 10
+    hnsw_m: Annotated[int, Field(ge=4, le=256)] = 32
+    ef_construction: Annotated[int, Field(ge=8)] = 128
+    ef_search: Annotated[int, Field(ge=8)] = 256
+
+
+class TSDSConfig(Strict):
+    alpha: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.5, description="weight of alignment vs diversity, in (0, 1); larger = fewer neighbours"
+    )
+    C: Annotated[float, Field(gt=0)] = Field(5.0, description="distance scale, > 0")
+    sigma: Annotated[float, Field(ge=0)] = Field(
+        0.75, description="KDE kernel radius; 0 = no density term (KNN-Uniform)"
+    )
+    max_K: Annotated[int, Field(ge=2)] = Field(5000, description="neighbours fetched per target")
+    kde_K: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="cap on neighbours in the density; null = all within sigma (exact), "
+        "1000 (compat)",
+    )
+    mode: Literal["exact", "compat"] = Field(
+        "exact", description="exact = corrected optimum; compat = the reference's output"
+    )
+    sampling: Literal["without_replacement", "multinomial", "top"] = "without_replacement"
+    shards: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="index shard actors")
+    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = 1.0
+    gpu: Literal["auto", "never"] = Field(
+        "auto", description="auto = a GPU per shard when the cluster has GPUs and FAISS has GPU"
+    )
+    index: IndexConfig = Field(default_factory=IndexConfig)
+
+    @model_validator(mode="after")
+    def _compat_is_the_reference(self) -> TSDSConfig:
+        if self.mode == "compat" and self.shards != 1:
+            raise ValueError(
+                "shards: compat mode reproduces the reference's single IVF index; use shards: 1 "
+                "or mode: exact"
+            )
+        return self
+
+
 class SelectConfig(Strict):
-    method: Literal["random", "knn"] = "knn"
+    method: Literal["random", "knn", "tsds"] = "knn"
     budget: Annotated[int, Field(ge=1)] = 500
     knn: KnnConfig = Field(default_factory=KnnConfig)
+    tsds: TSDSConfig = Field(default_factory=TSDSConfig)
 
 
 class Config(Strict):

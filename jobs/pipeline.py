@@ -128,7 +128,7 @@ def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None]
         if stage == "ingest" and ingest_is_current(cfg, run_dir, manifest):
             log("ingest: inputs unchanged since the last run, reusing data/")
             continue
-        if stage in NEEDS_RAY:
+        if stage in NEEDS_RAY:  # select starts Ray itself, after its input checks
             start_ray(cfg)
         log(f"{stage}: running")
         t0 = manifest.start(stage)

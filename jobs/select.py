@@ -17,7 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.baselines import knn_select, random_select
+from engine.knn import IndexParams, ShortResults
+from engine.sampling import sample
 from engine.selection import Selection
+from engine.tsds_search import TSDSParams, reference_index_params, select_compat, select_exact
 from jobs.config import Config
 from jobs.embed import read_embeddings
 from jobs.errors import InputError
@@ -32,8 +35,56 @@ def _knn(cfg: Config, ids, candidates, targets) -> Selection:
     return knn_select(candidates, targets, ids, cfg.select.budget, cfg.select.knn.mode)
 
 
-METHODS: dict[str, Callable[..., Selection]] = {"random": _random, "knn": _knn}
-NEEDS_VECTORS = {"knn"}
+def _tsds(cfg: Config, ids, candidates, targets) -> Selection:
+    import ray
+
+    from actors.index_shard import ray_fanout, start_shards, stop_shards
+    from jobs.pipeline import start_ray
+
+    start_ray(cfg)
+    t = cfg.select.tsds
+    params = TSDSParams(
+        alpha=t.alpha, C=t.C, sigma=t.sigma, max_K=t.max_K, kde_K=t.kde_K, mode=t.mode
+    )
+    index = reference_index_params() if t.mode == "compat" else IndexParams(**t.index.model_dump())
+    use_gpu = t.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    actors = start_shards(
+        candidates, t.shards, index, use_gpu=use_gpu, cpus_per_shard=t.cpus_per_shard
+    )
+    try:
+        run = select_compat if t.mode == "compat" else select_exact
+        sol, info = run(ray_fanout(actors), targets, len(candidates), params)
+    except ShortResults as exc:
+        raise InputError(f"select.tsds.index: {exc}") from None
+    finally:
+        stop_shards(actors)
+    try:
+        chosen = sample(sol.p, ids, cfg.select.budget, t.sampling, cfg.seed)
+    except ValueError as exc:
+        raise InputError(f"select.tsds.sampling: {exc}") from None
+    chosen.info = {**info, "s": sol.s, "support": int(np.count_nonzero(sol.p))}
+    chosen.p = sol.p
+    return chosen
+
+
+METHODS: dict[str, Callable[..., Selection]] = {"random": _random, "knn": _knn, "tsds": _tsds}
+NEEDS_VECTORS = {"knn", "tsds"}
+
+
+def check_vectors(candidates: np.ndarray, targets: np.ndarray, run_dir: Path) -> None:
+    """What every vector method needs: equal dimensions, finite values."""
+    if candidates.shape[1] != targets.shape[1]:
+        raise InputError(
+            f"{run_dir}/embeddings: targets have dimension {targets.shape[1]}, candidates "
+            f"{candidates.shape[1]}; embed both sides with the same model"
+        )
+    for side, x in (("candidates", candidates), ("targets", targets)):
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            raise InputError(
+                f"{run_dir}/embeddings/{side}: {int(bad.sum())} vectors with NaN or inf "
+                f"(first at row {int(np.argmax(bad))})"
+            )
 
 
 def check_budget(cfg: Config, run_dir: Path) -> int:
@@ -88,17 +139,25 @@ def run_select(cfg: Config, run_dir: Path) -> dict:
     check_budget(cfg, run_dir)
     candidates = targets = None
     if cfg.select.method in NEEDS_VECTORS:
-        candidates = aligned_vectors(run_dir, "candidates", ids)
         target_ids = pq.read_table(run_dir / "data" / "targets.parquet", columns=["id"])
+        if target_ids.num_rows == 0:
+            raise InputError(f"{run_dir}/data/targets.parquet: no target rows (empty target set)")
+        candidates = aligned_vectors(run_dir, "candidates", ids)
         targets = aligned_vectors(
             run_dir,
             "targets",
             np.asarray(target_ids.column("id").to_numpy(zero_copy_only=False), str),
         )
+        check_vectors(candidates, targets, run_dir)
     sel = METHODS[cfg.select.method](cfg, ids, candidates, targets)
     keep = list(cfg.candidates.keep_columns)
     table = selection_table(sel, data, keep)
+    if sel.p is not None:  # the whole distribution, not only the sampled rows
+        write_parquet(
+            run_dir / "probabilities.parquet",
+            pa.table({"id": data.column("id"), "probability": pa.array(sel.p)}),
+        )
     write_parquet(run_dir / "selection.parquet", table)
     rows = data.take(pa.array(sel.indices)).select(["id", "text", *keep])
     write_jsonl(run_dir / "selected.jsonl", rows.append_column("rank", table.column("rank")))
-    return {"method": cfg.select.method, "rows": table.num_rows, "pool": len(ids)}
+    return {"method": cfg.select.method, "rows": table.num_rows, "pool": len(ids), **sel.info}

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -100,6 +101,58 @@ def ingested(tmp_path):
     pq.write_table(pa.table({"id": ["t"], "text": ["z"]}), data / "targets.parquet")
 
 
+def embedded(tmp_path, candidates, targets):
+    """A run folder as the embed stage leaves it, with the given vectors."""
+    run = tmp_path / "run"
+    for side, x in (("candidates", candidates), ("targets", targets)):
+        ids = [f"{side[0]}{i}" for i in range(len(x))]
+        (run / "data").mkdir(parents=True, exist_ok=True)
+        texts = [f"text {i}" for i in ids]
+        pq.write_table(pa.table({"id": ids, "text": texts}), run / "data" / f"{side}.parquet")
+        (run / "embeddings" / side).mkdir(parents=True)
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+        table = pa.table({"id": ids, "vector": vec})
+        pq.write_table(table, run / "embeddings" / side / "part-0.parquet")
+
+
+def tsds_select(tmp_path, candidates, targets, **tsds):
+    embedded(tmp_path, candidates.astype(np.float32), targets.astype(np.float32))
+    cfg = good(tmp_path, select={"method": "tsds", "budget": 25, "tsds": tsds})
+    return ["select", cfg]
+
+
+POOL = np.random.default_rng(0).standard_normal((30, 8))
+
+
+def dimension_mismatch(tmp_path):
+    return tsds_select(tmp_path, POOL, POOL[:2, :4]), "targets have dimension 4, candidates 8"
+
+
+def nan_vectors(tmp_path):
+    return tsds_select(tmp_path, np.where(POOL > 2, np.nan, POOL), POOL[:2]), "NaN or inf"
+
+
+def empty_targets(tmp_path):
+    return tsds_select(tmp_path, POOL, POOL[:0]), "empty target set"
+
+
+def alpha_outside(tmp_path):
+    return tsds_select(tmp_path, POOL, POOL[:2], alpha=1.0), "select.tsds.alpha"
+
+
+def c_not_positive(tmp_path):
+    return tsds_select(tmp_path, POOL, POOL[:2], C=0), "select.tsds.C"
+
+
+def sigma_negative(tmp_path):
+    return tsds_select(tmp_path, POOL, POOL[:2], sigma=-0.1), "select.tsds.sigma"
+
+
+def budget_over_support(tmp_path):
+    args = tsds_select(tmp_path, POOL, POOL[:1], alpha=0.9, sampling="without_replacement")
+    return args, "larger than the"
+
+
 def budget_too_large(tmp_path):
     ingested(tmp_path)
     cfg = good(tmp_path, select={"method": "random", "budget": 5})
@@ -149,7 +202,21 @@ CASES = [
     model_not_local,
     unknown_command,
     output_dir_is_a_file,
+    dimension_mismatch,
+    nan_vectors,
+    empty_targets,
+    alpha_outside,
+    c_not_positive,
+    sigma_negative,
+    budget_over_support,
 ]
+MADE_A_RUN_FOLDER = {budget_too_large, select_before_embed, *CASES[-7:]}
+CHECKED_BEFORE_RAY = set(CASES) - {
+    dimension_mismatch,
+    nan_vectors,
+    empty_targets,
+    budget_over_support,
+}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
@@ -158,10 +225,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     result = raysift(*args)
     assert result.returncode == 2, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("raysift: error: ") and expected in lines[0], lines[0]
+    if case in CHECKED_BEFORE_RAY:
+        assert len(lines) == 1, result.stderr
+    else:  # the select stage had started: its progress line (and Ray's start-up) come first
+        assert "Traceback" not in result.stderr
+        assert sum(ln.startswith("raysift: error") for ln in lines) == 1, result.stderr
+    assert lines[-1].startswith("raysift: error: ") and expected in lines[-1], lines[-1]
     assert not (tmp_path / "run" / "selection.parquet").exists()
-    if case not in (budget_too_large, select_before_embed):  # these two made a run folder first
+    if case not in MADE_A_RUN_FOLDER:
         assert not (tmp_path / "run").exists()
 
 

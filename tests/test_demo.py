@@ -111,3 +111,29 @@ def test_random_needs_no_embeddings_and_is_seeded(tmp_path):
     assert len(set(ids[0]) & set(ids[2])) < 20
     prob = pq.read_table(a / "selection.parquet")["probability"].to_pylist()
     assert prob == [40 / 400] * 40
+
+
+def test_tsds_selection_is_seeded_and_independent_of_shards(tmp_path):
+    tsds = ["select.method=tsds", "select.tsds.max_K=200"]
+    run = demo(tmp_path, "t", *tsds)
+    sel = pq.read_table(run / "selection.parquet")
+    assert sel.column_names == ["id", "rank", "score", "probability", "count", "source", "label"]
+    assert sel.num_rows == 40 and sel["count"].null_count == 40  # without replacement
+    p = pq.read_table(run / "probabilities.parquet")
+    assert p.num_rows == 400 and abs(sum(p["probability"].to_pylist()) - 1) < 1e-12
+    chosen = dict(zip(p["id"].to_pylist(), p["probability"].to_pylist(), strict=True))
+    assert all(chosen[i] > 0 for i in sel["id"].to_pylist())
+    want = [chosen[i] for i in sel["id"].to_pylist()]
+    assert sel["probability"].to_pylist() == pytest.approx(want, rel=1e-12)
+    info = manifest(run)["stages"]["select"]
+    assert info["method"] == "tsds" and info["support"] >= 40 and info["fetches"] >= 1
+
+    # Same run folder, two shard actors: embeddings reused, the same selection.
+    again = demo(tmp_path, "t", *tsds, "select.tsds.shards=2", "select.tsds.cpus_per_shard=0.5")
+    assert manifest(again)["stages"]["embed"]["candidates"]["rows_embedded"] == 0
+    assert pq.read_table(again / "selection.parquet").equals(sel)
+
+    # Multinomial draws (the reference's sampling), seeded: counts add up to the budget.
+    multi = demo(tmp_path, "t", *tsds, "select.tsds.sampling=multinomial")
+    counts = pq.read_table(multi / "selection.parquet")["count"].to_pylist()
+    assert sum(counts) == 40 and counts == sorted(counts, reverse=True)

@@ -12,6 +12,12 @@ TOY = REPO / "tests" / "fixtures" / "tsds_toy.npz"
 SYNTH = SHARED / "fixtures" / "tsds" / "synth100k.npz"
 
 
+def load_fixture(path):
+    if not path.is_file():
+        pytest.skip(f"{path} not found (shared fixtures absent)")
+    return np.load(path, allow_pickle=False)
+
+
 def run(z, mode):
     return solve(
         z["knn_dist"],
@@ -27,9 +33,7 @@ def run(z, mode):
 @pytest.mark.parametrize("mode", ["compat", "exact"])
 @pytest.mark.parametrize("fixture", [TOY, SYNTH], ids=["toy", "synth100k"])
 def test_parity_with_the_reference(fixture, mode):
-    if not fixture.is_file():
-        pytest.skip(f"{fixture} not found (shared fixtures absent)")
-    z = np.load(fixture, allow_pickle=False)
+    z = load_fixture(fixture)
     sol = run(z, mode)
     tol = 1e-12 if mode == "compat" else 1e-8
     assert np.abs(sol.p - z["p_official"]).max() <= tol

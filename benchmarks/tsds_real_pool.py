@@ -1,0 +1,113 @@
+"""TSDS vs knn vs random on the real pool (../shared/data/pool.parquet), equal budgets.
+
+Targets (the pool README's development targets): `label_shift` = debian_pkg sections {science,
+math, electronics, hamradio}, and `python_code`. For each, 200 query texts come from target groups
+that are removed from the pool (no leak); the pool is a stratified sample of every source (up to
+`--per-source` rows each) from the remaining rows. One MiniLM embedding of everything (bf16 on
+this CPU), then each method selects `--budget` rows:
+
+* random: seeded hash ranking;  knn: max cosine to any query;
+* tsds exact (alpha .5, C 5, sigma .75, max_K 5000; sampling without replacement, seed 0) and
+  KNN-Uniform (sigma 0) - in-process index shard (the same engine code the shard actors run).
+
+Reported: share of the selection from the target (same source and, for label_shift, one of the
+target's labels), and the total-variation distance between the selection's (source, label)
+histogram and the query set's.
+
+    python benchmarks/tsds_real_pool.py [--per-source 1500] [--budget 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from engine.baselines import knn_select, random_select
+from engine.embed import encode, load_encoder
+from engine.knn import IndexParams, IndexShard
+from engine.sampling import sample
+from engine.tsds_search import TSDSParams, local_fanout, select_exact
+
+POOL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pool.parquet"
+TARGETS = {
+    "label_shift": ("debian_pkg", {"science", "math", "electronics", "hamradio"}),
+    "python_code": ("python_code", None),
+}
+
+
+def in_target(df, name):
+    source, labels = TARGETS[name]
+    mask = df["source"] == source
+    return mask & df["label"].isin(labels) if labels else mask
+
+
+def tv(a: Counter, b: Counter) -> float:
+    na, nb = sum(a.values()), sum(b.values())
+    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-source", type=int, default=1500)
+    ap.add_argument("--budget", type=int, default=600)
+    ap.add_argument("--queries", type=int, default=200)
+    args = ap.parse_args()
+    df = pq.read_table(POOL).to_pandas()
+    rng = np.random.default_rng(0)
+    queries, removed = {}, np.zeros(len(df), bool)
+    for name in TARGETS:
+        rows = df[in_target(df, name)]
+        groups = rows["group"].unique()
+        rng.shuffle(groups)
+        held = rows[rows["group"].isin(groups[: max(1, len(groups) // 4)])]
+        queries[name] = held.sample(n=min(args.queries, len(held)), random_state=0)
+        removed |= df["group"].isin(held["group"]) & (df["source"] == TARGETS[name][0])
+    rest = df[~removed]
+    pool = (
+        rest.groupby("source", group_keys=False)
+        .apply(lambda g: g.sample(n=min(args.per_source, len(g)), random_state=0))
+        .reset_index(drop=True)
+    )
+    print(f"pool sample {len(pool)} rows from {pool['source'].nunique()} sources", flush=True)
+    t0 = time.time()
+    encoder = load_encoder(max_length=128, batch_size=64)
+    X = encode(encoder, pool["text"].tolist())
+    Qs = {name: encode(encoder, q["text"].tolist()) for name, q in queries.items()}
+    print(f"embedded in {time.time() - t0:.0f} s ({encoder.precision})", flush=True)
+    ids = pool["id"].to_numpy(str)
+    shard = IndexShard(X, 0, IndexParams())
+    print("| target | method | share from target | TV (source, label) | unique rows |")
+    print("|---|---|---|---|---|")
+    for name, q in queries.items():
+        Q = Qs[name]
+        want = Counter(zip(q["source"], q["label"], strict=True))
+        methods = {
+            "random": random_select(ids, args.budget, 0).indices,
+            "knn (max cosine)": knn_select(X, Q, ids, args.budget).indices,
+        }
+        for label, sigma in (("tsds exact", 0.75), ("tsds exact, KNN-Uniform", 0.0)):
+            sol, info = select_exact(local_fanout([shard]), Q, len(X), TSDSParams(sigma=sigma))
+            support = int(np.count_nonzero(sol.p))
+            how = "without_replacement" if support >= args.budget else "multinomial"
+            methods[f"{label} ({how}, support {support})"] = sample(
+                sol.p, ids, args.budget, how, 0
+            ).indices
+        share_pool = in_target(pool, name).mean()
+        for method, chosen in methods.items():
+            picked = pool.iloc[chosen]
+            got = Counter(zip(picked["source"], picked["label"], strict=True))
+            share = in_target(picked, name).mean()
+            print(
+                f"| {name} (pool share {share_pool:.3f}) | {method} | {share:.3f} | "
+                f"{tv(got, want):.3f} | {len(chosen)} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
