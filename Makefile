@@ -32,6 +32,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/embed_throughput.py
+	$(BIN)/python benchmarks/tsds_solver.py
+	$(BIN)/python benchmarks/tsds_reference.py --data runs/bench/synth100k
+	$(BIN)/python benchmarks/tsds_real_pool.py
 
 clean:
 	rm -rf runs .pytest_cache

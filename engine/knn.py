@@ -44,13 +44,16 @@ class IndexParams:
     """How a shard indexes its rows. `flat` is exact; `ivf` and `hnsw` trade recall for speed.
 
     ivf: `nlist` inverted lists (None: int(sqrt(n)) // 2, the TSDS reference's choice), `nprobe`
-    lists scanned per query, k-means on at most `train_points_per_list * nlist` rows for `niter`
-    iterations. hnsw: `hnsw_m` links per node, `ef_construction`, `ef_search`.
+    lists scanned per query (`density_nprobe` for the range search: points within sigma sit in the
+    nearest lists, so density needs far fewer than a deep kNN list), k-means on at most
+    `train_points_per_list * nlist` rows for `niter` iterations.
+    hnsw: `hnsw_m` links per node, `ef_construction`, `ef_search`.
     """
 
     kind: str = "flat"
     nlist: int | None = None
     nprobe: int = 10
+    density_nprobe: int | None = None  # lists scanned by the range (density) search; None: nprobe
     train_points_per_list: int = 256
     niter: int = 10
     hnsw_m: int = 32
@@ -241,7 +244,13 @@ class IndexShard:
         decides, so membership does not depend on the shard layout either.
         """
         points = np.ascontiguousarray(points, dtype=np.float32)
-        lims, _, lab = self._cpu.range_search(points, float(radius_sq) * (1 + 1e-4) + 1e-12)
+        if self.params.kind == "ivf" and self.params.density_nprobe:
+            self._cpu.nprobe = min(self.params.density_nprobe, self._cpu.nlist)
+        try:
+            lims, _, lab = self._cpu.range_search(points, float(radius_sq) * (1 + 1e-4) + 1e-12)
+        finally:
+            if self.params.kind == "ivf":
+                self._cpu.nprobe = min(self.params.nprobe, self._cpu.nlist)
         which = np.repeat(np.arange(len(points)), np.diff(lims).astype(np.int64))
         sq = np.empty(len(lab))
         step = max(1, 4_000_000 // points.shape[1])  # ~32 MB of float64 differences at a time

@@ -84,6 +84,9 @@ class IndexConfig(Strict):
         None, description="ivf lists per shard; null = int(sqrt(rows)) // 2 (the reference)"
     )
     nprobe: Annotated[int, Field(ge=1, le=65536)] = 10
+    density_nprobe: Annotated[int, Field(ge=1, le=65536)] | None = Field(
+        None, description="ivf lists scanned by the density range search; null = nprobe"
+    )
     train_points_per_list: Annotated[int, Field(ge=1)] = 256
     niter: Annotated[int, Field(ge=1, le=1000)] = 10
     hnsw_m: Annotated[int, Field(ge=4, le=256)] = 32

@@ -7,6 +7,7 @@ from engine.knn import (
     IndexParams,
     IndexShard,
     ShortResults,
+    gpu_available,
     kernel_density,
     merge_topk,
     shard_bounds,
@@ -106,3 +107,26 @@ def test_take_returns_rows_by_global_id():
         where, vectors = shard.take(rows)
         out[where] = vectors
     np.testing.assert_array_equal(out, X[rows])
+
+
+def test_ivf_density_uses_its_own_nprobe():
+    """density_nprobe = nlist scans every list: the IVF density equals the flat one, while the
+    kNN search keeps its own (small) nprobe."""
+    points = np.arange(0, 1200, 50)
+    flat = IndexShard(X, 0, IndexParams())
+    ivf = IndexShard(X, 0, IndexParams(kind="ivf", nlist=32, nprobe=1, density_nprobe=32))
+    want = kernel_density(len(points), points, [flat.within(X[points], 4.0)], 2.0)
+    got = kernel_density(len(points), points, [ivf.within(X[points], 4.0)], 2.0)
+    np.testing.assert_array_equal(got, want)
+    assert ivf._cpu.nprobe == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs FAISS with GPU support and a GPU")
+def test_gpu_shard_matches_cpu_past_the_k_cap():
+    """On a GPU the shard searches in blocks (k = 3000 > 2048) and must equal the CPU answer."""
+    x = np.tile(X, (5, 1)) + 0.01 * RNG.standard_normal((6000, 24)).astype(np.float32)
+    cpu = merge_topk([IndexShard(x, 0, IndexParams()).search(Q, 3000)], 3000)
+    gpu = merge_topk([IndexShard(x, 0, IndexParams(), use_gpu=True).search(Q, 3000)], 3000)
+    np.testing.assert_array_equal(gpu[1], cpu[1])
+    np.testing.assert_array_equal(gpu[0], cpu[0])
