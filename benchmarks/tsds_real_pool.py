@@ -7,14 +7,15 @@ that are removed from the pool (no leak); the pool is a stratified sample of eve
 this CPU), then each method selects `--budget` rows:
 
 * random: seeded hash ranking;  knn: max cosine to any query;
-* tsds exact (alpha .5, C 5, sigma .75, max_K 5000; sampling without replacement, seed 0) and
-  KNN-Uniform (sigma 0) - in-process index shard (the same engine code the shard actors run).
+* tsds exact (C 5, sigma .75, max_K 5000; alpha .5 (the reference default), .9, .98, and
+  KNN-Uniform = sigma 0; sampling without replacement where the support allows, else multinomial;
+  seed 0) - in-process index shard (the same engine code the shard actors run).
 
 Reported: share of the selection from the target (same source and, for label_shift, one of the
 target's labels), and the total-variation distance between the selection's (source, label)
 histogram and the query set's.
 
-    python benchmarks/tsds_real_pool.py [--per-source 1500] [--budget 600]
+    python benchmarks/tsds_real_pool.py [--per-source 1500] [--budget 600] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 
 from engine.baselines import knn_select, random_select
@@ -56,29 +58,36 @@ def main() -> None:
     ap.add_argument("--per-source", type=int, default=1500)
     ap.add_argument("--budget", type=int, default=600)
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--cache", type=Path, help="folder to keep the embeddings in between runs")
     args = ap.parse_args()
     df = pq.read_table(POOL).to_pandas()
     rng = np.random.default_rng(0)
     queries, removed = {}, np.zeros(len(df), bool)
     for name in TARGETS:
         rows = df[in_target(df, name)]
-        groups = rows["group"].unique()
-        rng.shuffle(groups)
+        groups = rng.permutation(np.asarray(rows["group"].unique(), dtype=object))
         held = rows[rows["group"].isin(groups[: max(1, len(groups) // 4)])]
         queries[name] = held.sample(n=min(args.queries, len(held)), random_state=0)
         removed |= df["group"].isin(held["group"]) & (df["source"] == TARGETS[name][0])
     rest = df[~removed]
-    pool = (
-        rest.groupby("source", group_keys=False)
-        .apply(lambda g: g.sample(n=min(args.per_source, len(g)), random_state=0))
-        .reset_index(drop=True)
-    )
+    per_source = [
+        g.sample(n=min(args.per_source, len(g)), random_state=0) for _, g in rest.groupby("source")
+    ]
+    pool = pd.concat(per_source).reset_index(drop=True)
     print(f"pool sample {len(pool)} rows from {pool['source'].nunique()} sources", flush=True)
-    t0 = time.time()
-    encoder = load_encoder(max_length=128, batch_size=64)
-    X = encode(encoder, pool["text"].tolist())
-    Qs = {name: encode(encoder, q["text"].tolist()) for name, q in queries.items()}
-    print(f"embedded in {time.time() - t0:.0f} s ({encoder.precision})", flush=True)
+    cache = args.cache / f"real_pool_{args.per_source}_{args.queries}.npz" if args.cache else None
+    if cache and cache.is_file():
+        saved = np.load(cache)
+        X, Qs = saved["pool"], {name: saved[name] for name in queries}
+    else:
+        t0 = time.time()
+        encoder = load_encoder(max_length=128, batch_size=64)
+        X = encode(encoder, pool["text"].tolist())
+        Qs = {name: encode(encoder, q["text"].tolist()) for name, q in queries.items()}
+        print(f"embedded in {time.time() - t0:.0f} s ({encoder.precision})", flush=True)
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, pool=X, **Qs)
     ids = pool["id"].to_numpy(str)
     shard = IndexShard(X, 0, IndexParams())
     print("| target | method | share from target | TV (source, label) | unique rows |")
@@ -90,8 +99,14 @@ def main() -> None:
             "random": random_select(ids, args.budget, 0).indices,
             "knn (max cosine)": knn_select(X, Q, ids, args.budget).indices,
         }
-        for label, sigma in (("tsds exact", 0.75), ("tsds exact, KNN-Uniform", 0.0)):
-            sol, info = select_exact(local_fanout([shard]), Q, len(X), TSDSParams(sigma=sigma))
+        variants = {
+            "tsds exact, defaults (alpha .5)": TSDSParams(),
+            "tsds exact, KNN-Uniform (sigma 0)": TSDSParams(sigma=0.0),
+            "tsds exact, alpha .9": TSDSParams(alpha=0.9),
+            "tsds exact, alpha .98": TSDSParams(alpha=0.98),
+        }
+        for label, params in variants.items():
+            sol, info = select_exact(local_fanout([shard]), Q, len(X), params)
             support = int(np.count_nonzero(sol.p))
             how = "without_replacement" if support >= args.budget else "multinomial"
             methods[f"{label} ({how}, support {support})"] = sample(

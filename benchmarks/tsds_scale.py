@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=1024, help="lists over the whole pool")
     ap.add_argument("--nprobe", type=int, default=32, help="lists probed over the whole pool")
     ap.add_argument("--density-nprobe", type=int, default=None, help="the same for density")
+    ap.add_argument("--brute-force-knn", action="store_true", help="exact kNN scan, IVF density")
     ap.add_argument("--recall-queries", type=int, default=50)
     ap.add_argument("--recall-points", type=int, default=300)
     ap.add_argument("--truth-only", action="store_true", help=argparse.SUPPRESS)
@@ -86,6 +87,7 @@ def main() -> None:
             nlist=max(1, args.nlist // shards),
             nprobe=max(1, args.nprobe // shards),
             density_nprobe=max(1, args.density_nprobe // shards) if args.density_nprobe else None,
+            brute_force_knn=args.brute_force_knn,
             train_points_per_list=64,
             niter=10,
         )
@@ -112,7 +114,8 @@ def main() -> None:
         driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print(
             f"shards {shards} (ivf nlist {index.nlist}, nprobe {index.nprobe}, density nprobe "
-            f"{index.density_nprobe or index.nprobe} per shard): "
+            f"{index.density_nprobe or index.nprobe} per shard, brute-force kNN "
+            f"{index.brute_force_knn}): "
             f"build {build:.1f} s, select {select:.1f} s, driver peak RSS {driver:.2f} GB, "
             f"shard peak RSS {', '.join(f'{r:.2f}' for r in actor_rss)} GB, "
             f"kNN recall@{L} {np.mean(hits) / L:.4f}, density recall "

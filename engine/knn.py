@@ -48,12 +48,16 @@ class IndexParams:
     nearest lists, so density needs far fewer than a deep kNN list), k-means on at most
     `train_points_per_list * nlist` rows for `niter` iterations.
     hnsw: `hnsw_m` links per node, `ef_construction`, `ef_search`.
+    brute_force_knn: answer kNN by an exact scan of the rows and use the index only for density.
+    Query sets are small (M <= 1e4) while density points are many, and deep lists (L = 5000) are
+    where IVF recall is worst, so this is often the better split (BENCHMARKS.md, 1M rows).
     """
 
     kind: str = "flat"
     nlist: int | None = None
     nprobe: int = 10
     density_nprobe: int | None = None  # lists scanned by the range (density) search; None: nprobe
+    brute_force_knn: bool = False  # kNN by exact scan; the index serves only the density search
     train_points_per_list: int = 256
     niter: int = 10
     hnsw_m: int = 32
@@ -127,6 +131,19 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
     return order_rows(dist, ids, k)
 
 
+class BruteForce:
+    """k-NN over raw rows without an index: FAISS's blocked-GEMM scan (`faiss.knn`, or
+    `faiss.knn_gpu` with GPU resources). Exact, no second copy of the rows."""
+
+    def __init__(self, x: np.ndarray, gpu_resources=None) -> None:
+        self.x, self.ntotal, self.res = x, len(x), gpu_resources
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.res is not None:
+            return faiss.knn_gpu(self.res, queries, self.x, k)
+        return faiss.knn(queries, self.x, k)
+
+
 class IndexShard:
     """One shard of the pool: rows [offset, offset + n) and a FAISS index over them.
 
@@ -152,34 +169,37 @@ class IndexShard:
         self.use_gpu = use_gpu and gpu_available()
         self.max_k = GPU_MAX_K if self.use_gpu else max_k
         self._cpu = build_index(self.x, params)  # range search and the chunking fallback
-        self._blocks: dict[int, list[tuple[int, faiss.Index, faiss.Index]]] = {}
+        self._blocks: dict[int, list[tuple[int, object, object]]] = {}
 
     def __len__(self) -> int:
         return len(self.x)
 
     def _to_device(self, index: faiss.Index) -> faiss.Index:
         if self.use_gpu and self.params.kind != "hnsw":  # FAISS has no GPU HNSW
-            if not hasattr(self, "_res"):
-                self._res = faiss.StandardGpuResources()
-            return faiss.index_cpu_to_gpu(self._res, 0, index)
+            return faiss.index_cpu_to_gpu(self._gpu_resources(), 0, index)
         return index
 
-    def _block_list(self, k: int) -> list[tuple[int, faiss.Index, faiss.Index]]:
-        """(start, device index, CPU index) per block; enough blocks that k/blocks <= cap/4."""
+    def _block_list(self, k: int) -> list[tuple[int, object, object]]:
+        """(start, device searcher, CPU searcher) per block; k / blocks <= cap / 4."""
         n = len(self.x)
         count = 1 if self.max_k is None or k <= self.max_k else math.ceil(4 * k / self.max_k)
         count = min(count, n)
         if count not in self._blocks:
-            if count == 1:
-                blocks = [(0, self._to_device(self._cpu), self._cpu)]
-            else:
-                bounds = np.linspace(0, n, count + 1).astype(int)
-                blocks = []
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                    cpu = build_index(self.x[a:b], self.params)
-                    blocks.append((int(a), self._to_device(cpu), cpu))
-            self._blocks = {count: blocks}  # keep one layout alive, not every k seen
+            # keep one layout alive, not every k seen
+            self._blocks = {count: [self._block(a, b) for a, b in shard_bounds(n, count)]}
         return self._blocks[count]
+
+    def _block(self, a: int, b: int) -> tuple[int, object, object]:
+        if self.params.brute_force_knn:
+            cpu = BruteForce(self.x[a:b])
+            return a, BruteForce(self.x[a:b], self._gpu_resources()) if self.use_gpu else cpu, cpu
+        cpu = self._cpu if (a, b) == (0, len(self.x)) else build_index(self.x[a:b], self.params)
+        return a, self._to_device(cpu), cpu
+
+    def _gpu_resources(self):
+        if not hasattr(self, "_res"):
+            self._res = faiss.StandardGpuResources()
+        return self._res
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Local top-k (float32 squared L2, local rows, -1 where missing), honouring the cap."""

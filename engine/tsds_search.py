@@ -43,6 +43,7 @@ class TSDSParams:
     kde_K: int | None = None
     mode: str = "exact"
     first: int = 64  # neighbours per query whose density is computed up front (lazy density)
+    density_batch: int = 4096  # candidates per density fan-out (bounds the pairs within sigma)
 
 
 def reference_index_params() -> IndexParams:
@@ -69,9 +70,14 @@ def select_exact(
         nonlocal cache_rows, cache_rho
         missing = np.setdiff1d(rows, cache_rows)
         if len(missing):
-            points = gather_vectors(fanout, missing, queries.shape[1])
-            hits = fanout("within", points, params.sigma**2)
-            rho = kernel_density(len(missing), missing, hits, params.sigma, params.kde_K)
+            rho = np.empty(len(missing))
+            for a in range(0, len(missing), params.density_batch):  # bounds the hit lists
+                part = missing[a : a + params.density_batch]
+                points = gather_vectors(fanout, part, queries.shape[1])
+                hits = fanout("within", points, params.sigma**2)
+                rho[a : a + len(part)] = kernel_density(
+                    len(part), part, hits, params.sigma, params.kde_K
+                )
             cache_rows = np.concatenate([cache_rows, missing])
             cache_rho = np.concatenate([cache_rho, rho])
             order = np.argsort(cache_rows)

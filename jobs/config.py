@@ -87,6 +87,9 @@ class IndexConfig(Strict):
     density_nprobe: Annotated[int, Field(ge=1, le=65536)] | None = Field(
         None, description="ivf lists scanned by the density range search; null = nprobe"
     )
+    brute_force_knn: bool = Field(
+        False, description="kNN by exact scan of each shard; the index serves only the density"
+    )
     train_points_per_list: Annotated[int, Field(ge=1)] = 256
     niter: Annotated[int, Field(ge=1, le=1000)] = 10
     hnsw_m: Annotated[int, Field(ge=4, le=256)] = 32

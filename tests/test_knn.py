@@ -47,11 +47,12 @@ def test_exact_search_matches_brute_force_and_ignores_sharding():
         np.testing.assert_array_equal(d, one[0])  # bit for bit, whatever the layout
 
 
-def test_capped_search_in_blocks_is_exact():
+@pytest.mark.parametrize("brute_force", [False, True])
+def test_capped_search_in_blocks_is_exact(brute_force):
     """FAISS GPU caps k at 2048; the blocked search with a CPU re-search where a block is full
     must give the uncapped answer. Here the cap is 16 and k = 150."""
     full = search_all(shards_of(X, 1), Q, 150)
-    capped = shards_of(X, 1, max_k=16)
+    capped = shards_of(X, 1, IndexParams(brute_force_knn=brute_force), max_k=16)
     d, i = search_all(capped, Q, 150)
     np.testing.assert_array_equal(i, full[1])
     np.testing.assert_array_equal(d, full[0])
@@ -84,6 +85,8 @@ def test_density_matches_brute_force_and_ignores_sharding():
 
 def test_ivf_and_hnsw_find_most_neighbours():
     want = brute(Q, X, 20)[1]
+    _, exact = search_all(shards_of(X, 2, IndexParams(kind="ivf", brute_force_knn=True)), Q, 20)
+    np.testing.assert_array_equal(exact, want)  # the IVF index then serves only the density
     for params in (
         IndexParams(kind="ivf", nlist=16, nprobe=8),
         IndexParams(kind="hnsw", hnsw_m=16, ef_search=64),

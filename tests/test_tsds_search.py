@@ -69,6 +69,8 @@ def test_exact_mode_is_the_same_for_any_number_of_shards(sigma):
     for shards in (2, 4, 7):
         sol, _ = exact(shards, sigma=sigma, max_K=100)
         np.testing.assert_array_equal(sol.p, base.p)
+    batched, _ = exact(3, sigma=sigma, max_K=100, density_batch=7)  # density in many fan-outs
+    np.testing.assert_array_equal(batched.p, base.p)
     assert abs(base.p.sum() - 1) < 1e-12
     if sigma:
         assert info["density_points"] < len(np.unique(Z["knn_idx"]))
