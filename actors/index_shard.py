@@ -14,8 +14,8 @@ import math
 import numpy as np
 import ray
 
+from engine.fanout import Fanout
 from engine.knn import IndexParams, IndexShard, shard_bounds
-from engine.tsds_search import Fanout
 
 
 def start_shards(

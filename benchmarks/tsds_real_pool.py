@@ -31,9 +31,10 @@ import pyarrow.parquet as pq
 
 from engine.baselines import knn_select, random_select
 from engine.embed import encode, load_encoder
+from engine.fanout import local_fanout
 from engine.knn import IndexParams, IndexShard
 from engine.sampling import sample
-from engine.tsds_search import TSDSParams, local_fanout, select_exact
+from engine.tsds_search import TSDSParams, select_exact
 
 POOL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pool.parquet"
 TARGETS = {

@@ -45,8 +45,9 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float, float]:
 
 
 def ours(data: Path, out: Path) -> None:
+    from engine.fanout import local_fanout
     from engine.knn import IndexShard
-    from engine.tsds_search import TSDSParams, local_fanout, reference_index_params, select_compat
+    from engine.tsds_search import TSDSParams, reference_index_params, select_compat
 
     X = np.load(data / "candidates.npy")
     Q = np.load(data / "query_examples.npy")

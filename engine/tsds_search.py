@@ -19,15 +19,14 @@ for the same kNN lists; lazy density does not change a bit of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from engine.fanout import Fanout
 from engine.knn import IndexParams, build_index, kernel_density, merge_topk
 from engine.tsds import NeighboursExhausted, TSDSSolution, knn_uniform, solve, solve_lazy
 
-Fanout = Callable[..., list]
 REFERENCE_KDE_K = 1000
 
 
@@ -180,12 +179,3 @@ def reference_kde(index, points: np.ndarray, sigma: float, kde_K: int) -> np.nda
     rows = np.zeros((len(points), kde_K), dtype=np.float32)
     rows[which[keep], rank[keep]] = 1 - sq[keep] / (sigma**2)
     return rows.sum(axis=-1)
-
-
-def local_fanout(shards: list) -> Fanout:
-    """Fan out to in-process `IndexShard`s (tests, benchmarks, single-process use)."""
-
-    def call(method: str, *args):
-        return [getattr(shard, method)(*args) for shard in shards]
-
-    return call

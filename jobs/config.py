@@ -132,11 +132,34 @@ class TSDSConfig(Strict):
         return self
 
 
+class GOTDConfig(Strict):
+    epsilon: Annotated[float, Field(gt=0)] = Field(
+        0.1, description="entropic regularisation, absolute (not scaled by the cost)"
+    )
+    threshold: Annotated[float, Field(gt=0)] = Field(
+        0.1,
+        description="stop when the L1 candidate-marginal error is below this; 0.1 = the "
+        "reference (4-9 iterations), 1e-4 = converged",
+    )
+    momentum: Annotated[float, Field(gt=0, lt=2)] = 1.3
+    max_iterations: Annotated[int, Field(ge=1)] = 2000
+    shards: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="candidate shard actors")
+    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = 1.0
+    cache_mb: Annotated[int, Field(ge=0)] = Field(
+        1024,
+        description="per shard: keep the targets x shard cost block if it fits, else "
+        "recompute it in blocks each pass",
+    )
+    block: Annotated[int, Field(ge=1)] = Field(65536, description="candidates per cost block")
+    gpu: Literal["auto", "never"] = "auto"
+
+
 class SelectConfig(Strict):
-    method: Literal["random", "knn", "tsds"] = "knn"
+    method: Literal["random", "knn", "tsds", "gotd"] = "knn"
     budget: Annotated[int, Field(ge=1)] = 500
     knn: KnnConfig = Field(default_factory=KnnConfig)
     tsds: TSDSConfig = Field(default_factory=TSDSConfig)
+    gotd: GOTDConfig = Field(default_factory=GOTDConfig)
 
 
 class Config(Strict):

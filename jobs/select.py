@@ -17,9 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.baselines import knn_select, random_select
+from engine.gotd import merge_smallest
+from engine.gotd import select as gotd_select
 from engine.knn import IndexParams, ShortResults
 from engine.sampling import sample
 from engine.selection import Selection
+from engine.sinkhorn import coordinate
 from engine.tsds_search import TSDSParams, reference_index_params, select_compat, select_exact
 from jobs.config import Config
 from jobs.embed import read_embeddings
@@ -67,8 +70,47 @@ def _tsds(cfg: Config, ids, candidates, targets) -> Selection:
     return chosen
 
 
-METHODS: dict[str, Callable[..., Selection]] = {"random": _random, "knn": _knn, "tsds": _tsds}
-NEEDS_VECTORS = {"knn", "tsds"}
+def _gotd(cfg: Config, ids, candidates, targets) -> Selection:
+    import ray
+
+    from actors.ot_shard import ResilientFanout, start_ot_shards, stop_ot_shards
+    from jobs.pipeline import start_ray
+
+    start_ray(cfg)
+    o = cfg.select.gotd
+    use_gpu = o.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    actors, keep = start_ot_shards(
+        candidates, targets, o.shards, epsilon=o.epsilon, cpus_per_shard=o.cpus_per_shard,
+        use_gpu=use_gpu, cache_bytes=o.cache_mb << 20, block=o.block,
+    )  # fmt: skip
+    try:
+        fanout = ResilientFanout(actors)
+        f, n_iter, errors, converged = coordinate(
+            fanout, len(targets), epsilon=o.epsilon, threshold=o.threshold,
+            momentum=o.momentum, max_iterations=o.max_iterations,
+        )  # fmt: skip
+        g, rows = merge_smallest(fanout("smallest", cfg.select.budget), cfg.select.budget)
+    finally:
+        stop_ot_shards(actors)
+        del keep
+    chosen = gotd_select(g, rows, cfg.select.budget, len(candidates))
+    chosen.info = {
+        "iterations": n_iter,
+        "converged": converged,
+        "final_error": float(errors[-1]),
+        "shards": o.shards,
+        "recoveries": fanout.recoveries,
+    }
+    return chosen
+
+
+METHODS: dict[str, Callable[..., Selection]] = {
+    "random": _random,
+    "knn": _knn,
+    "tsds": _tsds,
+    "gotd": _gotd,
+}
+NEEDS_VECTORS = {"knn", "tsds", "gotd"}
 
 
 def check_vectors(candidates: np.ndarray, targets: np.ndarray, run_dir: Path) -> None:

@@ -153,6 +153,11 @@ def budget_over_support(tmp_path):
     return args, "larger than the"
 
 
+def epsilon_not_positive(tmp_path):
+    cfg = good(tmp_path, select={"method": "gotd", "gotd": {"epsilon": 0}})
+    return ["select", cfg], "select.gotd.epsilon"
+
+
 def budget_too_large(tmp_path):
     ingested(tmp_path)
     cfg = good(tmp_path, select={"method": "random", "budget": 5})
@@ -202,6 +207,7 @@ CASES = [
     model_not_local,
     unknown_command,
     output_dir_is_a_file,
+    epsilon_not_positive,
     dimension_mismatch,
     nan_vectors,
     empty_targets,

@@ -113,7 +113,7 @@ def test_random_needs_no_embeddings_and_is_seeded(tmp_path):
     assert prob == [40 / 400] * 40
 
 
-def test_tsds_selection_is_seeded_and_independent_of_shards(tmp_path):
+def test_tsds_and_gotd_are_seeded_and_independent_of_shards(tmp_path):
     tsds = ["select.method=tsds", "select.tsds.max_K=200"]
     run = demo(tmp_path, "t", *tsds)
     sel = pq.read_table(run / "selection.parquet")
@@ -137,3 +137,13 @@ def test_tsds_selection_is_seeded_and_independent_of_shards(tmp_path):
     multi = demo(tmp_path, "t", *tsds, "select.tsds.sampling=multinomial")
     counts = pq.read_table(multi / "selection.parquet")["count"].to_pylist()
     assert sum(counts) == 40 and counts == sorted(counts, reverse=True)
+
+    # GOT-D on the same embeddings: ranked by potential, the same for 1 and 2 shard actors.
+    gotd = demo(tmp_path, "t", "select.method=gotd")
+    ranked = pq.read_table(gotd / "selection.parquet")
+    info = manifest(gotd)["stages"]["select"]
+    assert info["method"] == "gotd" and info["iterations"] >= 1 and info["recoveries"] == []
+    scores = ranked["score"].to_pylist()
+    assert scores == sorted(scores, reverse=True) and ranked["probability"].null_count == 40
+    two = demo(tmp_path, "t", "select.method=gotd", "select.gotd.shards=2")
+    assert pq.read_table(two / "selection.parquet")["id"].equals(ranked["id"])

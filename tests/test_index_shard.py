@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from actors.index_shard import ray_fanout, start_shards, stop_shards
+from engine.fanout import local_fanout
 from engine.knn import IndexParams, IndexShard, shard_bounds
-from engine.tsds_search import TSDSParams, local_fanout, select_exact
+from engine.tsds_search import TSDSParams, select_exact
 
 from .test_tsds_search import Q, X
 

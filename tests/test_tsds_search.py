@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from engine.fanout import local_fanout
 from engine.knn import IndexParams, IndexShard, shard_bounds
 from engine.tsds import solve, solve_lazy
 from engine.tsds_search import (
     TSDSParams,
-    local_fanout,
     reference_index_params,
     select_compat,
     select_exact,
