@@ -5,6 +5,7 @@ import json
 import numpy as np
 import ot
 import pytest
+import torch
 
 from engine.gotd import calibrated, merge_smallest, select
 from engine.sinkhorn import SinkhornShard, c_transform, check_inputs, solve
@@ -91,3 +92,11 @@ def test_selection_is_nested_prefixes_of_one_ranking():
 def test_bad_input(targets, candidates, eps, message):
     with pytest.raises(ValueError, match=message):
         check_inputs(targets, candidates, eps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_solve_matches_cpu():
+    cpu = solve(Y, X, threshold=1e-4)
+    gpu = solve(Y, X, threshold=1e-4, device="cuda")
+    assert gpu.n_iter == cpu.n_iter and np.abs(gpu.g - cpu.g).max() <= 1e-5
