@@ -7,6 +7,7 @@ move together); paths given with `--set` are resolved against the working direct
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -186,6 +187,27 @@ class Config(Strict):
                     f"embed.num_actors x embed.cpus_per_actor = {wanted:g} must stay below "
                     f"ray.num_cpus = {cpus} (the read tasks need a CPU)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _shards_fit_a_local_cluster(self) -> Config:
+        # Shard actors that ask for more CPUs than a local cluster has never start: the select
+        # stage would wait forever. (A remote cluster may autoscale: not checked there; with a
+        # GPU each shard takes a GPU instead of CPUs.)
+        if self.ray.address is not None or self.select.method not in ("tsds", "gotd"):
+            return self
+        section = getattr(self.select, self.select.method)
+        if section.gpu == "auto" and Path("/dev/nvidia0").exists():
+            return self
+        cpus = self.ray.num_cpus or os.cpu_count() or 1
+        wanted = section.shards * section.cpus_per_shard
+        if wanted > cpus:
+            name = f"select.{self.select.method}"
+            raise ValueError(
+                f"{name}.shards x {name}.cpus_per_shard = {wanted:g} is more than the local "
+                f"cluster's {cpus} CPUs (the shards would never start); lower cpus_per_shard "
+                "(fractions are fine)"
+            )
         return self
 
 

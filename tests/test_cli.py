@@ -153,6 +153,12 @@ def budget_over_support(tmp_path):
     return args, "larger than the"
 
 
+def shards_exceed_local_cpus(tmp_path):
+    sections = {"method": "gotd", "gotd": {"shards": 8, "cpus_per_shard": 1, "gpu": "never"}}
+    cfg = good(tmp_path, select=sections, ray={"num_cpus": 2})
+    return ["select", cfg], "select.gotd.shards x select.gotd.cpus_per_shard = 8"
+
+
 def epsilon_not_positive(tmp_path):
     cfg = good(tmp_path, select={"method": "gotd", "gotd": {"epsilon": 0}})
     return ["select", cfg], "select.gotd.epsilon"
@@ -208,6 +214,7 @@ CASES = [
     unknown_command,
     output_dir_is_a_file,
     epsilon_not_positive,
+    shards_exceed_local_cpus,
     dimension_mismatch,
     nan_vectors,
     empty_targets,
