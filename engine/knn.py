@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from engine.allocator import large_allocations_via_mmap
+
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 GPU_MAX_K = 2048
 
@@ -163,6 +165,7 @@ class IndexShard:
     ) -> None:
         if threads:
             faiss.omp_set_num_threads(threads)
+        large_allocations_via_mmap()
         self.x = np.ascontiguousarray(vectors, dtype=np.float32)
         self.offset = int(offset)
         self.params = params

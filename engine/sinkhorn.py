@@ -25,7 +25,6 @@ it in column blocks of `block` candidates each pass.
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.allocator import large_allocations_via_mmap
 from engine.fanout import Fanout, local_fanout
 
 
@@ -43,20 +43,6 @@ class SinkhornResult:
     n_iter: int
     errors: np.ndarray  # (n_iter,) float32: L1 candidate-marginal error after each iteration
     converged: bool
-
-
-def _large_allocations_via_mmap() -> None:
-    """Serve allocations >= 1 MB from mmap (returned to the OS when freed), process-wide.
-
-    The passes allocate and free ~16 MB block temporaries thousands of times. With glibc's
-    adaptive threshold those land in the heap and churn it: measured on 200k x 1000 with the cost
-    recomputed, 314 s and +0.6 GB peak RSS; with this setting 21 s and no growth (cached cost:
-    peak = inputs + the cost block exactly). A no-op where libc has no mallopt.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def sqeuclidean(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +65,7 @@ class SinkhornShard:
         block: int = 65536,
         device: str = "cpu",
     ) -> None:
-        _large_allocations_via_mmap()
+        large_allocations_via_mmap()
         self.device = torch.device(device)
         self.x = torch.as_tensor(np.ascontiguousarray(candidates, np.float32), device=self.device)
         self.y = torch.as_tensor(np.ascontiguousarray(targets, np.float32), device=self.device)
