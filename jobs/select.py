@@ -58,7 +58,14 @@ def _tsds(cfg: Config, ids, candidates, targets) -> Selection:
         run = select_compat if t.mode == "compat" else select_exact
         sol, info = run(ray_fanout(actors), targets, len(candidates), params)
     except ShortResults as exc:
-        raise InputError(f"select.tsds.index: {exc}") from None
+        field = (
+            "select.tsds.mode (compat uses the reference's IVF)"
+            if t.mode == "compat"
+            else ("select.tsds.index")
+        )
+        raise InputError(f"{field}: {exc}") from None
+    except ValueError as exc:  # e.g. a pool too small for compat mode's N // 10 lists
+        raise InputError(f"select.tsds: {exc}") from None
     finally:
         stop_shards(actors)
     try:

@@ -115,9 +115,9 @@ def embedded(tmp_path, candidates, targets):
         pq.write_table(table, run / "embeddings" / side / "part-0.parquet")
 
 
-def tsds_select(tmp_path, candidates, targets, **tsds):
+def tsds_select(tmp_path, candidates, targets, budget=25, **tsds):
     embedded(tmp_path, candidates.astype(np.float32), targets.astype(np.float32))
-    cfg = good(tmp_path, select={"method": "tsds", "budget": 25, "tsds": tsds})
+    cfg = good(tmp_path, select={"method": "tsds", "budget": budget, "tsds": tsds})
     return ["select", cfg]
 
 
@@ -146,6 +146,12 @@ def c_not_positive(tmp_path):
 
 def sigma_negative(tmp_path):
     return tsds_select(tmp_path, POOL, POOL[:2], sigma=-0.1), "select.tsds.sigma"
+
+
+def compat_pool_too_small(tmp_path):
+    return tsds_select(
+        tmp_path, POOL[:15], POOL[:2], budget=5, mode="compat"
+    ), "compat mode lists N // 10"
 
 
 def budget_over_support(tmp_path):
@@ -221,13 +227,15 @@ CASES = [
     alpha_outside,
     c_not_positive,
     sigma_negative,
+    compat_pool_too_small,
     budget_over_support,
 ]
-MADE_A_RUN_FOLDER = {budget_too_large, select_before_embed, *CASES[-7:]}
+MADE_A_RUN_FOLDER = {budget_too_large, select_before_embed, *CASES[-8:]}
 CHECKED_BEFORE_RAY = set(CASES) - {
     dimension_mismatch,
     nan_vectors,
     empty_targets,
+    compat_pool_too_small,
     budget_over_support,
 }
 
