@@ -106,6 +106,29 @@ def solve(
     return sol
 
 
+class RowCache:
+    """Values by candidate row (sorted for lookup), filled as they are computed."""
+
+    def __init__(self) -> None:
+        self.rows, self.values = np.empty(0, np.int64), np.empty(0)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def missing(self, rows: np.ndarray) -> np.ndarray:
+        """The rows without a value yet (unique, ascending)."""
+        return np.setdiff1d(rows, self.rows)
+
+    def add(self, rows: np.ndarray, values: np.ndarray) -> None:
+        rows = np.concatenate([self.rows, rows])
+        values = np.concatenate([self.values.astype(values.dtype), values])  # keep their dtype
+        order = np.argsort(rows)
+        self.rows, self.values = rows[order], values[order]
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        return self.values[np.searchsorted(self.rows, rows)]
+
+
 def solve_lazy(
     knn_dist: np.ndarray,
     knn_idx: np.ndarray,
@@ -132,22 +155,19 @@ def solve_lazy(
     M, L = knn_dist.shape
     _check(knn_dist, knn_idx, np.ones(knn_dist.shape, np.float32), alpha, C, n_candidates)
     rho = None
-    known_rows, known_rho = np.empty(0, np.int64), np.empty(0)
+    known = RowCache()
     lengths = np.full(M, min(L, max(2, first)))
     while True:
         reach = np.arange(L)[None, :] < lengths[:, None]
-        new = np.setdiff1d(knn_idx[reach], known_rows)
+        new = known.missing(knn_idx[reach])
         if len(new):
             values = np.asarray(density(new))
             if values.shape != new.shape or not np.all(np.isfinite(values)) or values.min() <= 0:
                 raise ValueError("density must return one finite value > 0 per requested row")
             if rho is None:
                 rho = np.ones(knn_dist.shape, dtype=values.dtype)
-            known_rows = np.concatenate([known_rows, new])
-            known_rho = np.concatenate([known_rho.astype(values.dtype), values])
-            order = np.argsort(known_rows)
-            known_rows, known_rho = known_rows[order], known_rho[order]
-            rho[reach] = known_rho[np.searchsorted(known_rows, knn_idx[reach])]
+            known.add(new, values)
+            rho[reach] = known.get(knn_idx[reach])
         sol = _solve(knn_dist, knn_idx, rho, alpha, C, n_candidates, mode, lengths)
         raw_last = sol.raw_last
         grow = (raw_last > lengths - 3) & (lengths < L)
@@ -160,7 +180,7 @@ def solve_lazy(
         if L < n_candidates:
             raise _exhausted(L)
         sol = _fill_all(knn_idx, rho, n_candidates)
-    return sol, len(known_rows)
+    return sol, len(known)
 
 
 def _exhausted(L: int) -> NeighboursExhausted:

@@ -25,7 +25,14 @@ import numpy as np
 
 from engine.fanout import Fanout
 from engine.knn import IndexParams, build_index, kernel_density, merge_topk
-from engine.tsds import NeighboursExhausted, TSDSSolution, knn_uniform, solve, solve_lazy
+from engine.tsds import (
+    NeighboursExhausted,
+    RowCache,
+    TSDSSolution,
+    knn_uniform,
+    solve,
+    solve_lazy,
+)
 
 REFERENCE_KDE_K = 1000
 
@@ -63,11 +70,10 @@ def select_exact(
 ) -> tuple[TSDSSolution, dict]:
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     L = min(params.max_K, n_candidates)
-    cache_rows, cache_rho = np.empty(0, np.int64), np.empty(0)
+    cache = RowCache()  # densities outlive a refetch with longer lists
 
     def density(rows: np.ndarray) -> np.ndarray:
-        nonlocal cache_rows, cache_rho
-        missing = np.setdiff1d(rows, cache_rows)
+        missing = cache.missing(rows)
         if len(missing):
             rho = np.empty(len(missing))
             for a in range(0, len(missing), params.density_batch):  # bounds the hit lists
@@ -77,11 +83,8 @@ def select_exact(
                 rho[a : a + len(part)] = kernel_density(
                     len(part), part, hits, params.sigma, params.kde_K
                 )
-            cache_rows = np.concatenate([cache_rows, missing])
-            cache_rho = np.concatenate([cache_rho, rho])
-            order = np.argsort(cache_rows)
-            cache_rows, cache_rho = cache_rows[order], cache_rho[order]
-        return cache_rho[np.searchsorted(cache_rows, rows)]
+            cache.add(missing, rho)
+        return cache.get(rows)
 
     fetches = 0
     while True:
@@ -101,7 +104,7 @@ def select_exact(
             if L >= n_candidates:
                 raise
             L = min(n_candidates, 2 * L)
-    info = {"neighbours": L, "fetches": fetches, "density_points": len(cache_rows)}
+    info = {"neighbours": L, "fetches": fetches, "density_points": len(cache)}
     return sol, info
 
 
