@@ -22,9 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+from harness import SHARED, ensure_synth, timed
 
 OTT = """
 import sys, numpy as np, jax, jax.numpy as jnp
@@ -41,14 +39,6 @@ out = solver(prob)
 errors = np.asarray(out.errors)
 np.savez(sys.argv[3], f=np.asarray(out.f), g=np.asarray(out.g), n_iter=int((errors != -1).sum()))
 """
-
-
-def timed(cmd: list[str]) -> tuple[float, float]:
-    out = subprocess.run(
-        ["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    wall, rss = out.stderr.strip().splitlines()[-1].split()
-    return float(wall), int(rss) / 1e6
 
 
 def ours(x_path: str, y_path: str, out: str, threshold: float) -> None:
@@ -68,9 +58,7 @@ def main() -> None:
     if args.ours:
         return ours(*args.ours[:3], float(args.ours[3]))
     data = args.data.resolve()
-    if not (data / "candidates.npy").is_file():
-        tool = SHARED / "tools" / "tsds_synth.py"
-        subprocess.run([sys.executable, tool, "200000", "500", "384", data], check=True)
+    ensure_synth(data, 200_000, 500)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "ott_run.py"
         script.write_text(OTT)
@@ -95,7 +83,7 @@ def main() -> None:
                 cmd += ["--ours", x, y, out, str(args.threshold)]
             else:
                 cmd = [args.ott_python, str(script), x, y, out, str(args.threshold)]
-            wall, rss = timed(cmd)
+            _, wall, rss = timed(cmd)
             runs[name] = (wall, rss, np.load(out))
             print(f"{name}: wall {wall:.1f} s, max RSS {rss:.2f} GB, "
                   f"{int(runs[name][2]['n_iter'])} iterations", flush=True)  # fmt: skip

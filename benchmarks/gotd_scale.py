@@ -14,24 +14,16 @@ the column pass. The selection (top 1%) is compared across shard counts.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
+from harness import actor_peak_rss_gb, peak_rss_gb
 
 from actors.ot_shard import ResilientFanout, start_ot_shards, stop_ot_shards
 from engine.gotd import merge_smallest
 from engine.sinkhorn import coordinate
-
-
-def peak_rss_gb(actor) -> float:
-    return ray.get(
-        actor.__ray_call__.remote(
-            lambda self: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        )
-    )
 
 
 def main() -> None:
@@ -63,7 +55,7 @@ def main() -> None:
         f, n_iter, errors, _ = coordinate(fanout, m, epsilon=0.1, threshold=args.threshold)
         _, rows = merge_smallest(fanout("smallest", top), top)
         solve = time.time() - t0
-        shard_rss = [peak_rss_gb(a) for a in actors]
+        shard_rss = [actor_peak_rss_gb(a) for a in actors]
         stop_ot_shards(actors)
         del keep
         tops[shards] = rows
@@ -73,7 +65,7 @@ def main() -> None:
         print(
             f"shards {shards}: start {start:.1f} s, solve {solve:.1f} s ({n_iter} iterations, "
             f"final error {errors[-1]:.3g}), driver peak RSS "
-            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB, shard peak RSS "
+            f"{peak_rss_gb():.2f} GB, shard peak RSS "
             f"{', '.join(f'{r:.2f}' for r in shard_rss)} GB, cost cached {cached}, bytes per "
             f"iteration {up} up + {down} down, top-1% overlap with {args.shards[0]} shard(s) "
             f"{overlap:.4f}",

@@ -18,30 +18,12 @@ faiss 1.7.4); the reference saves only its multinomial draw, not p.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-
-
-def timed(cmd: list[str], cwd: Path) -> tuple[float, float, float]:
-    """(user s, max RSS GB, wall s) of a child process."""
-    out = subprocess.run(
-        ["/usr/bin/time", "-f", "%U %S %M %e", *cmd],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    user, _, rss_kb, wall = out.stderr.strip().splitlines()[-1].split()
-    return float(user), int(rss_kb) / 1e6, float(wall)
+from harness import SHARED, ensure_synth, timed
 
 
 def ours(data: Path, out: Path) -> None:
@@ -67,13 +49,11 @@ def main() -> None:
     if args.run_ours:
         return ours(args.data, args.run_ours)
     data = args.data.resolve()
-    if not (data / "candidates.npy").is_file():
-        tool = SHARED / "tools" / "tsds_synth.py"
-        subprocess.run([sys.executable, tool, "100000", "500", "384", data], check=True)
+    ensure_synth(data, 100_000, 500)
     with tempfile.TemporaryDirectory() as tmp:
         p_file = Path(tmp) / "p.npy"
         me = [sys.executable, __file__, "--data", str(data), "--run-ours", str(p_file)]
-        user, rss, wall = timed(me, ROOT)
+        user, wall, rss = timed(me)
         p = np.load(p_file)
         official = np.load(SHARED / "fixtures" / "tsds" / "synth100k.npz")["p_official"]
         print(f"ours (compat): user {user:.1f} s, max RSS {rss:.2f} GB, wall {wall:.1f} s")
@@ -95,7 +75,7 @@ def main() -> None:
             for name in ("tsds.py", "faiss_helper.py"):
                 (work / name).write_text((args.reference / name).read_text())
             (work / "config.yaml").write_text(cfg.read_text())
-            r_user, r_rss, r_wall = timed([args.reference_python, "tsds.py"], work)
+            r_user, r_wall, r_rss = timed([args.reference_python, "tsds.py"], work)
             print(f"reference: user {r_user:.1f} s, max RSS {r_rss:.2f} GB, wall {r_wall:.1f} s")
             print(f"ratios: CPU {r_user / user:.2f}x less, memory {rss / r_rss:.2f}x")
 

@@ -13,7 +13,6 @@ over the same 1M rows.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
@@ -21,21 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from harness import actor_peak_rss_gb, ensure_synth, peak_rss_gb
 
 from actors.index_shard import ray_fanout, start_shards, stop_shards
 from engine.knn import IndexParams, IndexShard, merge_topk
-from engine.tsds_search import TSDSParams, select_exact
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-
-
-def actor_peak_rss_gb(actor) -> float:
-    return ray.get(
-        actor.__ray_call__.remote(
-            lambda self: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        )
-    )
+from engine.tsds_search import TSDSParams, gather_vectors, select_exact
 
 
 def exact_truth(data: Path, args) -> None:
@@ -68,10 +57,7 @@ def main() -> None:
     ap.add_argument("--truth-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     data = args.data.resolve()
-    if not (data / "candidates.npy").is_file():
-        tool = SHARED / "tools" / "tsds_synth.py"
-        cmd = [sys.executable, tool, str(args.n), str(args.queries), "384", data]
-        subprocess.run(cmd, check=True)
+    ensure_synth(data, args.n, args.queries)
     if args.truth_only:
         return exact_truth(data, args)
     if not (data / "exact_truth.npz").is_file():
@@ -105,13 +91,11 @@ def main() -> None:
         _, got = merge_topk(fan("search", Q[truth["queries"]], L, True), L)
         hits = [len(np.intersect1d(a, b)) for a, b in zip(got, truth["knn"], strict=True)]
         points = truth["points"]
-        vectors = np.empty((len(points), Q.shape[1]), np.float32)
-        for where, v in fan("take", points):
-            vectors[where] = v
+        vectors = gather_vectors(fan, points, Q.shape[1])
         found = sum(len(h[0]) for h in fan("within", vectors, params.sigma**2))
         actor_rss = [actor_peak_rss_gb(a) for a in actors]
         stop_shards(actors)
-        driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        driver = peak_rss_gb()
         print(
             f"shards {shards} (ivf nlist {index.nlist}, nprobe {index.nprobe}, density nprobe "
             f"{index.density_nprobe or index.nprobe} per shard, brute-force kNN "
