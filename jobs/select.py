@@ -38,19 +38,26 @@ def _knn(cfg: Config, ids, candidates, targets) -> Selection:
     return knn_select(candidates, targets, ids, cfg.select.budget, cfg.select.knn.mode)
 
 
-def _tsds(cfg: Config, ids, candidates, targets) -> Selection:
+def _start_cluster(cfg: Config, gpu: str) -> bool:
+    """Start or join Ray for the shard actors (after the input checks); True when each shard
+    should take a GPU (`gpu: auto` and the cluster has GPUs)."""
     import ray
 
-    from actors.index_shard import ray_fanout, start_shards, stop_shards
     from jobs.pipeline import start_ray
 
     start_ray(cfg)
+    return gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _tsds(cfg: Config, ids, candidates, targets) -> Selection:
+    from actors.index_shard import ray_fanout, start_shards, stop_shards
+
     t = cfg.select.tsds
+    use_gpu = _start_cluster(cfg, t.gpu)
     params = TSDSParams(
         alpha=t.alpha, C=t.C, sigma=t.sigma, max_K=t.max_K, kde_K=t.kde_K, mode=t.mode
     )
     index = reference_index_params() if t.mode == "compat" else IndexParams(**t.index.model_dump())
-    use_gpu = t.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
     actors = start_shards(
         candidates, t.shards, index, use_gpu=use_gpu, cpus_per_shard=t.cpus_per_shard
     )
@@ -78,14 +85,10 @@ def _tsds(cfg: Config, ids, candidates, targets) -> Selection:
 
 
 def _gotd(cfg: Config, ids, candidates, targets) -> Selection:
-    import ray
-
     from actors.ot_shard import ResilientFanout, start_ot_shards, stop_ot_shards
-    from jobs.pipeline import start_ray
 
-    start_ray(cfg)
     o = cfg.select.gotd
-    use_gpu = o.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = _start_cluster(cfg, o.gpu)
     actors, keep = start_ot_shards(
         candidates, targets, o.shards, epsilon=o.epsilon, cpus_per_shard=o.cpus_per_shard,
         use_gpu=use_gpu, cache_bytes=o.cache_mb << 20, block=o.block,
