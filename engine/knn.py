@@ -267,13 +267,12 @@ class IndexShard:
         decides, so membership does not depend on the shard layout either.
         """
         points = np.ascontiguousarray(points, dtype=np.float32)
+        search = None  # the index's own nprobe, unless density has its own
         if self.params.kind == "ivf" and self.params.density_nprobe:
-            self._cpu.nprobe = min(self.params.density_nprobe, self._cpu.nlist)
-        try:
-            lims, _, lab = self._cpu.range_search(points, float(radius_sq) * (1 + 1e-4) + 1e-12)
-        finally:
-            if self.params.kind == "ivf":
-                self._cpu.nprobe = min(self.params.nprobe, self._cpu.nlist)
+            nprobe = min(self.params.density_nprobe, self._cpu.nlist)
+            search = faiss.SearchParametersIVF(nprobe=nprobe)
+        radius = float(radius_sq) * (1 + 1e-4) + 1e-12
+        lims, _, lab = self._cpu.range_search(points, radius, params=search)
         which = np.repeat(np.arange(len(points)), np.diff(lims).astype(np.int64))
         sq = np.empty(len(lab))
         step = max(1, 4_000_000 // points.shape[1])  # ~32 MB of float64 differences at a time
