@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 SOURCES = ["debian_pkg", "wordnet", "fortunes", "healthtweets", "chatterbot", "python_code"]
 PER_SOURCE = 1000
 N_TARGETS = 200
+N_HELDOUT = 100
 SEED = 20261121
 
 
@@ -51,7 +52,16 @@ def main(pool_path: str) -> None:
     with open(out / "targets.jsonl", "w", encoding="utf-8") as fh:
         for row in targets.select(["text", "label"]).to_pylist():
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"pool {demo.num_rows} rows, targets {targets.num_rows} rows")
+    # Held-out target texts for the evaluation: science packages from groups that are neither
+    # target groups nor in the pool (a second generator, so the files above are unchanged).
+    used = target_groups | set(pc.unique(pa.concat_tables(parts)["group"]).to_pylist())
+    rest = science.filter(pc.invert(pc.is_in(science["group"], value_set=pa.array(sorted(used)))))
+    held_rng = np.random.default_rng(SEED + 1)
+    heldout = rest.take(np.sort(held_rng.choice(rest.num_rows, N_HELDOUT, replace=False)))
+    with open(out / "heldout.jsonl", "w", encoding="utf-8") as fh:
+        for row in heldout.select(["text", "label"]).to_pylist():
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"pool {demo.num_rows} rows, targets {targets.num_rows} rows, heldout {N_HELDOUT}")
 
 
 if __name__ == "__main__":

@@ -34,11 +34,15 @@ def _load(config: Path, overrides: list[str] | None):
     return load_config(config, overrides or [])
 
 
+def _log(message: str) -> None:
+    typer.secho(f"raysift: {message}", err=True, fg="cyan")
+
+
 def _run(config: Path, overrides: list[str] | None, stages: list[str] | None) -> Path:
     from jobs.pipeline import run
 
     cfg = _load(config, overrides)
-    run_dir = run(cfg, stages, log=lambda m: typer.secho(f"raysift: {m}", err=True, fg="cyan"))
+    run_dir = run(cfg, stages, log=_log)
     typer.echo(f"run folder: {run_dir}")
     return run_dir
 
@@ -65,6 +69,23 @@ def embed(config: ConfigArg, set_: SetOpt = None) -> None:
 def select(config: ConfigArg, set_: SetOpt = None) -> None:
     """Select candidates from the embeddings with the configured method."""
     _run(config, set_, ["select"])
+
+
+@app.command()
+def finetune(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Fine-tune the configured causal LM on selected.jsonl with Ray Train (resumes)."""
+    _run(config, set_, ["finetune"])
+
+
+@app.command()
+def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Select with each method at one budget, fine-tune on each, score the target's held-out
+    perplexity; writes evaluation.json and report.html."""
+    from jobs.evaluate import run_evaluate
+
+    cfg = _load(config, set_)
+    run_dir = run_evaluate(cfg, log=_log)
+    typer.echo(f"report: {run_dir / 'report.html'}")
 
 
 @app.command()

@@ -163,17 +163,83 @@ class SelectConfig(Strict):
     gotd: GOTDConfig = Field(default_factory=GOTDConfig)
 
 
+class FinetuneConfig(Strict):
+    model: str = Field(
+        "smollm2-135m", description="packaged SmolLM2-135M-Instruct or a local causal LM folder"
+    )
+    method: Literal["lora", "full"] = "lora"
+    lora_r: Annotated[int, Field(ge=1, le=1024)] = 16
+    lora_alpha: Annotated[float, Field(gt=0)] = 32.0
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    lora_target_modules: Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    text_column: str = Field("text", description="column of selected.jsonl trained on as text")
+    prompt_column: str = Field(
+        "prompt", description="rows with both this and response_column train as pairs"
+    )
+    response_column: str = "response"
+    max_length: Annotated[int, Field(ge=8, le=8192)] = Field(128, description="tokens per row")
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = Field(8, description="rows per worker step")
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    max_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="optimiser steps; null = epochs over the selection"
+    )
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    num_workers: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="Ray Train workers")
+    cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = 1.0
+    gpu: Literal["auto", "never"] = Field("auto", description="auto = one GPU per worker if any")
+    torch_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        None, description="intra-op threads per worker (null: this machine's cpus / workers)"
+    )
+    checkpoint_every: Annotated[int, Field(ge=1)] = Field(
+        50, description="steps between checkpoints: the most a killed run loses"
+    )
+    num_to_keep: Annotated[int, Field(ge=1)] = 2
+
+
+class EvaluateConfig(Strict):
+    heldout: InputSpec | None = Field(
+        None, description="the target's held-out texts, scored for perplexity (never selected on)"
+    )
+    methods: Annotated[list[Literal["random", "knn", "tsds", "gotd"]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["random", "knn", "tsds", "gotd"]
+    )
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(
+        None, description="selection and fine-tune seeds; null = [seed]"
+    )
+    oracle: bool = Field(True, description="also fine-tune on the target texts themselves")
+    target_rows: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="pool rows counted as from the target: column -> allowed values (all must "
+        "match)",
+    )
+    label_column: str | None = Field(
+        "label", description="label histogram distance when candidates and targets both have it"
+    )
+    max_length: Annotated[int, Field(ge=8, le=8192)] = 128
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    max_texts: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="score only the first N held-out texts"
+    )
+
+
 class Config(Strict):
     output_dir: str
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     candidates: InputSpec
     targets: InputSpec
-    stages: list[Literal["ingest", "embed", "select"]] = Field(
+    stages: list[Literal["ingest", "embed", "select", "finetune"]] = Field(
         default_factory=lambda: ["ingest", "embed", "select"]
     )
     ray: RayConfig = Field(default_factory=RayConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
     def _leave_cpus_for_readers(self) -> Config:
@@ -247,7 +313,13 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise InputError(f"--set {item!r}: value is not valid YAML ({exc.problem})") from None
 
 
-_PATH_FIELDS = (("candidates", "path"), ("targets", "path"), ("output_dir",))
+_PATH_FIELDS = (
+    ("candidates", "path"),
+    ("targets", "path"),
+    ("evaluate", "heldout", "path"),
+    ("output_dir",),
+)
+_MODEL_FIELDS = (("embed", "model"), ("finetune", "model"))
 
 
 def _resolve_paths(tree: dict, base: Path) -> None:
@@ -259,11 +331,11 @@ def _resolve_paths(tree: dict, base: Path) -> None:
             value = node[loc[-1]]
             if "://" not in value:
                 node[loc[-1]] = str((base / Path(value).expanduser()).resolve())
-    embed = tree.get("embed")
-    if isinstance(embed, dict) and isinstance(embed.get("model"), str):
-        model = embed["model"]
-        if model.startswith((".", "~", "/")):
-            embed["model"] = str((base / Path(model).expanduser()).resolve())
+    for section, key in _MODEL_FIELDS:  # a model is a path only when it looks like one
+        node = tree.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            if node[key].startswith((".", "~", "/")):
+                node[key] = str((base / Path(node[key]).expanduser()).resolve())
 
 
 def validate(tree: dict, source: str = "config") -> Config:

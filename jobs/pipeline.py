@@ -3,6 +3,7 @@
     ingest   candidates and targets -> data/<side>.parquet          (Ray Data read + clean)
     embed    data/<side>.parquet -> embeddings/<side>/part-*.parquet (actor pool, resumable)
     select   embeddings -> selection.parquet + selected.jsonl        (engine method)
+    finetune selected.jsonl -> finetune/model (LoRA adapter or model)  (Ray Train, resumable)
 
 Each stage records status, rows and seconds in manifest.json. A finished stage whose inputs are
 unchanged is skipped on a rerun; embed resumes inside the stage, shard by shard.
@@ -15,14 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.embed import resolve_model_path
+from engine.lm import resolve_lm_path
 from jobs.config import Config, to_yaml
 from jobs.embed import SIDES, run_embed, shard_files
 from jobs.errors import InputError
+from jobs.finetune import check_finetune, run_finetune
 from jobs.ingest import check_input, fingerprint, ingest_side, input_files
 from jobs.runfolder import Manifest, clean_leftovers, write_parquet, write_text
 from jobs.select import NEEDS_VECTORS, check_budget, run_select
 
-STAGES = ("ingest", "embed", "select")
+STAGES = ("ingest", "embed", "select", "finetune")
 RAY_ENV = {"HF_HUB_OFFLINE": "1"}
 
 
@@ -86,6 +89,7 @@ RUNNERS: dict[str, Callable[[Config, Path], dict]] = {
     "ingest": run_ingest,
     "embed": run_embed,
     "select": run_select,
+    "finetune": run_finetune,
 }
 NEEDS_RAY = {"ingest", "embed"}
 
@@ -97,9 +101,18 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
             resolve_model_path(cfg.embed.model)
         except FileNotFoundError as exc:
             raise InputError(str(exc)) from None
+    if "finetune" in stages and "select" not in stages:
+        check_finetune(cfg, run_dir / "selected.jsonl")
+    elif "finetune" in stages:  # the rows come from this run's select: check the model now
+        try:
+            resolve_lm_path(cfg.finetune.model)
+        except FileNotFoundError as exc:
+            raise InputError(str(exc)) from None
     if "ingest" in stages:
         for side in SIDES:
             check_input(getattr(cfg, side), side)
+        return
+    if stages == ["finetune"]:
         return
     for side in SIDES:
         if not (run_dir / "data" / f"{side}.parquet").is_file():
@@ -128,7 +141,7 @@ def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None]
         if stage == "ingest" and ingest_is_current(cfg, run_dir, manifest):
             log("ingest: inputs unchanged since the last run, reusing data/")
             continue
-        if stage in NEEDS_RAY:  # select starts Ray itself, after its input checks
+        if stage in NEEDS_RAY:  # select and finetune start Ray themselves, after their checks
             start_ray(cfg)
         log(f"{stage}: running")
         t0 = manifest.start(stage)

@@ -8,7 +8,6 @@ text, in rank order, as the fine-tune stage reads them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from engine.tsds_search import TSDSParams, reference_index_params, select_compat
 from jobs.config import Config
 from jobs.embed import read_embeddings
 from jobs.errors import InputError
-from jobs.runfolder import atomic_path, write_parquet
+from jobs.runfolder import write_jsonl, write_parquet
 
 
 def _random(cfg: Config, ids, candidates, targets) -> Selection:
@@ -177,12 +176,6 @@ def selection_table(sel: Selection, data: pa.Table, keep: list[str]) -> pa.Table
     }
     cols.update({c: data.column(c).take(rows) for c in keep})
     return pa.table(cols)
-
-
-def write_jsonl(path: Path, table: pa.Table) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for row in table.to_pylist():
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def run_select(cfg: Config, run_dir: Path) -> dict:

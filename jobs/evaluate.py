@@ -1,0 +1,241 @@
+"""Evaluation: what each selection method buys on the target, at one budget, over seeds.
+
+    <output_dir>/data, embeddings/          ingest + embed once, shared by every method
+    <output_dir>/evaluate/<method>-seed<s>/ select + finetune for one method and seed
+                                            (data/ and embeddings/ link to the shared ones)
+    <output_dir>/evaluate/oracle-seed<s>/   fine-tuned on the target's own texts
+    <output_dir>/evaluation.json            every number below
+    <output_dir>/report.html                the same, as plots
+
+Measured per run: perplexity of the fine-tuned model on the target's held-out texts (exp of the
+mean token NLL, `engine.lm.perplexity`), next to the base model's (no fine-tune); the share of the
+selection that comes from the target (`evaluate.target_rows`); the total-variation distance between
+the selection's and the targets' label histograms (`evaluate.label_column`). The oracle trains on
+the target texts, cycled or sampled (seeded) to the budget, so it takes as many steps as the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_lm_path
+from jobs.config import Config
+from jobs.errors import InputError
+from jobs.finetune import fingerprint
+from jobs.ingest import check_input, ingest_side
+from jobs.runfolder import write_json, write_jsonl, write_parquet, write_text
+
+SHARED = ("data", "embeddings")
+
+
+def check_evaluate(cfg: Config) -> None:
+    """Every evaluation input check that needs no cluster, before anything is written."""
+    e = cfg.evaluate
+    if e.heldout is None:
+        raise InputError(
+            "evaluate.heldout: required: the target's held-out texts (a file like targets.path, "
+            "never used for selection) to measure perplexity on"
+        )
+    check_input(e.heldout, "evaluate.heldout")
+    check_input(cfg.candidates, "candidates")
+    check_input(cfg.targets, "targets")
+    try:
+        resolve_lm_path(cfg.finetune.model)
+    except FileNotFoundError as exc:
+        raise InputError(str(exc)) from None
+    for column in e.target_rows:
+        if column not in cfg.candidates.keep_columns:
+            raise InputError(
+                f"evaluate.target_rows: column {column!r} is not in candidates.keep_columns "
+                f"({cfg.candidates.keep_columns})"
+            )
+
+
+def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
+    from jobs.pipeline import run, start_ray
+    from jobs.select import check_budget
+
+    e = cfg.evaluate
+    check_evaluate(cfg)
+    run_dir = run(cfg, ["ingest"], log)
+    check_budget(cfg, run_dir)  # before the embedding, which is the slow part
+    run(cfg, ["embed"], log)
+    start_ray(cfg)
+    heldout = _heldout_texts(cfg, run_dir)
+    log(f"evaluate: {len(heldout)} held-out texts; base model perplexity")
+    base = _perplexity(cfg, None, heldout, run_dir / "evaluate" / "base")
+    runs = []
+    methods = [*e.methods, *(["oracle"] if e.oracle else [])]
+    for seed in e.seeds or [cfg.seed]:
+        for method in methods:
+            log(f"evaluate: {method}, seed {seed}")
+            runs.append(_one(cfg, run_dir, method, seed, heldout, log))
+    result = {
+        "budget": cfg.select.budget,
+        "model": cfg.finetune.model,
+        "finetune": cfg.finetune.method,
+        "seeds": e.seeds or [cfg.seed],
+        "heldout": {"texts": len(heldout), "tokens": base["tokens"]},
+        "base": base,
+        "runs": runs,
+        "summary": summarise(runs, base),
+    }
+    write_json(run_dir / "evaluation.json", result)
+    from jobs.evaluation_report import render
+
+    write_text(run_dir / "report.html", render(result, run_dir))
+    return run_dir
+
+
+def _heldout_texts(cfg: Config, run_dir: Path) -> list[str]:
+    table, _ = ingest_side(cfg.evaluate.heldout, "evaluate.heldout")
+    write_parquet(run_dir / "data" / "heldout.parquet", table)
+    texts = table.column("text").to_pylist()
+    return texts[: cfg.evaluate.max_texts] if cfg.evaluate.max_texts else texts
+
+
+def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> dict:
+    from jobs.finetune import run_finetune
+    from jobs.pipeline import run
+
+    sub = run_dir / "evaluate" / f"{method}-seed{seed}"
+    sub.mkdir(parents=True, exist_ok=True)
+    for name in SHARED:
+        link = sub / name
+        if not link.is_symlink():
+            link.symlink_to(Path("..") / ".." / name)
+    tree = cfg.model_dump(mode="json")
+    tree.update(output_dir=str(sub), seed=seed)
+    if method == "oracle":
+        sub_cfg = Config.model_validate(tree)
+        _oracle_rows(run_dir, sub / "selected.jsonl", cfg.select.budget, seed)
+        info = run_finetune(sub_cfg, sub)
+        shares = {"share_from_target": 1.0, "label_tv": _label_tv(cfg, run_dir, None)}
+    else:
+        tree["select"]["method"] = method
+        sub_cfg = Config.model_validate(tree)
+        run(sub_cfg, ["select", "finetune"], log)
+        info = json.loads((sub / "manifest.json").read_text())["stages"]["finetune"]
+        selection = pq.read_table(sub / "selection.parquet")
+        shares = {
+            "share_from_target": _share(cfg, selection),
+            "label_tv": _label_tv(cfg, run_dir, selection),
+        }
+    ppl = _perplexity(sub_cfg, sub / "finetune" / "model", heldout, sub)
+    return {
+        "method": method,
+        "seed": seed,
+        **{k: ppl[k] for k in ("perplexity", "loss")},
+        **shares,
+        "steps": info["steps"],
+        "final_train_loss": info["final_loss"],
+        "folder": str(sub.relative_to(run_dir)),
+    }
+
+
+def _oracle_rows(run_dir: Path, out: Path, budget: int, seed: int) -> None:
+    """The target texts as a selection of `budget` rows: all of them, cycled in a seeded order
+    when there are fewer, a seeded sample when there are more."""
+    targets = pq.read_table(run_dir / "data" / "targets.parquet", columns=["id", "text"])
+    order = np.random.default_rng(seed).permutation(targets.num_rows)
+    take = np.resize(order, budget)
+    rows = targets.take(pa.array(take))
+    write_jsonl(out, rows.append_column("rank", pa.array(np.arange(budget))))
+
+
+def _share(cfg: Config, selection: pa.Table) -> float | None:
+    rules = cfg.evaluate.target_rows
+    if not rules:
+        return None
+    mask = np.ones(selection.num_rows, bool)
+    for column, values in rules.items():
+        mask &= pc.is_in(pc.cast(selection[column], pa.string()), pa.array(values)).to_numpy(
+            zero_copy_only=False
+        )
+    return float(mask.mean())
+
+
+def _label_tv(cfg: Config, run_dir: Path, selection: pa.Table | None) -> float | None:
+    """TV distance between the label histograms of the selection (None: the targets' own
+    oracle rows, 0) and of the targets; None where either side has no label column."""
+    column = cfg.evaluate.label_column
+    targets = pq.read_table(run_dir / "data" / "targets.parquet")
+    if column is None or column not in targets.column_names:
+        return None
+    if selection is None:
+        return 0.0
+    if column not in selection.column_names:
+        return None
+    a = Counter(map(str, selection[column].to_pylist()))
+    b = Counter(map(str, targets[column].to_pylist()))
+    na, nb = sum(a.values()), sum(b.values())
+    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
+
+
+def _perplexity(cfg: Config, trained: Path | None, texts: list[str], folder: Path) -> dict:
+    """Held-out perplexity of the base model (trained None) or a fine-tune's output, cached in
+    `folder/perplexity.json` under the model's and texts' fingerprint."""
+    import torch
+
+    e = cfg.evaluate
+    key = hashlib.sha256(json.dumps([e.max_length, texts]).encode())
+    if trained is not None:
+        key.update(fingerprint(folder / "selected.jsonl", cfg.finetune, cfg.seed).encode())
+    else:
+        key.update(cfg.finetune.model.encode())
+    cache = folder / "perplexity.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key.hexdigest():
+            return saved["result"]
+    torch.set_num_threads(os.cpu_count() or 1)
+    if trained is None:
+        model, tokenizer = load_lm(cfg.finetune.model)
+    else:
+        model, tokenizer = load_finetuned(cfg.finetune.model, trained)
+    examples = [encode_text(tokenizer, t, e.max_length) for t in texts]
+    result = perplexity(
+        model, examples, tokenizer.pad_token_id, batch_size=e.batch_size, precision="fp32"
+    )
+    write_json(cache, {"key": key.hexdigest(), "result": result})
+    return result
+
+
+def summarise(runs: list[dict], base: dict) -> dict:
+    """Per method: mean and spread (sample std) of perplexity over seeds, shares, and the mean
+    change against random and against the base model."""
+    out = {}
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        by_method.setdefault(r["method"], []).append(r)
+    random_mean = (
+        float(np.mean([r["perplexity"] for r in by_method["random"]]))
+        if "random" in by_method
+        else None
+    )
+    for method, rs in by_method.items():
+        ppl = np.array([r["perplexity"] for r in rs])
+        shares = [r["share_from_target"] for r in rs if r["share_from_target"] is not None]
+        tvs = [r["label_tv"] for r in rs if r["label_tv"] is not None]
+        out[method] = {
+            "seeds": len(rs),
+            "perplexity_mean": float(ppl.mean()),
+            "perplexity_std": float(ppl.std(ddof=1)) if len(ppl) > 1 else 0.0,
+            "perplexity_min": float(ppl.min()),
+            "perplexity_max": float(ppl.max()),
+            "vs_base": float(ppl.mean() - base["perplexity"]),
+            "vs_random": None if random_mean is None else float(ppl.mean() - random_mean),
+            "share_from_target": float(np.mean(shares)) if shares else None,
+            "label_tv": float(np.mean(tvs)) if tvs else None,
+        }
+    return out

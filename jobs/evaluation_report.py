@@ -1,0 +1,250 @@
+"""`report.html`: the evaluation as plots, one self-contained file (inline SVG, no scripts, no
+network), readable in any browser:
+
+1. target perplexity per method: every seed as a dot, the mean as a bar, the base model and random
+   as reference lines;
+2. where each selection came from (share of each source, next to the pool);
+3. the distribution of each method's selection scores;
+4. the numbers, as a table.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
+           "#ff9da7", "#9c755f", "#bab0ac", "#86bcb6", "#d4a6c8", "#8cd17d", "#f1ce63"]  # fmt: skip
+SCORE_MEANING = {
+    "random": "seeded hash rank (uniform)",
+    "knn": "max cosine similarity to a target",
+    "tsds": "TSDS probability p",
+    "gotd": "OT gradient (more negative = closer)",
+}
+W = 760  # chart width in px
+
+
+def _text(x, y, s, size=12, anchor="start", weight="normal", fill="#222") -> str:
+    return (
+        f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" '
+        f'font-weight="{weight}" fill="{fill}">{html.escape(str(s))}</text>'
+    )
+
+
+def _svg(height: int, body: list[str]) -> str:
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
+        f'viewBox="0 0 {W} {height}" font-family="Helvetica, Arial, sans-serif">'
+        + "".join(body)
+        + "</svg>"
+    )
+
+
+def perplexity_chart(result: dict) -> str:
+    summary = result["summary"]
+    methods = sorted(summary, key=lambda m: summary[m]["perplexity_mean"])
+    base = result["base"]["perplexity"]
+    values = [r["perplexity"] for r in result["runs"]] + [base]
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.08 or 1.0
+    lo, hi = max(0.0, lo - pad), hi + pad
+    left, right, row, top = 120, W - 30, 34, 30
+    height = top + row * len(methods) + 50
+
+    def x(v: float) -> float:
+        return left + (v - lo) / (hi - lo) * (right - left)
+
+    body = [_text(left, 16, "lower is better · dots: seeds · bar: mean", 11, fill="#666")]
+    for i, m in enumerate(methods):
+        y = top + i * row + row / 2
+        s = summary[m]
+        colour = "#999" if m == "random" else ("#59a14f" if m == "oracle" else "#4e79a7")
+        body.append(_text(left - 10, y + 4, m, 13, "end", "bold"))
+        body.append(
+            f'<line x1="{left}" x2="{right}" y1="{y}" y2="{y}" stroke="#eee" stroke-width="1"/>'
+        )
+        body.append(
+            f'<line x1="{x(s["perplexity_min"]):.1f}" x2="{x(s["perplexity_max"]):.1f}" '
+            f'y1="{y}" y2="{y}" stroke="{colour}" stroke-width="2"/>'
+        )
+        for r in result["runs"]:
+            if r["method"] == m:
+                body.append(
+                    f'<circle cx="{x(r["perplexity"]):.1f}" cy="{y}" r="4" fill="{colour}"/>'
+                )
+        mx = x(s["perplexity_mean"])
+        body.append(
+            f'<line x1="{mx:.1f}" x2="{mx:.1f}" y1="{y - 10}" y2="{y + 10}" stroke="{colour}" '
+            'stroke-width="3"/>'
+        )
+        spread = f" ± {s['perplexity_std']:.2f}" if s["seeds"] > 1 else ""
+        body.append(
+            _text(x(s["perplexity_mean"]) + 8, y - 8, f"{s['perplexity_mean']:.2f}{spread}", 11)
+        )
+    bottom = top + row * len(methods)
+    lines = [("no fine-tune", base, "#e15759")]
+    if "random" in summary:
+        lines.append(("random", summary["random"]["perplexity_mean"], "#666"))
+    for k, (name, v, colour) in enumerate(lines):
+        body.append(
+            f'<line x1="{x(v):.1f}" x2="{x(v):.1f}" y1="{top - 4}" y2="{bottom}" stroke="{colour}" '
+            'stroke-dasharray="5,4" stroke-width="1.5"/>'
+        )
+        body.append(_text(x(v), bottom + 16 + 13 * k, f"{name} {v:.2f}", 11, "middle", fill=colour))
+    for v in np.linspace(lo, hi, 6):
+        body.append(_text(x(v), bottom + 44, f"{v:.1f}", 10, "middle", fill="#666"))
+    return _svg(height, body)
+
+
+def composition_chart(result: dict, run_dir: Path, column: str = "source") -> str | None:
+    """Stacked bars: share of each `column` value in the pool and in each method's selection."""
+    seed = result["seeds"][0]
+    bars: list[tuple[str, Counter]] = []
+    pool_path = run_dir / "data" / "candidates.parquet"
+    if column not in pq.read_schema(pool_path).names:
+        return None
+    bars.append(("pool", Counter(pq.read_table(pool_path, columns=[column])[column].to_pylist())))
+    for m in result["summary"]:
+        path = run_dir / "evaluate" / f"{m}-seed{seed}" / "selection.parquet"
+        if path.is_file():
+            bars.append((m, Counter(pq.read_table(path, columns=[column])[column].to_pylist())))
+    values = [v for v, _ in bars[0][1].most_common()]
+    colour = {v: COLOURS[i % len(COLOURS)] for i, v in enumerate(values)}
+    left, right, row, top = 120, W - 30, 30, 10
+    body = []
+    for i, (name, counts) in enumerate(bars):
+        y = top + i * row
+        body.append(_text(left - 10, y + 15, name, 13, "end", "bold"))
+        total, at = sum(counts.values()), float(left)
+        for v in values:
+            w = counts.get(v, 0) / total * (right - left)
+            if w > 0:
+                body.append(
+                    f'<rect x="{at:.1f}" y="{y}" width="{w:.1f}" height="20" fill="{colour[v]}">'
+                    f"<title>{html.escape(str(v))}: {counts[v]} ({100 * counts[v] / total:.1f}%)"
+                    "</title></rect>"
+                )
+                if w > 34:
+                    body.append(
+                        _text(
+                            at + w / 2,
+                            y + 14,
+                            f"{100 * counts[v] / total:.0f}%",
+                            10,
+                            "middle",
+                            fill="#fff",
+                        )
+                    )
+            at += w
+    y = top + len(bars) * row + 10
+    for i, v in enumerate(values):
+        cx = left + (i % 4) * 150
+        cy = y + (i // 4) * 18
+        body.append(f'<rect x="{cx}" y="{cy}" width="12" height="12" fill="{colour[v]}"/>')
+        body.append(_text(cx + 17, cy + 10, v, 11))
+    return _svg(y + 18 * ((len(values) + 3) // 4) + 6, body)
+
+
+def score_charts(result: dict, run_dir: Path) -> str:
+    """One small histogram of selection scores per method (first seed)."""
+    seed = result["seeds"][0]
+    panels = []
+    for m in result["summary"]:
+        path = run_dir / "evaluate" / f"{m}-seed{seed}" / "selection.parquet"
+        if not path.is_file():
+            continue
+        scores = np.asarray(pq.read_table(path, columns=["score"])["score"].to_pylist(), float)
+        scores = scores[np.isfinite(scores)]
+        if len(scores) == 0:
+            continue
+        counts, edges = np.histogram(scores, bins=30)
+        w, h, left, top = 350, 150, 10, 24
+        body = [_text(left, 14, f"{m}: {SCORE_MEANING.get(m, 'score')}", 12, weight="bold")]
+        peak = counts.max() or 1
+        bw = (w - 2 * left) / len(counts)
+        for i, c in enumerate(counts):
+            bh = c / peak * (h - top - 24)
+            body.append(
+                f'<rect x="{left + i * bw:.1f}" y="{h - 20 - bh:.1f}" width="{bw - 1:.1f}" '
+                f'height="{bh:.1f}" fill="#4e79a7"/>'
+            )
+        body.append(_text(left, h - 5, f"{edges[0]:.3g}", 10, fill="#666"))
+        body.append(_text(w - left, h - 5, f"{edges[-1]:.3g}", 10, "end", fill="#666"))
+        panels.append(
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+            f'font-family="Helvetica, Arial, sans-serif">{"".join(body)}</svg>'
+        )
+    return "".join(f'<div class="panel">{p}</div>' for p in panels)
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def summary_table(result: dict) -> str:
+    head = ("method", "seeds", "perplexity", "± std", "vs random", "vs no fine-tune",
+            "share from target", "label TV")  # fmt: skip
+    rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    base = result["base"]
+    rows.append(
+        f"<tr><td>no fine-tune</td><td>–</td><td>{base['perplexity']:.2f}</td>"
+        + "<td>–</td>" * 5
+        + "</tr>"
+    )
+    summary = result["summary"]
+    for m in sorted(summary, key=lambda k: summary[k]["perplexity_mean"]):
+        s = summary[m]
+        cells = (m, s["seeds"], _fmt(s["perplexity_mean"], ".2f"), _fmt(s["perplexity_std"], ".2f"),
+                 _fmt(s["vs_random"], "+.2f"), _fmt(s["vs_base"], "+.2f"),
+                 _fmt(s["share_from_target"]), _fmt(s["label_tv"]))  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+STYLE = """
+body { font-family: Helvetica, Arial, sans-serif; max-width: 800px; margin: 24px auto;
+       color: #222; line-height: 1.4; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; }
+.meta { color: #555; font-size: 13px; }
+.panel { display: inline-block; margin: 4px; border: 1px solid #eee; }
+table { border-collapse: collapse; font-size: 13px; margin-top: 8px; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+"""
+
+
+def render(result: dict, run_dir: Path) -> str:
+    seeds = ", ".join(map(str, result["seeds"]))
+    composition = composition_chart(result, run_dir)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>raysift evaluation</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>What each selection buys on the target</h1>",
+        f"<p class='meta'>budget {result['budget']} rows · model {html.escape(result['model'])} "
+        f"({result['finetune']}) · seeds {seeds} · {result['heldout']['texts']} held-out target "
+        f"texts, {result['heldout']['tokens']:,} tokens</p>",
+        "<h2>Target perplexity after fine-tuning</h2>",
+        perplexity_chart(result),
+    ]
+    if composition:
+        parts += [
+            "<h2>Where each selection came from</h2>",
+            f"<p class='meta'>share of each source, seed {result['seeds'][0]} (hover: counts)</p>",
+            composition,
+        ]
+    parts += [
+        "<h2>Selection scores</h2>",
+        f"<div>{score_charts(result, run_dir)}</div>",
+        "<h2>Numbers</h2>",
+        summary_table(result),
+        "<p class='meta'>Perplexity: exp of the mean token NLL over the held-out texts. Share "
+        "from target: selected rows matching <code>evaluate.target_rows</code>. Label TV: "
+        "total-variation distance between the selection's and the targets' label histograms. "
+        "Every number is in <code>evaluation.json</code>.</p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,207 @@
+"""The fine-tune stage (Ray Train) and the evaluation job, on a tiny random Llama: plumbing only —
+resume after a kill, reuse, restart on new rows, and the evaluation's perplexity checked against
+an independent computation. The real-model numbers are in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from .conftest import DEMO_POOL, DEMO_TARGETS, REPO, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+HELDOUT = REPO / "demo" / "heldout.jsonl"
+
+
+def rows_file(path: Path, n: int, start: int = 0) -> Path:
+    texts = pq.read_table(DEMO_POOL, columns=["text"]).column("text").to_pylist()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[start : start + n]))
+    return path
+
+
+def finetune_config(tmp_path: Path, model: Path, **finetune) -> Path:
+    return write_config(
+        tmp_path / "c.yaml",
+        output_dir=str(tmp_path / "run"),
+        seed=3,
+        candidates={"path": str(DEMO_POOL), "id_column": "id"},
+        targets={"path": str(DEMO_TARGETS)},
+        ray={"num_cpus": 2},
+        finetune={"model": str(model), "batch_size": 4, "lora_dropout": 0.0,
+                  "cpus_per_worker": 1, "torch_threads": 1, **finetune},
+    )  # fmt: skip
+
+
+def raysift(*args) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *map(str, args)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group: the kill takes Ray's processes too
+    )  # fmt: skip
+
+
+def registered_checkpoint(train_dir: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has committed to its snapshot, if any."""
+    try:
+        snap = json.loads((train_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    latest = snap.get("latest_checkpoint_result")
+    return latest["metrics"]["step"] if latest else None
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "finetune" / "model" / "adapter_model.safetensors")
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_lm):
+    steps = 40
+    rows_file(tmp_path / "run" / "selected.jsonl", 48)
+    cfg = finetune_config(tmp_path, tiny_lm, max_steps=steps, checkpoint_every=5)
+    train_dir = tmp_path / "run" / "finetune" / "ray" / "train"
+    first = raysift("finetune", cfg)
+    deadline, step = time.time() + 180, None
+    while time.time() < deadline and first.poll() is None:
+        step = registered_checkpoint(train_dir)
+        if step is not None:
+            break
+        time.sleep(0.2)
+    assert step is not None, first.communicate()[0][-2000:]
+    os.killpg(first.pid, signal.SIGKILL)  # driver, raylet, GCS and the Train workers
+    first.wait()
+    assert not (tmp_path / "run" / "finetune" / "result.json").exists()
+    killed_at = registered_checkpoint(train_dir)
+    assert killed_at is not None and killed_at < steps
+
+    second = raysift("finetune", cfg)
+    out = second.communicate(timeout=240)[0]
+    assert second.returncode == 0, out[-3000:]
+    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["finetune"]
+    assert entry["resumed_from_step"] >= killed_at > 0  # from the checkpoint, not from zero
+    assert entry["steps"] == steps
+    logged = [s for s, _ in entry["losses"]]
+    assert logged == list(range(5, steps + 1, 5))  # the history before the kill survived
+
+    # The same steps uninterrupted give the same adapter: resume trains what the run would have.
+    whole = tmp_path / "whole"
+    rows_file(whole / "run" / "selected.jsonl", 48)
+    cfg_whole = finetune_config(whole, tiny_lm, max_steps=steps, checkpoint_every=5)
+    third = raysift("finetune", cfg_whole)
+    assert third.wait(timeout=240) == 0, third.communicate()[0][-3000:]
+    resumed, uninterrupted = adapter(tmp_path / "run"), adapter(whole / "run")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, value in resumed.items():
+        torch.testing.assert_close(value, uninterrupted[name], rtol=1e-4, atol=1e-6)
+
+
+def test_rerun_reuses_and_new_rows_start_from_step_zero(tmp_path, tiny_lm, ray_cluster):
+    from jobs.config import load_config
+    from jobs.finetune import run_finetune
+
+    run = tmp_path / "run"
+    rows_file(run / "selected.jsonl", 16)
+    cfg = load_config(finetune_config(tmp_path, tiny_lm, epochs=2, checkpoint_every=3))
+    first = run_finetune(cfg, run)
+    assert first["steps"] == 8 and first["resumed_from_step"] == 0  # 2 epochs x 16 / 4
+    assert run_finetune(cfg, run)["reused"]
+    rows_file(run / "selected.jsonl", 16, start=100)  # a new selection: old checkpoints are stale
+    again = run_finetune(cfg, run)
+    assert "reused" not in again and again["resumed_from_step"] == 0 and again["steps"] == 8
+    assert (run / "finetune" / "model" / "adapter_config.json").is_file()
+
+
+def test_full_finetune_writes_a_loadable_model(tmp_path, tiny_lm, ray_cluster):
+    from engine.lm import load_finetuned
+    from jobs.config import load_config
+    from jobs.finetune import run_finetune
+
+    run = tmp_path / "run"
+    rows_file(run / "selected.jsonl", 8)
+    cfg = load_config(finetune_config(tmp_path, tiny_lm, method="full", max_steps=2))
+    run_finetune(cfg, run)
+    model, _ = load_finetuned(str(tiny_lm), run / "finetune" / "model")
+    base, _ = load_finetuned(str(tiny_lm), tiny_lm)
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(model.parameters(), base.parameters(), strict=True)
+    ]  # fmt: skip
+    assert any(moved)
+
+
+def independent_perplexity(model, tokenizer, texts: list[str], max_length: int) -> float:
+    """exp of the token-weighted mean of transformers' own per-text loss, one text at a time."""
+    total = count = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
+            ids = torch.tensor([ids + [tokenizer.eos_token_id]])
+            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
+def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
+    import pyarrow as pa
+
+    from engine.lm import load_finetuned
+    from jobs.config import load_config
+    from jobs.evaluate import run_evaluate
+
+    pool = pq.read_table(DEMO_POOL).slice(0, 400)
+    pq.write_table(pool, tmp_path / "pool.parquet")
+    targets = [json.loads(x) for x in DEMO_TARGETS.read_text().splitlines()[:30]]
+    pq.write_table(pa.Table.from_pylist(targets), tmp_path / "targets.parquet")
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.yaml",
+            output_dir=str(tmp_path / "run"),
+            candidates={"path": str(tmp_path / "pool.parquet"), "id_column": "id",
+                        "keep_columns": ["source", "label"]},
+            targets={"path": str(tmp_path / "targets.parquet"), "keep_columns": ["label"]},
+            embed={"num_actors": 1, "cpus_per_actor": 0.5, "max_length": 64},
+            ray={"num_cpus": 2},
+            select={"budget": 24},
+            finetune={"model": str(tiny_lm), "batch_size": 8, "max_length": 32,
+                      "cpus_per_worker": 0.5},
+            evaluate={"heldout": {"path": str(HELDOUT), "limit": 12},
+                      "methods": ["random", "knn", "gotd"], "seeds": [0, 1],
+                      "target_rows": {"source": ["debian_pkg"]}, "max_length": 32},
+        )
+    )  # fmt: skip
+    run_dir = run_evaluate(cfg, log=lambda m: None)
+    result = json.loads((run_dir / "evaluation.json").read_text())
+    assert [(r["method"], r["seed"]) for r in result["runs"]] == [
+        (m, s) for s in (0, 1) for m in ("random", "knn", "gotd", "oracle")
+    ]
+    assert result["summary"]["random"]["seeds"] == 2
+    assert result["summary"]["oracle"]["share_from_target"] == 1.0
+    knn = result["summary"]["knn"]
+    assert knn["share_from_target"] > result["summary"]["random"]["share_from_target"]
+    assert 0 <= knn["label_tv"] <= 1
+
+    heldout = [json.loads(x)["text"] for x in HELDOUT.read_text().splitlines()[:12]]
+    run = next(r for r in result["runs"] if r["method"] == "knn" and r["seed"] == 1)
+    model, tokenizer = load_finetuned(str(tiny_lm), run_dir / run["folder"] / "finetune" / "model")
+    assert run["perplexity"] == pytest.approx(
+        independent_perplexity(model.eval(), tokenizer, heldout, 32), rel=1e-5
+    )
+    report = (run_dir / "report.html").read_text()
+    assert report.count("<svg") >= 4 and "no fine-tune" in report and "oracle" in report
+
+    # A rerun reuses every fine-tune and perplexity: same numbers.
+    again = json.loads((run_evaluate(cfg, log=lambda m: None) / "evaluation.json").read_text())
+    assert again["runs"] == result["runs"]
