@@ -106,15 +106,31 @@ def demo(
         Path | None, typer.Option(help="run folder (default: the demo config's runs/demo)")
     ] = None,
     set_: SetOpt = None,
+    evaluate_: Annotated[
+        bool,
+        typer.Option(
+            "--evaluate/--no-evaluate",
+            help="also fine-tune SmolLM2 on each selection and write report.html",
+        ),
+    ] = True,
 ) -> None:
-    """Embed the shipped demo pool on a local Ray cluster, select for the demo target, summarise."""
-    from jobs.report import source_table
+    """The whole path on the shipped demo: embed, select (knn), then fine-tune SmolLM2 on knn's,
+    random's and the target's own rows and compare target perplexity in report.html."""
+    from jobs.report import evaluation_table, source_table
 
     overrides = list(set_ or [])
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir.resolve()}")
     run_dir = _run(DEMO_CONFIG, overrides, None)
     source_table(run_dir)
+    if evaluate_:
+        from jobs.evaluate import run_evaluate
+
+        run_evaluate(_load(DEMO_CONFIG, overrides), log=_log)
+        evaluation_table(run_dir)
+        report = run_dir / "report.html"
+        typer.echo(f"report: {report}")
+        typer.echo(f"open it: python -m webbrowser file://{report}")
 
 
 # Typer >= 0.25 ships its own copy of click; older ones raise click's classes.

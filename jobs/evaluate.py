@@ -139,6 +139,7 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
         **shares,
         "steps": info["steps"],
         "final_train_loss": info["final_loss"],
+        "train_seconds": info["train_seconds"],
         "folder": str(sub.relative_to(run_dir)),
     }
 
@@ -237,5 +238,6 @@ def summarise(runs: list[dict], base: dict) -> dict:
             "vs_random": None if random_mean is None else float(ppl.mean() - random_mean),
             "share_from_target": float(np.mean(shares)) if shares else None,
             "label_tv": float(np.mean(tvs)) if tvs else None,
+            "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rs])),
         }
     return out

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from engine.lm import resolve_lm_path
@@ -215,6 +216,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
             checkpoint_config=CheckpointConfig(num_to_keep=f.num_to_keep),
         ),
     )  # fmt: skip
+    t0 = time.perf_counter()
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -231,6 +233,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
         "rows": sum(1 for _ in rows_path.open(encoding="utf-8") if _.strip()),
         "workers": f.num_workers,
         "gpu": use_gpu,
+        "train_seconds": round(time.perf_counter() - t0, 1),
         "model": str(out / "model"),
     }
     write_json(done, info)

@@ -61,3 +61,28 @@ def source_table(run_dir: Path, console: Console | None = None) -> None:
         console.print(_table(run_dir, "label", "Most selected labels", top=8))
     console.print(f"selection:         {run_dir / 'selection.parquet'}", soft_wrap=True)
     console.print(f"rows for training: {run_dir / 'selected.jsonl'}", soft_wrap=True)
+
+
+def evaluation_table(run_dir: Path, console: Console | None = None) -> None:
+    """Target perplexity per method from evaluation.json, best first, with the base model."""
+    console = console or Console()
+    result = json.loads((run_dir / "evaluation.json").read_text())
+    summary = result["summary"]
+    table = Table(
+        title=f"Target perplexity after fine-tuning on {result['budget']} rows "
+        f"({result['heldout']['texts']} held-out texts; no fine-tune: "
+        f"{result['base']['perplexity']:.2f})"
+    )
+    for name in ("method", "perplexity", "vs random", "share from target", "seeds"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    for method in sorted(summary, key=lambda m: summary[m]["perplexity_mean"]):
+        s = summary[method]
+        spread = f" ± {s['perplexity_std']:.2f}" if s["seeds"] > 1 else ""
+        table.add_row(
+            method,
+            f"{s['perplexity_mean']:.2f}{spread}",
+            "" if s["vs_random"] is None else f"{s['vs_random']:+.2f}",
+            "" if s["share_from_target"] is None else f"{s['share_from_target']:.3f}",
+            str(s["seeds"]),
+        )
+    console.print(table)

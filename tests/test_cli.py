@@ -11,7 +11,7 @@ import pytest
 
 from jobs import cli
 
-from .conftest import DEMO_POOL, DEMO_TARGETS, REPO, write_config
+from .conftest import DEMO_POOL, DEMO_TARGETS, REPO, build_tiny_lm, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -202,6 +202,61 @@ def output_dir_is_a_file(tmp_path):
     return ["select", good(tmp_path, output_dir=str(tmp_path / "f"))], "output_dir"
 
 
+def selected(tmp_path, lines: str):
+    ingested(tmp_path)
+    (tmp_path / "run" / "selected.jsonl").write_text(lines)
+
+
+def finetune_no_selected_rows(tmp_path):
+    selected(tmp_path, "")
+    cfg = good(tmp_path, finetune={"model": str(build_tiny_lm(tmp_path / "lm"))})
+    return ["finetune", cfg], "no selected rows to fine-tune on"
+
+
+def finetune_before_select(tmp_path):
+    ingested(tmp_path)
+    return ["finetune", good(tmp_path)], "no selected rows; run the select stage first"
+
+
+def finetune_model_missing(tmp_path):
+    selected(tmp_path, '{"text": "a row"}\n')
+    cfg = good(tmp_path, finetune={"model": str(tmp_path / "no-such-model")})
+    return ["finetune", cfg], "finetune.model: "
+
+
+def finetune_rows_without_text(tmp_path):
+    selected(tmp_path, '{"body": "a row"}\n')
+    cfg = good(tmp_path, finetune={"model": str(build_tiny_lm(tmp_path / "lm"))})
+    return ["finetune", cfg], "line 1 has no string 'text' (finetune.text_column)"
+
+
+def evaluate_without_heldout(tmp_path):
+    return ["evaluate", good(tmp_path)], "evaluate.heldout: required"
+
+
+def evaluate_heldout_missing(tmp_path):
+    cfg = good(tmp_path, evaluate={"heldout": {"path": str(tmp_path / "absent.jsonl")}})
+    return ["evaluate", cfg], "evaluate.heldout.path: "
+
+
+def evaluate_heldout_empty(tmp_path):
+    (tmp_path / "heldout.jsonl").write_text("")
+    cfg = good(tmp_path, evaluate={"heldout": {"path": str(tmp_path / "heldout.jsonl")}})
+    return ["evaluate", cfg], "no rows or header found"
+
+
+def evaluate_budget_too_large(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), tmp_path / "pool.parquet")
+    cfg = good(
+        tmp_path,
+        candidates={"path": str(tmp_path / "pool.parquet"), "id_column": "id"},
+        select={"budget": 5},
+        finetune={"model": str(build_tiny_lm(tmp_path / "lm"))},
+        evaluate={"heldout": {"path": str(DEMO_TARGETS)}},
+    )
+    return ["evaluate", cfg], "select.budget: 5 is larger than the pool (2 candidates)"
+
+
 CASES = [
     bad_yaml,
     missing_file,
@@ -229,14 +284,28 @@ CASES = [
     sigma_negative,
     compat_pool_too_small,
     budget_over_support,
+    finetune_no_selected_rows,
+    finetune_before_select,
+    finetune_model_missing,
+    finetune_rows_without_text,
+    evaluate_without_heldout,
+    evaluate_heldout_missing,
+    evaluate_heldout_empty,
+    evaluate_budget_too_large,
 ]
-MADE_A_RUN_FOLDER = {budget_too_large, select_before_embed, *CASES[-8:]}
+MADE_A_RUN_FOLDER = {
+    budget_too_large,
+    select_before_embed,
+    *CASES[-16:-4],
+    evaluate_budget_too_large,  # the ingest ran: the budget is checked against its row count
+}
 CHECKED_BEFORE_RAY = set(CASES) - {
     dimension_mismatch,
     nan_vectors,
     empty_targets,
     compat_pool_too_small,
     budget_over_support,
+    evaluate_budget_too_large,
 }
 
 
@@ -253,6 +322,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
         assert sum(ln.startswith("raysift: error") for ln in lines) == 1, result.stderr
     assert lines[-1].startswith("raysift: error: ") and expected in lines[-1], lines[-1]
     assert not (tmp_path / "run" / "selection.parquet").exists()
+    assert not (tmp_path / "run" / "finetune").exists()  # no checkpoint folder, not even empty
+    assert not (tmp_path / "run" / "evaluate").exists()
     if case not in MADE_A_RUN_FOLDER:
         assert not (tmp_path / "run").exists()
 

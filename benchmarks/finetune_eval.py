@@ -1,0 +1,136 @@
+"""Target perplexity after fine-tuning SmolLM2-135M (LoRA) on each method's selection, on the real
+pool (../shared/data/pool.parquet), for the pool README's development targets.
+
+For each target, 200 query texts and 100 held-out test texts come from target groups removed from
+the pool (no leak between pool, queries and test texts); the pool is a stratified sample of every
+source (`--per-source` rows each) from what remains, the same for every target. Each target is one
+`raysift evaluate` run (methods random, knn, tsds, gotd at their defaults, plus the oracle =
+fine-tuning on the 200 query texts cycled to the budget), then a markdown table of every
+evaluation.json is printed.
+
+    python benchmarks/finetune_eval.py --budget 500 --seeds 0 [--targets healthtweets ...]
+    python benchmarks/finetune_eval.py --table          # only print the table of finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+from harness import ROOT, SHARED
+
+POOL = SHARED / "data" / "pool.parquet"
+OUT = ROOT / "runs" / "bench" / "finetune"
+TARGETS = {  # name -> (source, labels or None)
+    "healthtweets": ("healthtweets", None),
+    "python_code": ("python_code", None),
+    "debian_science": ("debian_pkg", {"science"}),
+}
+
+
+def build(per_source: int) -> None:
+    """pool.parquet (shared) and <target>/{queries,heldout}.parquet, seeded."""
+    if (OUT / "pool.parquet").is_file():
+        return
+    df = pq.read_table(POOL).to_pandas()
+    rng = np.random.default_rng(0)
+    removed = np.zeros(len(df), bool)
+    for name, (source, labels) in TARGETS.items():
+        mask = df["source"] == source
+        if labels:
+            mask &= df["label"].isin(labels)
+        rows = df[mask]
+        groups = rng.permutation(np.asarray(rows["group"].unique(), dtype=object))
+        sizes = rows.groupby("group").size()
+        # whole groups, in a seeded order: the first ones until 200 query texts, the next ones
+        # until 100 test texts (a group never straddles queries and test texts)
+        reach = np.cumsum(sizes[groups].to_numpy())
+        q_end = int(np.searchsorted(reach, 200)) + 1
+        h_end = int(np.searchsorted(reach, reach[q_end - 1] + 100)) + 1
+        in_q = rows["group"].isin(groups[:q_end])
+        in_h = rows["group"].isin(groups[q_end:h_end])
+        queries = rows[in_q].sample(n=200, random_state=0)
+        heldout = rows[in_h].sample(n=100, random_state=0)
+        held = rows[in_q | in_h]
+        (OUT / name).mkdir(parents=True, exist_ok=True)
+        queries[["text", "source", "label"]].to_parquet(OUT / name / "queries.parquet")
+        heldout[["text", "source", "label"]].to_parquet(OUT / name / "heldout.parquet")
+        removed |= df["group"].isin(held["group"]) & (df["source"] == source)
+    rest = df[~removed]
+    parts = [
+        g.sample(n=min(per_source, len(g)), random_state=0) for _, g in rest.groupby("source")
+    ]
+    pool = pd.concat(parts).sample(frac=1.0, random_state=0).reset_index(drop=True)
+    pool[["id", "source", "label", "text"]].to_parquet(OUT / "pool.parquet")
+
+
+def config(name: str, budget: int, seeds: list[int]) -> Path:
+    source, labels = TARGETS[name]
+    target_rows = {"source": [source], **({"label": sorted(labels)} if labels else {})}
+    cfg = {
+        "output_dir": f"b{budget}",
+        "candidates": {"path": "../pool.parquet", "id_column": "id",
+                       "keep_columns": ["source", "label"]},
+        "targets": {"path": "queries.parquet", "keep_columns": ["label"]},
+        "embed": {"max_length": 128, "batch_size": 64},
+        "select": {"budget": budget},
+        "finetune": {"max_length": 64, "batch_size": 8, "learning_rate": 5e-4},
+        "evaluate": {"heldout": {"path": "heldout.parquet"}, "seeds": seeds,
+                     "methods": ["random", "knn", "tsds", "gotd"], "oracle": True,
+                     "target_rows": target_rows, "max_length": 64},
+    }  # fmt: skip
+    path = OUT / name / f"b{budget}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def table() -> None:
+    print("| target | budget | method | perplexity (mean ± sd) | seeds | vs random | share from "
+          "target | label TV | wall per fine-tune |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in TARGETS:
+        for path in sorted((OUT / name).glob("b*/evaluation.json")):
+            r = json.loads(path.read_text())
+            print(f"| {name} | {r['budget']} | no fine-tune | {r['base']['perplexity']:.2f} "
+                  "| - | - | - | - | - |")  # fmt: skip
+            s = r["summary"]
+            for m in sorted(s, key=lambda k: s[k]["perplexity_mean"]):
+                x = s[m]
+                sd = f" ± {x['perplexity_std']:.2f}" if x["seeds"] > 1 else ""
+                vs = "" if x["vs_random"] is None else f"{x['vs_random']:+.2f}"
+                share = "" if x["share_from_target"] is None else f"{x['share_from_target']:.3f}"
+                tv = "" if x["label_tv"] is None else f"{x['label_tv']:.3f}"
+                wall = f"{x['train_seconds_mean']:.0f} s"
+                print(f"| {name} | {r['budget']} | {m} | {x['perplexity_mean']:.2f}{sd} | "
+                      f"{x['seeds']} | {vs} | {share} | {tv} | {wall} |")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=int, nargs="+", default=[500])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    ap.add_argument("--per-source", type=int, default=1000)
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    if not args.table:
+        from jobs.config import load_config
+        from jobs.evaluate import run_evaluate
+
+        build(args.per_source)
+        for budget in args.budget:
+            for name in args.targets:
+                t0 = time.time()
+                run_dir = run_evaluate(load_config(config(name, budget, args.seeds)))
+                print(f"{name} b{budget}: {time.time() - t0:.0f} s -> {run_dir}", flush=True)
+    table()
+
+
+if __name__ == "__main__":
+    main()
