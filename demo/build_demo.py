@@ -4,7 +4,8 @@ From ../shared/data/pool.parquet (see its README), permissive sources only: 1,00
 debian_pkg, wordnet, fortunes, healthtweets and python_code, and all 897 chatterbot rows, as
 demo/pool.parquet. The target, demo/targets.jsonl, is 200 Debian package descriptions from the
 `science` section, drawn from packages (groups) that are kept out of the demo pool, so no target
-text or near-copy of one is a candidate.
+text or near-copy of one is a candidate. demo/heldout.jsonl, the evaluation's held-out texts, is
+100 more `science` descriptions from packages in neither the pool nor the target groups.
 
     python demo/build_demo.py ../shared/data/pool.parquet
 """

@@ -25,7 +25,7 @@ def demo(tmp_path, name, *extra):
                 "--output-dir",
                 str(out),
                 "--no-evaluate",
-            *sum((["--set", s] for s in SLICE + list(extra)), []),
+                *sum((["--set", s] for s in SLICE + list(extra)), []),
             ]
         )
         == 0
@@ -148,3 +148,18 @@ def test_tsds_and_gotd_are_seeded_and_independent_of_shards(tmp_path):
     assert scores == sorted(scores, reverse=True) and ranked["probability"].null_count == 40
     two = demo(tmp_path, "t", "select.method=gotd", "select.gotd.shards=2")
     assert pq.read_table(two / "selection.parquet")["id"].equals(ranked["id"])
+
+
+def test_demo_whole_path_writes_the_report(tmp_path, tiny_lm, capsys):
+    """`raysift demo` as shipped (evaluation on), on the slice and a tiny model: the report."""
+    out = tmp_path / "e"
+    sets = [*SLICE, f"finetune.model={tiny_lm}", "finetune.max_steps=2",
+            "evaluate.heldout.limit=10"]  # fmt: skip
+    assert main(["demo", "--output-dir", str(out), *sum((["--set", s] for s in sets), [])]) == 0
+    shown = capsys.readouterr().out
+    assert "Target perplexity after fine-tuning on 40 rows" in shown
+    assert f"report: {out / 'report.html'}" in shown
+    result = json.loads((out / "evaluation.json").read_text())
+    assert [r["method"] for r in result["runs"]] == ["random", "knn", "oracle"]
+    assert all(r["steps"] == 2 for r in result["runs"])
+    assert "<svg" in (out / "report.html").read_text()
