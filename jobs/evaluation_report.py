@@ -97,7 +97,11 @@ def perplexity_chart(result: dict) -> str:
         body.append(_text(x(v), bottom + 16 + 13 * k, f"{name} {v:.2f}", 11, "middle", fill=colour))
     for v in np.linspace(lo, hi, 6):
         body.append(_text(x(v), bottom + 44, f"{v:.1f}", 10, "middle", fill="#666"))
-    return _svg(height, body)
+    body.append(
+        _text((left + right) / 2, bottom + 60, "perplexity on the held-out target texts", 11,
+              "middle", fill="#444")
+    )  # fmt: skip
+    return _svg(height + 16, body)
 
 
 def composition_chart(result: dict, run_dir: Path, column: str = "source") -> str | None:
