@@ -91,7 +91,7 @@ def train_loop(c: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
-    from engine.lm import autocast, collate, encode_pair, encode_text, load_lm, token_nll, with_lora
+    from engine import lm
 
     f = FinetuneConfig(**c["finetune"])
     ctx = ray.train.get_context()
@@ -101,17 +101,17 @@ def train_loop(c: dict) -> None:
     )
     torch.manual_seed(c["seed"])
     device = get_device()
-    model, tokenizer = load_lm(f.model, device)
+    model, tokenizer = lm.load_lm(f.model, device)
     if f.method == "lora":
-        model = with_lora(
+        model = lm.with_lora(
             model, r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout,
             target_modules=f.lora_target_modules,
         )  # fmt: skip
     rows = selected_rows(Path(c["rows"]), f)
     examples = [
-        encode_pair(tokenizer, r[f.prompt_column], r[f.response_column], f.max_length)
+        lm.encode_pair(tokenizer, r[f.prompt_column], r[f.response_column], f.max_length)
         if _is_pair(r, f)
-        else encode_text(tokenizer, r[f.text_column], f.max_length)
+        else lm.encode_text(tokenizer, r[f.text_column], f.max_length)
         for r in rows
     ]
     per_epoch, total = plan(len(examples), f, world)
@@ -141,9 +141,13 @@ def train_loop(c: dict) -> None:
         epoch, i = divmod(step, per_epoch)
         order = np.random.default_rng([c["seed"], epoch]).permutation(len(examples))
         batch_rows = order[i * f.batch_size * world : (i + 1) * f.batch_size * world][rank::world]
-        batch = collate([examples[j] for j in batch_rows], tokenizer.pad_token_id)
-        with autocast(device, f.precision):
-            nll, n = token_nll(net, {k: v.to(device) for k, v in batch.items()})
+        if len(batch_rows):
+            batch = lm.collate([examples[j] for j in batch_rows], tokenizer.pad_token_id)
+        else:  # the epoch's last batch has fewer rows than workers: join DDP with a zero loss
+            batch = lm.collate([examples[order[0]]], tokenizer.pad_token_id)
+            batch["labels"].fill_(lm.IGNORE)
+        with lm.autocast(device, f.precision):
+            nll, n = lm.token_nll(net, {k: v.to(device) for k, v in batch.items()})
         (nll / n.clamp(min=1)).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()

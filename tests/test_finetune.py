@@ -124,6 +124,21 @@ def test_rerun_reuses_and_new_rows_start_from_step_zero(tmp_path, tiny_lm, ray_c
     assert (run / "finetune" / "model" / "adapter_config.json").is_file()
 
 
+def test_two_workers_with_a_last_batch_shorter_than_the_workers(tmp_path, tiny_lm, ray_cluster):
+    """5 rows, 2 workers x 2 rows: step 2 has one row, so worker 1 joins DDP with a zero loss."""
+    from jobs.config import load_config
+    from jobs.finetune import run_finetune
+
+    run = tmp_path / "run"
+    rows_file(run / "selected.jsonl", 5)
+    cfg = load_config(
+        finetune_config(tmp_path, tiny_lm, batch_size=2, num_workers=2, cpus_per_worker=0.5)
+    )
+    info = run_finetune(cfg, run)
+    assert info["steps"] == 2 and info["workers"] == 2
+    assert all(math.isfinite(loss) for _, loss in info["losses"])
+
+
 def test_full_finetune_writes_a_loadable_model(tmp_path, tiny_lm, ray_cluster):
     from engine.lm import load_finetuned
     from jobs.config import load_config
