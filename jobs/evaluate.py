@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine.embed import pick_device
 from engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_lm_path
 from jobs.config import Config
 from jobs.errors import InputError
@@ -200,10 +201,11 @@ def _perplexity(cfg: Config, trained: Path | None, texts: list[str], folder: Pat
         if saved.get("key") == key.hexdigest():
             return saved["result"]
     torch.set_num_threads(os.cpu_count() or 1)
+    device = pick_device(None if cfg.finetune.gpu == "auto" else False)
     if trained is None:
-        model, tokenizer = load_lm(cfg.finetune.model)
+        model, tokenizer = load_lm(cfg.finetune.model, device)
     else:
-        model, tokenizer = load_finetuned(cfg.finetune.model, trained)
+        model, tokenizer = load_finetuned(cfg.finetune.model, trained, device)
     examples = [encode_text(tokenizer, t, e.max_length) for t in texts]
     result = perplexity(
         model, examples, tokenizer.pad_token_id, batch_size=e.batch_size, precision="fp32"
