@@ -220,3 +220,24 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
     # A rerun reuses every fine-tune and perplexity: same numbers.
     again = json.loads((run_evaluate(cfg, log=lambda m: None) / "evaluation.json").read_text())
     assert again["runs"] == result["runs"]
+
+
+def test_run_with_finetune_in_stages(tmp_path, tiny_lm, ray_cluster):
+    """`raysift run` with `finetune` listed: select's rows go straight into Ray Train."""
+    from jobs.cli import main
+
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        output_dir=str(tmp_path / "run"),
+        candidates={"path": str(DEMO_POOL), "id_column": "id", "limit": 60},
+        targets={"path": str(DEMO_TARGETS), "limit": 10},
+        stages=["ingest", "embed", "select", "finetune"],
+        embed={"cpus_per_actor": 0.5, "max_length": 32},
+        ray={"num_cpus": 2},
+        select={"method": "knn", "budget": 12},
+        finetune={"model": str(tiny_lm), "max_steps": 2, "cpus_per_worker": 0.5},
+    )
+    assert main(["run", str(cfg)]) == 0
+    stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert stages["finetune"]["status"] == "done" and stages["finetune"]["rows"] == 12
+    assert (tmp_path / "run" / "finetune" / "model" / "adapter_model.safetensors").is_file()
