@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-finetune clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ bench: setup
 	$(BIN)/python benchmarks/tsds_solver.py
 	$(BIN)/python benchmarks/tsds_reference.py --data runs/bench/synth100k
 	$(BIN)/python benchmarks/tsds_real_pool.py
+
+bench-finetune: setup   # ~50 min on 2 cores: SmolLM2 fine-tunes for every method x 3 targets
+	$(BIN)/python benchmarks/finetune_eval.py --budget 500 --seeds 0
 
 clean:
 	rm -rf runs .pytest_cache
