@@ -69,7 +69,7 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_lm):
-    steps = 40
+    steps = 25
     rows_file(tmp_path / "run" / "selected.jsonl", 48)
     cfg = finetune_config(tmp_path, tiny_lm, max_steps=steps, checkpoint_every=5)
     train_dir = tmp_path / "run" / "finetune" / "ray" / "train"
@@ -193,14 +193,14 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
             finetune={"model": str(tiny_lm), "batch_size": 8, "max_length": 32,
                       "cpus_per_worker": 0.5},
             evaluate={"heldout": {"path": str(HELDOUT), "limit": 12},
-                      "methods": ["random", "knn", "gotd"], "seeds": [0, 1],
+                      "methods": ["random", "knn"], "seeds": [0, 1],
                       "target_rows": {"source": ["debian_pkg"]}, "max_length": 32},
         )
     )  # fmt: skip
     run_dir = run_evaluate(cfg, log=lambda m: None)
     result = json.loads((run_dir / "evaluation.json").read_text())
     assert [(r["method"], r["seed"]) for r in result["runs"]] == [
-        (m, s) for s in (0, 1) for m in ("random", "knn", "gotd", "oracle")
+        (m, s) for s in (0, 1) for m in ("random", "knn", "oracle")
     ]
     assert result["summary"]["random"]["seeds"] == 2
     assert result["summary"]["oracle"]["share_from_target"] == 1.0
