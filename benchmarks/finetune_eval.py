@@ -63,9 +63,7 @@ def build(per_source: int) -> None:
         heldout[["text", "source", "label"]].to_parquet(OUT / name / "heldout.parquet")
         removed |= df["group"].isin(held["group"]) & (df["source"] == source)
     rest = df[~removed]
-    parts = [
-        g.sample(n=min(per_source, len(g)), random_state=0) for _, g in rest.groupby("source")
-    ]
+    parts = [g.sample(n=min(per_source, len(g)), random_state=0) for _, g in rest.groupby("source")]
     pool = pd.concat(parts).sample(frac=1.0, random_state=0).reset_index(drop=True)
     pool[["id", "source", "label", "text"]].to_parquet(OUT / "pool.parquet")
 
