@@ -32,6 +32,7 @@ from engine.embed import pick_device
 from engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_lm_path
 from jobs.config import Config
 from jobs.errors import InputError
+from jobs.evaluation_report import render, run_folder
 from jobs.finetune import fingerprint
 from jobs.ingest import check_input, ingest_side
 from jobs.runfolder import write_json, write_jsonl, write_parquet, write_text
@@ -92,8 +93,6 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
         "summary": summarise(runs, base),
     }
     write_json(run_dir / "evaluation.json", result)
-    from jobs.evaluation_report import render
-
     write_text(run_dir / "report.html", render(result, run_dir))
     return run_dir
 
@@ -109,7 +108,7 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
     from jobs.finetune import run_finetune
     from jobs.pipeline import run
 
-    sub = run_dir / "evaluate" / f"{method}-seed{seed}"
+    sub = run_folder(run_dir, method, seed)
     sub.mkdir(parents=True, exist_ok=True)
     for name in SHARED:
         link = sub / name

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from jobs.report import composition
+
 COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
            "#ff9da7", "#9c755f", "#bab0ac", "#86bcb6", "#d4a6c8", "#8cd17d", "#f1ce63"]  # fmt: skip
 SCORE_MEANING = {
@@ -104,19 +106,27 @@ def perplexity_chart(result: dict) -> str:
     return _svg(height + 16, body)
 
 
+def run_folder(run_dir: Path, method: str, seed: int) -> Path:
+    """Where `raysift evaluate` keeps one method's run for one seed."""
+    return run_dir / "evaluate" / f"{method}-seed{seed}"
+
+
 def composition_chart(result: dict, run_dir: Path, column: str = "source") -> str | None:
     """Stacked bars: share of each `column` value in the pool and in each method's selection."""
-    seed = result["seeds"][0]
-    bars: list[tuple[str, Counter]] = []
     pool_path = run_dir / "data" / "candidates.parquet"
     if column not in pq.read_schema(pool_path).names:
         return None
-    bars.append(("pool", Counter(pq.read_table(pool_path, columns=[column])[column].to_pylist())))
+    bars: list[tuple[str, Counter]] = []
     for m in result["summary"]:
-        path = run_dir / "evaluate" / f"{m}-seed{seed}" / "selection.parquet"
-        if path.is_file():
-            bars.append((m, Counter(pq.read_table(path, columns=[column])[column].to_pylist())))
-    values = [v for v, _ in bars[0][1].most_common()]
+        folder = run_folder(run_dir, m, result["seeds"][0])
+        if (folder / "selection.parquet").is_file():
+            rows = composition(folder, column)  # (value, in the pool, selected)
+            if not bars:
+                bars.append(("pool", Counter({v: n for v, n, _ in rows})))
+            bars.append((m, Counter({v: k for v, _, k in rows if k})))
+    if not bars:
+        return None
+    values = sorted(bars[0][1], key=lambda v: (-bars[0][1][v], str(v)))  # largest in the pool first
     colour = {v: COLOURS[i % len(COLOURS)] for i, v in enumerate(values)}
     left, right, row, top = 120, W - 30, 30, 10
     body = []
@@ -158,7 +168,7 @@ def score_charts(result: dict, run_dir: Path) -> str:
     seed = result["seeds"][0]
     panels = []
     for m in result["summary"]:
-        path = run_dir / "evaluate" / f"{m}-seed{seed}" / "selection.parquet"
+        path = run_folder(run_dir, m, seed) / "selection.parquet"
         if not path.is_file():
             continue
         scores = np.asarray(pq.read_table(path, columns=["score"])["score"].to_pylist(), float)
