@@ -33,7 +33,6 @@ from engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_
 from jobs.config import Config
 from jobs.errors import InputError
 from jobs.evaluation_report import render, run_folder
-from jobs.finetune import fingerprint
 from jobs.ingest import check_input, ingest_side
 from jobs.runfolder import write_json, write_jsonl, write_parquet, write_text
 
@@ -68,6 +67,7 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
     from jobs.select import check_budget
 
     e = cfg.evaluate
+    seeds = e.seeds or [cfg.seed]
     check_evaluate(cfg)
     run_dir = run(cfg, ["ingest"], log)
     check_budget(cfg, run_dir)  # before the embedding, which is the slow part
@@ -78,7 +78,7 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
     base = _perplexity(cfg, None, heldout, run_dir / "evaluate" / "base")
     runs = []
     methods = [*e.methods, *(["oracle"] if e.oracle else [])]
-    for seed in e.seeds or [cfg.seed]:
+    for seed in seeds:
         for method in methods:
             log(f"evaluate: {method}, seed {seed}")
             runs.append(_one(cfg, run_dir, method, seed, heldout, log))
@@ -86,7 +86,7 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
         "budget": cfg.select.budget,
         "model": cfg.finetune.model,
         "finetune": cfg.finetune.method,
-        "seeds": e.seeds or [cfg.seed],
+        "seeds": seeds,
         "heldout": {"texts": len(heldout), "tokens": base["tokens"]},
         "base": base,
         "runs": runs,
@@ -190,8 +190,8 @@ def _perplexity(cfg: Config, trained: Path | None, texts: list[str], folder: Pat
 
     e = cfg.evaluate
     key = hashlib.sha256(json.dumps([e.max_length, texts]).encode())
-    if trained is not None:
-        key.update(fingerprint(folder / "selected.jsonl", cfg.finetune, cfg.seed).encode())
+    if trained is not None:  # the fine-tune's own fingerprint: its rows, settings and seed
+        key.update((folder / "finetune" / "fingerprint").read_text().encode())
     else:
         key.update(cfg.finetune.model.encode())
     cache = folder / "perplexity.json"

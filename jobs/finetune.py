@@ -62,13 +62,15 @@ def _is_pair(row: dict, f: FinetuneConfig) -> bool:
     return isinstance(row.get(f.prompt_column), str) and isinstance(row.get(f.response_column), str)
 
 
-def check_finetune(cfg: Config, rows_path: Path) -> None:
-    """Every fine-tune input check that needs no cluster: rows and model, before any output."""
-    selected_rows(rows_path, cfg.finetune)
+def check_finetune(cfg: Config, rows_path: Path) -> int:
+    """Every fine-tune input check that needs no cluster: rows and model (converting the
+    packaged one once, here rather than in every worker), before any output. Returns the rows."""
+    n_rows = len(selected_rows(rows_path, cfg.finetune))
     try:
         resolve_lm_path(cfg.finetune.model)
     except FileNotFoundError as exc:
         raise InputError(str(exc)) from None
+    return n_rows
 
 
 def fingerprint(rows_path: Path, f: FinetuneConfig, seed: int) -> str:
@@ -159,7 +161,7 @@ def train_loop(c: dict) -> None:
             continue
         losses.append([step, float(np.mean(since))])
         metrics = {"step": step, "total_steps": total, "loss": losses[-1][1],
-                   "resumed_from": resumed_from, "epoch": epoch}  # fmt: skip
+                   "losses": losses, "resumed_from": resumed_from, "epoch": epoch}  # fmt: skip
         since = []
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
@@ -190,20 +192,20 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
 
     f = cfg.finetune
     rows_path = rows_path or run_dir / "selected.jsonl"
-    check_finetune(cfg, rows_path)
+    n_rows = check_finetune(cfg, rows_path)
     out = run_dir / "finetune"
     out.mkdir(parents=True, exist_ok=True)
     stamp = fingerprint(rows_path, f, cfg.seed)
     marker = out / "fingerprint"
     done = out / "result.json"
-    if marker.is_file() and marker.read_text() == stamp and done.is_file():
+    same = marker.is_file() and marker.read_text() == stamp
+    if same and done.is_file():
         return {**json.loads(done.read_text()), "reused": True}
-    if not marker.is_file() or marker.read_text() != stamp:
+    if not same:
         shutil.rmtree(out / "ray", ignore_errors=True)  # checkpoints of other rows or settings
         shutil.rmtree(out / "model", ignore_errors=True)
         done.unlink(missing_ok=True)
         write_text(marker, stamp)
-    resolve_lm_path(f.model)  # convert the packaged model once here, not in every worker
     start_ray(cfg)
     use_gpu = f.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
@@ -224,17 +226,15 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
     result = trainer.fit()
     if result.error:
         raise result.error
-    with result.checkpoint.as_directory() as d:
-        state_losses = _losses(Path(d))
-        with atomic_path(out / "model") as tmp:
-            shutil.copytree(Path(d) / "model", tmp)
+    with result.checkpoint.as_directory() as d, atomic_path(out / "model") as tmp:
+        shutil.copytree(Path(d) / "model", tmp)
     m = result.metrics
     info = {
         "steps": m["step"],
         "resumed_from_step": m["resumed_from"],
         "final_loss": m["loss"],
-        "losses": state_losses,
-        "rows": sum(1 for _ in rows_path.open(encoding="utf-8") if _.strip()),
+        "losses": m["losses"],
+        "rows": n_rows,
         "workers": f.num_workers,
         "gpu": use_gpu,
         "train_seconds": round(time.perf_counter() - t0, 1),
@@ -242,9 +242,3 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
     }
     write_json(done, info)
     return info
-
-
-def _losses(checkpoint_dir: Path) -> list:
-    import torch
-
-    return torch.load(checkpoint_dir / STATE, map_location="cpu", weights_only=False)["losses"]
