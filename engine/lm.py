@@ -80,8 +80,14 @@ def _packaged_smollm2(field: str) -> Path:
     return target
 
 
-def load_lm(model: str, device: torch.device | None = None, field: str = "finetune.model"):
-    """(model, tokenizer) in fp32 on `device`; the tokenizer gets a pad and an end token."""
+def load_lm(
+    model: str,
+    device: torch.device | None = None,
+    field: str = "finetune.model",
+    attention: str | None = None,
+):
+    """(model, tokenizer) in fp32 on `device`; the tokenizer gets a pad and an end token.
+    `attention` picks transformers' attn_implementation (None: its default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,7 +99,8 @@ def load_lm(model: str, device: torch.device | None = None, field: str = "finetu
         tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    extra = {"attn_implementation": attention} if attention else {}
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
     return net.to(device or torch.device("cpu")), tokenizer
 
 
@@ -198,13 +205,18 @@ def with_lora(model, *, r: int, alpha: float, dropout: float, target_modules: li
     return get_peft_model(model, config)
 
 
-def load_finetuned(base: str, adapter_or_model: Path, device: torch.device | None = None):
+def load_finetuned(
+    base: str,
+    adapter_or_model: Path,
+    device: torch.device | None = None,
+    attention: str | None = None,
+):
     """(model, tokenizer) of a fine-tune's output folder: a LoRA adapter over `base`, or a full
     model folder (a folder with adapter_config.json is an adapter)."""
     folder = Path(adapter_or_model)
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        model, tokenizer = load_lm(base, device)
+        model, tokenizer = load_lm(base, device, attention=attention)
         return PeftModel.from_pretrained(model, folder).to(model.device), tokenizer
-    return load_lm(str(folder), device)
+    return load_lm(str(folder), device, attention=attention)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -86,6 +87,37 @@ def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
     cfg = _load(config, set_)
     run_dir = run_evaluate(cfg, log=_log)
     typer.echo(f"report: {run_dir / 'report.html'}")
+
+
+@app.command()
+def estimate(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    validate_: Annotated[
+        int,
+        typer.Option(
+            "--validate",
+            min=0,
+            help="also fine-tune N sampled subsets for real and write gradex/validation.json",
+        ),
+    ] = 0,
+) -> None:
+    """GradEx: estimate fine-tuning on subsets of the pool's data sources from gradients at a
+    meta-initialisation, score the sources and choose them (gradex/ in the run folder)."""
+    from jobs.gradex import run_estimate
+
+    cfg = _load(config, set_)
+    run_dir = run_estimate(cfg, validate_, log=_log)
+    result = json.loads((run_dir / "gradex" / "result.json").read_text())
+    typer.echo(f"chosen sources: {', '.join(result['chosen'])}")
+    if validate_:
+        v = json.loads((run_dir / "gradex" / "validation.json").read_text())
+        e = v["estimator"]
+        typer.echo(
+            f"validation over {v['subsets']} fine-tunes: Spearman {e['spearman']:.3f}, "
+            f"Pearson {e['pearson']:.3f}, mean relative error {e['mean_relative_error']:.4f}"
+        )
+    typer.echo(f"run folder: {run_dir}")
 
 
 @app.command()

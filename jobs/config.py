@@ -155,12 +155,87 @@ class GOTDConfig(Strict):
     gpu: Literal["auto", "never"] = "auto"
 
 
+class GradExConfig(Strict):
+    source_column: str = Field(
+        "source", description="candidate column naming each row's data source (in keep_columns)"
+    )
+    rows_per_source: Annotated[int, Field(ge=1)] = Field(
+        32, description="rows sampled per source (seeded): meta-init, gradients, validation"
+    )
+    projection_dim: Annotated[int, Field(ge=1, le=65536)] = Field(
+        200, description="k, the Rademacher projection's dimension (> 0)"
+    )
+    target_texts: Annotated[int, Field(ge=1)] = Field(
+        32, description="target texts whose per-token gradients the estimates score"
+    )
+    max_length: Annotated[int, Field(ge=8, le=8192)] = Field(
+        64, description="tokens per row and per target text in the gradients"
+    )
+    estimator: Literal["offset", "reference", "reference_fast", "functional"] = Field(
+        "offset",
+        description="offset = the linearised objective (default); reference / reference_fast = "
+        "the paper code's; functional = forward passes at theta* + P w",
+    )
+    l2: Annotated[float, Field(gt=0)] = Field(
+        0.01, description="offset: the ridge lambda on w (smaller = larger steps)"
+    )
+    c: Annotated[float, Field(gt=0)] = Field(1.0, description="scale of the target's linear term")
+    reference_C: Annotated[float, Field(gt=0)] = 1e-4
+    reference_label_p: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    reference_scale: Annotated[float, Field(gt=0)] = Field(
+        0.1, description="reference: |P w| rescaled to this x |theta*_LoRA|"
+    )
+    functional_weights: Literal["offset", "reference", "reference_fast"] = Field(
+        "reference", description="functional: whose w is evaluated (the paper code: reference)"
+    )
+    clip_p: Annotated[float, Field(gt=0, lt=0.5)] | None = Field(
+        None,
+        description="parity: clip p to [clip, 1-clip] (the reference) instead of the stable logit",
+    )
+    subsets: Annotated[int, Field(ge=1)] = Field(1000, description="random subsets estimated")
+    subset_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.5, description="sources per subset, as a fraction of the sources"
+    )
+    strategy: Literal["ensemble", "surrogate", "forward", "random", "all"] = Field(
+        "ensemble",
+        description="ensemble = best mean estimate over subsets; surrogate = linear fit + "
+        "threshold; forward = one pass of forward selection; random / all = baselines",
+    )
+    keep: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.25, description="ensemble / random: fraction of the sources chosen"
+    )
+    threshold: float = Field(0.0, description="surrogate: choose sources with theta_i below it")
+    meta_learning_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="meta-initialisation fine-tune; null = finetune.learning_rate"
+    )
+    meta_epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    validate_learning_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="--validate fine-tunes from theta*; null = finetune.learning_rate"
+    )
+    validate_epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    validate_parallel: Annotated[int, Field(ge=1, le=1024)] = Field(
+        1, description="--validate fine-tunes run at once (each takes finetune.* resources)"
+    )
+    chunk: Annotated[int, Field(ge=1, le=1024)] = Field(
+        8, description="samples (or target tokens) per vmapped gradient call"
+    )
+    rows_per_call: Annotated[int, Field(ge=1)] = Field(
+        64, description="rows per actor call and per committed gradient shard"
+    )
+    num_actors: Annotated[int, Field(ge=1, le=4096)] = 1
+    cpus_per_actor: Annotated[float, Field(gt=0, le=256)] = 1.0
+    estimate_tasks: Annotated[int, Field(ge=1, le=4096)] = Field(
+        2, description="Ray tasks the subset estimates are spread over"
+    )
+
+
 class SelectConfig(Strict):
-    method: Literal["random", "knn", "tsds", "gotd"] = "knn"
+    method: Literal["random", "knn", "tsds", "gotd", "gradex"] = "knn"
     budget: Annotated[int, Field(ge=1)] = 500
     knn: KnnConfig = Field(default_factory=KnnConfig)
     tsds: TSDSConfig = Field(default_factory=TSDSConfig)
     gotd: GOTDConfig = Field(default_factory=GOTDConfig)
+    gradex: GradExConfig = Field(default_factory=GradExConfig)
 
 
 class FinetuneConfig(Strict):
@@ -168,6 +243,9 @@ class FinetuneConfig(Strict):
         "smollm2-135m", description="packaged SmolLM2-135M-Instruct or a local causal LM folder"
     )
     method: Literal["lora", "full"] = "lora"
+    init_adapter: str | None = Field(
+        None, description="start from this LoRA adapter folder (GradEx: the meta-initialisation)"
+    )
     lora_r: Annotated[int, Field(ge=1, le=1024)] = 16
     lora_alpha: Annotated[float, Field(gt=0)] = 32.0
     lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
@@ -200,14 +278,21 @@ class FinetuneConfig(Strict):
     )
     num_to_keep: Annotated[int, Field(ge=1)] = 2
 
+    @model_validator(mode="after")
+    def _adapter_is_lora(self) -> FinetuneConfig:
+        if self.init_adapter and self.method != "lora":
+            raise ValueError("init_adapter: an adapter continues a LoRA fine-tune (method: lora)")
+        return self
+
 
 class EvaluateConfig(Strict):
     heldout: InputSpec | None = Field(
         None, description="the target's held-out texts, scored for perplexity (never selected on)"
     )
-    methods: Annotated[list[Literal["random", "knn", "tsds", "gotd"]], Field(min_length=1)] = Field(
-        default_factory=lambda: ["random", "knn", "tsds", "gotd"]
-    )
+    methods: Annotated[
+        list[Literal["random", "knn", "tsds", "gotd", "gradex", "gradex-random", "gradex-all"]],
+        Field(min_length=1),
+    ] = Field(default_factory=lambda: ["random", "knn", "tsds", "gotd"])
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(
         None, description="selection and fine-tune seeds; null = [seed]"
     )
@@ -317,6 +402,7 @@ _PATH_FIELDS = (
     ("candidates", "path"),
     ("targets", "path"),
     ("evaluate", "heldout", "path"),
+    ("finetune", "init_adapter"),
     ("output_dir",),
 )
 _MODEL_FIELDS = (("embed", "model"), ("finetune", "model"))

@@ -56,10 +56,10 @@ def _settings(cfg: EmbedConfig) -> dict:
     return {"model": cfg.model, "max_length": cfg.max_length}
 
 
-def _check_settings(folder: Path, cfg: EmbedConfig) -> int:
-    """Discard committed shards made with another model or max_length; returns how many."""
+def check_settings(folder: Path, wanted: dict) -> int:
+    """Discard the committed shards of `folder` made with other settings (`_settings.json`: for
+    embeddings the model and max_length); returns how many."""
     path = folder / "_settings.json"
-    wanted = _settings(cfg)
     try:
         existing = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -126,7 +126,7 @@ def embed_sides(run_dir: Path, sides: tuple[str, ...], cfg: EmbedConfig) -> dict
         data_path = run_dir / "data" / f"{side}.parquet"
         folder = run_dir / "embeddings" / side
         folder.mkdir(parents=True, exist_ok=True)
-        discarded = _check_settings(folder, cfg)
+        discarded = check_settings(folder, _settings(cfg))
         done = committed_ids(folder)
         all_ids[side] = pq.read_table(data_path, columns=["id"]).column("id").combine_chunks()
         todo = _count_missing(all_ids[side], done)

@@ -122,7 +122,9 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
         info = run_finetune(sub_cfg, sub)
         shares = {"share_from_target": 1.0, "label_tv": _label_tv(cfg, run_dir, None)}
     else:
-        tree["select"]["method"] = method
+        tree["select"]["method"] = method.partition("-")[0]
+        if method.startswith("gradex-"):  # GradEx's baselines: random sources, all sources
+            tree["select"]["gradex"]["strategy"] = method.partition("-")[2]
         sub_cfg = Config.model_validate(tree)
         run(sub_cfg, ["select", "finetune"], log)
         info = json.loads((sub / "manifest.json").read_text())["stages"]["finetune"]

@@ -26,6 +26,9 @@ SCORE_MEANING = {
     "knn": "max cosine similarity to a target",
     "tsds": "TSDS probability p",
     "gotd": "OT gradient (more negative = closer)",
+    "gradex": "minus the source's estimated target loss",
+    "gradex-random": "none (random sources)",
+    "gradex-all": "none (all sources)",
 }
 W = 760  # chart width in px
 

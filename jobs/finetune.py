@@ -70,12 +70,18 @@ def check_finetune(cfg: Config, rows_path: Path) -> int:
         resolve_lm_path(cfg.finetune.model)
     except FileNotFoundError as exc:
         raise InputError(str(exc)) from None
+    adapter = cfg.finetune.init_adapter
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise InputError(f"finetune.init_adapter: {adapter} is not a LoRA adapter folder")
     return n_rows
 
 
 def fingerprint(rows_path: Path, f: FinetuneConfig, seed: int) -> str:
     h = hashlib.sha256(rows_path.read_bytes())
     h.update(json.dumps({"finetune": f.model_dump(mode="json"), "seed": seed}).encode())
+    if f.init_adapter:  # the starting weights, not only their path
+        for p in sorted(Path(f.init_adapter).glob("adapter_*")):
+            h.update(p.read_bytes())
     return h.hexdigest()
 
 
@@ -104,7 +110,11 @@ def train_loop(c: dict) -> None:
     torch.manual_seed(c["seed"])
     device = get_device()
     model, tokenizer = lm.load_lm(f.model, device)
-    if f.method == "lora":
+    if f.init_adapter:  # continue training an adapter (GradEx fine-tunes from theta*)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, f.init_adapter, is_trainable=True).to(device)
+    elif f.method == "lora":
         model = lm.with_lora(
             model, r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout,
             target_modules=f.lora_target_modules,
@@ -136,6 +146,7 @@ def train_loop(c: dict) -> None:
         sched.load_state_dict(state["scheduler"])
         step, losses = state["step"], state["losses"]
     resumed_from = step
+    cpu0 = time.process_time() - (state.get("cpu_seconds", 0.0) if checkpoint else 0.0)
     net = prepare_model(model)  # DDP across workers; the device move
     net.train()
     since = []
@@ -161,7 +172,8 @@ def train_loop(c: dict) -> None:
             continue
         losses.append([step, float(np.mean(since))])
         metrics = {"step": step, "total_steps": total, "loss": losses[-1][1],
-                   "losses": losses, "resumed_from": resumed_from, "epoch": epoch}  # fmt: skip
+                   "losses": losses, "resumed_from": resumed_from, "epoch": epoch,
+                   "cpu_seconds": time.process_time() - cpu0}  # fmt: skip
         since = []
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
@@ -170,7 +182,8 @@ def train_loop(c: dict) -> None:
                 }
                 torch.save(
                     {"weights": weights, "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "step": step, "losses": losses},
+                     "scheduler": sched.state_dict(), "step": step, "losses": losses,
+                     "cpu_seconds": metrics["cpu_seconds"]},
                     Path(d) / STATE,
                 )  # fmt: skip
                 if step == total:
@@ -238,6 +251,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
         "workers": f.num_workers,
         "gpu": use_gpu,
         "train_seconds": round(time.perf_counter() - t0, 1),
+        "cpu_seconds": round(m["cpu_seconds"], 1),  # rank 0's process: every thread, this run
         "model": str(out / "model"),
     }
     write_json(done, info)

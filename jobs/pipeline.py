@@ -108,6 +108,10 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
             resolve_lm_path(cfg.finetune.model)
         except FileNotFoundError as exc:
             raise InputError(str(exc)) from None
+    if "select" in stages and cfg.select.method == "gradex":
+        from jobs.gradex import check_static
+
+        check_static(cfg)
     if "ingest" in stages:
         for side in SIDES:
             check_input(getattr(cfg, side), side)

@@ -194,7 +194,12 @@ def run_select(cfg: Config, run_dir: Path) -> dict:
             np.asarray(target_ids.column("id").to_numpy(zero_copy_only=False), str),
         )
         check_vectors(candidates, targets, run_dir)
-    sel = METHODS[cfg.select.method](cfg, ids, candidates, targets)
+    if cfg.select.method == "gradex":  # chooses whole data sources; needs no vectors
+        from jobs.gradex import gradex_selection
+
+        sel = gradex_selection(cfg, run_dir, ids)
+    else:
+        sel = METHODS[cfg.select.method](cfg, ids, candidates, targets)
     keep = list(cfg.candidates.keep_columns)
     table = selection_table(sel, data, keep)
     if sel.p is not None:  # the whole distribution, not only the sampled rows

@@ -257,6 +257,42 @@ def evaluate_budget_too_large(tmp_path):
     return ["evaluate", cfg], "select.budget: 5 is larger than the pool (2 candidates)"
 
 
+def gradex_config(tmp_path, pool=DEMO_POOL, targets=DEMO_TARGETS, keep=("source",), **gradex):
+    return good(
+        tmp_path,
+        candidates={"path": str(pool), "id_column": "id", "keep_columns": list(keep)},
+        targets={"path": str(targets)},
+        select={"method": "gradex", "gradex": gradex},
+        finetune={"model": str(build_tiny_lm(tmp_path / "lm"))},
+    )
+
+
+def gradex_source_column_not_carried(tmp_path):
+    cfg = gradex_config(tmp_path, keep=["label"])
+    return ["estimate", cfg], "select.gradex.source_column: 'source' is not in candidates.keep"
+
+
+def gradex_one_source(tmp_path):
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c"], "text": ["x", "y", "z"], "source": ["s", "s", "s"]}),
+        tmp_path / "pool.parquet",
+    )
+    cfg = gradex_config(tmp_path, pool=tmp_path / "pool.parquet")
+    return ["estimate", cfg], "'source' has 1 distinct value; GradEx chooses among >= 2 sources"
+
+
+def gradex_k_not_positive(tmp_path):
+    cfg = gradex_config(tmp_path, projection_dim=0)
+    return ["run", cfg], "select.gradex.projection_dim: Input should be greater than or equal to 1"
+
+
+def gradex_targets_without_texts(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": "  "}\n{"text": ""}\n')
+    cfg = gradex_config(tmp_path, targets=tmp_path / "t.jsonl")
+    # caught by the ingest, before GradEx: no target texts to score
+    return ["estimate", cfg], "targets.text_column: every row of"
+
+
 CASES = [
     bad_yaml,
     missing_file,
@@ -292,11 +328,17 @@ CASES = [
     evaluate_heldout_missing,
     evaluate_heldout_empty,
     evaluate_budget_too_large,
+    gradex_source_column_not_carried,
+    gradex_one_source,
+    gradex_k_not_positive,
+    gradex_targets_without_texts,
 ]
 MADE_A_RUN_FOLDER = {
+    gradex_one_source,  # the ingest ran: the sources are counted in its output
+    gradex_targets_without_texts,
     budget_too_large,
     select_before_embed,
-    *CASES[-16:-4],
+    *CASES[-20:-8],
     evaluate_budget_too_large,  # the ingest ran: the budget is checked against its row count
 }
 CHECKED_BEFORE_RAY = set(CASES) - {
@@ -306,6 +348,8 @@ CHECKED_BEFORE_RAY = set(CASES) - {
     compat_pool_too_small,
     budget_over_support,
     evaluate_budget_too_large,
+    gradex_one_source,
+    gradex_targets_without_texts,
 }
 
 
@@ -324,6 +368,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     assert not (tmp_path / "run" / "selection.parquet").exists()
     assert not (tmp_path / "run" / "finetune").exists()  # no checkpoint folder, not even empty
     assert not (tmp_path / "run" / "evaluate").exists()
+    assert not (tmp_path / "run" / "gradex").exists()
     if case not in MADE_A_RUN_FOLDER:
         assert not (tmp_path / "run").exists()
 

@@ -1,0 +1,70 @@
+"""GradEx's gradient stage as a Ray Data callable class:
+`Dataset.map_batches(Gradients, compute=ActorPoolStrategy(...))`.
+
+Each actor loads the base model + the meta-initialisation adapter (theta*) once, on its GPU if Ray
+gave it one, and turns pyarrow batches of (id, text, ...) into
+
+    kind "train":  (id, ..., f0, G)           one row per sample: mean gold-token logit, P^T grad
+    kind "target": (id, token, f0, G)         one row per scored token of each target text
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from actors.embedder import vectors_to_arrow
+
+
+class Gradients:
+    def __init__(
+        self,
+        base: str,
+        adapter: str,
+        kind: str,
+        k: int,
+        seed: int,
+        max_length: int,
+        chunk: int,
+        clip: float | None = None,
+        torch_threads: int | None = None,
+    ):
+        import torch
+
+        from engine import gradex, lm
+        from engine.embed import pick_device
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        # eager attention: torch.func has batching rules for its ops (SDPA's CPU kernel falls
+        # back to a per-sample loop under vmap, ~1.35x slower here)
+        model, self.tokenizer = lm.load_finetuned(base, adapter, pick_device(None), "eager")
+        shapes = gradex.GradientModel.adapter_shapes(model)
+        self.model = gradex.GradientModel(
+            model, gradex.Projector(shapes, k, seed), chunk=chunk, clip=clip
+        )
+        self.kind = kind
+        self.max_length = max_length
+        self._lm = lm
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        examples = [self._lm.encode_text(self.tokenizer, t, self.max_length) for t in texts]
+        rest = batch.drop_columns(["text"])
+        if self.kind == "train":
+            f0, G = self.model.sample_gradients(
+                self._lm.collate(examples, self.tokenizer.pad_token_id)
+            )
+            rest = rest.append_column("f0", pa.array(f0.astype(np.float64)))
+            return rest.append_column("G", vectors_to_arrow(G))
+        parts = self.model.token_gradients(examples)
+        sizes = [len(f) for f, _ in parts]
+        rows = np.repeat(np.arange(len(parts)), sizes)
+        return pa.table(
+            {
+                "id": rest.column("id").take(pa.array(rows)),
+                "token": pa.array(np.concatenate([np.arange(n) for n in sizes]), pa.int32()),
+                "f0": pa.array(np.concatenate([f for f, _ in parts]).astype(np.float64)),
+                "G": vectors_to_arrow(np.concatenate([g for _, g in parts])),
+            }
+        )

@@ -1,0 +1,634 @@
+"""GradEx as a job: choose data sources by estimating fine-tunes on subsets of them.
+
+    gradex/sample.parquet           rows_per_source rows of every source (seeded by id hash)
+    gradex/meta/finetune/model      theta*: a multitask LoRA fine-tune on the sample (Ray Train)
+    gradex/gradients/{train,target}/part-*.parquet
+                                    per-sample (id, source, f0, G) and per-token (id, token, f0, G)
+                                    at theta* (Ray Data actors; committed shard by shard, resumed)
+    gradex/estimates.parquet        every sampled subset (its sources) and L_hat(S)
+    gradex/sources.parquet          per source: rows, ensemble score, surrogate theta, chosen
+    gradex/result.json              estimator, strategy, chosen sources, timings
+    gradex/validation/<i>/          --validate: real fine-tunes from theta* on sampled subsets
+    gradex/validation.json          estimated vs real, Spearman/Pearson/relative error, trivial
+                                    predictors, CPU time per estimate vs per fine-tune
+
+The select stage (`select.method: gradex`) then takes the pool rows of the chosen sources, in a
+seeded id-hash order, up to the budget, for the fine-tune stage (which starts from the base model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from actors.gradients import Gradients
+from engine import gradex as gx
+from engine.ids import hash_uniform
+from engine.selection import Selection
+from jobs.config import Config, to_yaml
+from jobs.embed import check_settings, committed_ids, resolve_threads, shard_files
+from jobs.errors import InputError
+from jobs.runfolder import write_json, write_jsonl, write_parquet, write_text
+
+FOLDER = "gradex"
+
+
+def check_gradex(cfg: Config, data: pa.Table, targets: pa.Table) -> list[str]:
+    """Every GradEx input check that needs no cluster; returns the source names (sorted)."""
+    g = cfg.select.gradex
+    if cfg.finetune.method != "lora":
+        raise InputError(
+            "finetune.method: GradEx linearises around a LoRA meta-initialisation; use lora"
+        )
+    if g.source_column not in data.column_names:
+        raise InputError(
+            f"select.gradex.source_column: {g.source_column!r} is not a candidate column; add it "
+            f"to candidates.keep_columns (have: {cfg.candidates.keep_columns})"
+        )
+    values = pc.cast(data.column(g.source_column), pa.string())
+    if values.null_count:
+        raise InputError(
+            f"select.gradex.source_column: {values.null_count} candidate rows have no "
+            f"{g.source_column!r}"
+        )
+    names = sorted(pc.unique(values).to_pylist())
+    if len(names) < 2:
+        raise InputError(
+            f"select.gradex.source_column: {g.source_column!r} has {len(names)} distinct value"
+            f"{'s' if len(names) != 1 else ''}; GradEx chooses among >= 2 sources"
+        )
+    if targets.num_rows == 0:
+        raise InputError("targets: GradEx scores the target's evaluation texts, and there are none")
+    return names
+
+
+def source_sample(data: pa.Table, column: str, per_source: int, seed: int) -> pa.Table:
+    """(id, source, text): the `per_source` rows of each source with the smallest H(seed, id),
+    sorted by source then id — the same rows whatever the pool's row order."""
+    ids = np.asarray(data.column("id").to_numpy(zero_copy_only=False), str)
+    src = np.asarray(pc.cast(data.column(column), pa.string()).to_numpy(zero_copy_only=False), str)
+    u = np.asarray(hash_uniform(ids, seed))
+    order = np.lexsort((ids, u, src))
+    rank = np.empty(len(order), np.int64)
+    starts = np.r_[0, np.flatnonzero(src[order][1:] != src[order][:-1]) + 1]
+    for a, b in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+        rank[order[a:b]] = np.arange(b - a)
+    keep = np.flatnonzero(rank < per_source)
+    keep = keep[np.lexsort((ids[keep], src[keep]))]
+    return pa.table(
+        {
+            "id": pa.array(ids[keep]),
+            "source": pa.array(src[keep]),
+            "text": data.column("text").take(pa.array(keep)),
+        }
+    )
+
+
+# -- meta-initialisation and gradients ------------------------------------------------------------
+
+
+def _sub_config(cfg: Config, folder: Path, **finetune) -> Config:
+    tree = cfg.model_dump(mode="json")
+    tree["output_dir"] = str(folder)
+    tree["finetune"].update(finetune)
+    return Config.model_validate(tree)
+
+
+def meta_init(cfg: Config, gdir: Path, sample: pa.Table, log) -> tuple[Path, dict]:
+    """theta*: LoRA fine-tune of the base model on every source's sample (multitask)."""
+    from jobs.finetune import run_finetune
+
+    g = cfg.select.gradex
+    folder = gdir / "meta"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = folder / "rows.jsonl"
+    write_jsonl(rows, sample.select(["id", "text", "source"]))
+    sub = _sub_config(
+        cfg, folder, init_adapter=None, epochs=g.meta_epochs,
+        learning_rate=g.meta_learning_rate or cfg.finetune.learning_rate, max_steps=None,
+    )  # fmt: skip
+    write_text(folder / "config.yaml", to_yaml(sub))
+    log(f"gradex: meta-initialisation on {sample.num_rows} rows")
+    info = run_finetune(sub, folder, rows)
+    return folder / "finetune" / "model", info
+
+
+def _gradient_settings(cfg: Config, adapter: Path) -> dict:
+    g = cfg.select.gradex
+    return {
+        "adapter": (adapter.parent / "fingerprint").read_text(),
+        "k": g.projection_dim,
+        "seed": cfg.seed,
+        "max_length": g.max_length,
+        "clip_p": g.clip_p,
+        "model": cfg.finetune.model,
+    }
+
+
+def compute_gradients(cfg: Config, gdir: Path, table: pa.Table, kind: str, adapter: Path) -> dict:
+    """Gradients of `table`'s rows at theta* into gradients/<kind>/part-*.parquet: only the rows
+    without a committed shard (a rerun after a kill loses at most the shards in flight)."""
+    import ray.data
+
+    g = cfg.select.gradex
+    folder = gdir / "gradients" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    discarded = check_settings(folder, _gradient_settings(cfg, adapter))
+    done = committed_ids(folder)
+    todo = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=done)))
+    info = {"rows": table.num_rows, "rows_reused": table.num_rows - todo.num_rows,
+            "shards_discarded": discarded}  # fmt: skip
+    if todo.num_rows:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0  # one per actor
+        # a target text yields one gradient per token: a call takes rows_per_call / 16 texts
+        # (P's blocks are generated once per call, so calls should not be tiny either)
+        per_call = g.rows_per_call if kind == "train" else max(1, g.rows_per_call // 16)
+        ds = ray.data.from_arrow(todo).repartition(target_num_rows_per_block=per_call)
+        threads = resolve_threads(
+            cfg.embed.model_copy(update={"num_actors": g.num_actors, "torch_threads": None}), gpus
+        )
+        ds = ds.map_batches(
+            Gradients,
+            fn_constructor_kwargs={
+                "base": cfg.finetune.model, "adapter": str(adapter), "kind": kind,
+                "k": g.projection_dim, "seed": cfg.seed, "max_length": g.max_length,
+                "chunk": g.chunk, "clip": g.clip_p, "torch_threads": threads,
+            },
+            batch_size=per_call, batch_format="pyarrow", num_cpus=g.cpus_per_actor,
+            num_gpus=gpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=g.num_actors),
+        )  # fmt: skip
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            shard = batch.combine_chunks()
+            ids = pc.unique(shard.column("id"))
+            name = hashlib.sha1("\n".join(ids.to_pylist()).encode()).hexdigest()[:16]
+            write_parquet(folder / f"part-{name}.parquet", shard)
+    have = committed_ids(folder)
+    missing = int(pc.sum(pc.invert(pc.is_in(table.column("id"), value_set=have))).as_py() or 0)
+    if missing:
+        raise RuntimeError(f"gradex gradients {kind}: {missing} rows have no committed gradient")
+    info["shards"] = len(shard_files(folder))
+    return info
+
+
+def _read(folder: Path) -> pa.Table:
+    return pa.concat_tables(pq.read_table(p) for p in shard_files(folder))
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    arr = column.combine_chunks()
+    return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+
+
+def load_train(gdir: Path, sample: pa.Table, names: list[str]) -> gx.SourceGradients:
+    table = _read(gdir / "gradients" / "train")
+    order = {k: i for i, k in enumerate(table.column("id").to_pylist())}
+    take = pa.array([order[i] for i in sample.column("id").to_pylist()])
+    table = table.take(take)
+    codes = {n: i for i, n in enumerate(names)}
+    source = np.array([codes[s] for s in sample.column("source").to_pylist()])
+    return gx.SourceGradients(
+        table.column("f0").to_numpy(), _matrix(table.column("G")), source, names
+    )
+
+
+def load_target(gdir: Path, target_ids: list[str]) -> gx.TargetGradients:
+    table = _read(gdir / "gradients" / "target")
+    rank = {k: i for i, k in enumerate(target_ids)}
+    key = np.array([rank[i] for i in table.column("id").to_pylist()], np.int64)
+    order = np.lexsort((table.column("token").to_numpy(), key))
+    table = table.take(pa.array(order))
+    return gx.TargetGradients(table.column("f0").to_numpy(), _matrix(table.column("G")))
+
+
+# -- estimates ------------------------------------------------------------------------------------
+
+
+def _weights(cfg: Config, estimator: str, grads, subsets, gram, norm) -> np.ndarray:
+    g = cfg.select.gradex
+    if estimator == "offset":
+        return gx.offset_weights(grads, subsets, g.l2)
+    if estimator == "reference":
+        W = gx.reference_weights(grads, subsets, C=g.reference_C, label_p=g.reference_label_p,
+                                 seed=cfg.seed)  # fmt: skip
+    else:
+        W = gx.reference_fast_weights(grads, subsets)
+    return gx.rescale(W, gram, g.reference_scale * norm)
+
+
+def _estimate_chunk(cfg_tree: dict, estimator: str, grads, target, subsets, gram, norm):
+    """L_hat of each subset in the chunk and the CPU seconds it took (a Ray task's body)."""
+    t0 = time.process_time()
+    cfg = Config.model_validate(cfg_tree)
+    W = _weights(cfg, estimator, grads, subsets, gram, norm)
+    losses = target.loss(W, cfg.select.gradex.c)
+    return losses, time.process_time() - t0
+
+
+class Estimator:
+    """Estimates L_hat(S) for any batch of subsets with the configured estimator."""
+
+    def __init__(self, cfg: Config, adapter: Path, grads, target, target_texts: list[str]):
+        self.cfg = cfg
+        self.grads, self.target = grads, target
+        self.adapter = adapter
+        self.texts = target_texts
+        g = cfg.select.gradex
+        self._gm = None
+        self.gram = self.norm = None
+        if g.estimator != "offset" and not (
+            g.estimator == "functional" and g.functional_weights == "offset"
+        ):
+            gm = self.gradient_model()
+            self.gram, self.norm = gm.projector.gram(), gm.adapter_norm()
+        self.cpu_seconds = 0.0
+        self.estimates = 0
+
+    def gradient_model(self):
+        if self._gm is None:
+            import torch
+
+            from engine import lm
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            g = self.cfg.select.gradex
+            model, tok = lm.load_finetuned(self.cfg.finetune.model, self.adapter)
+            shapes = gx.GradientModel.adapter_shapes(model)
+            self._gm = gx.GradientModel(
+                model, gx.Projector(shapes, g.projection_dim, self.cfg.seed)
+            )
+            examples = [lm.encode_text(tok, t, g.max_length) for t in self.texts]
+            self._batches = [
+                lm.collate(examples[i : i + 16], tok.pad_token_id)
+                for i in range(0, len(examples), 16)
+            ]
+        return self._gm
+
+    def __call__(self, subsets: np.ndarray) -> np.ndarray:
+        import ray
+
+        g = self.cfg.select.gradex
+        subsets = np.atleast_2d(subsets)
+        if g.estimator == "functional":
+            t0 = time.process_time()
+            W = _weights(self.cfg, g.functional_weights, self.grads, subsets, self.gram, self.norm)
+            gm = self.gradient_model()
+            out = np.array([gm.loss_at(w, self._batches) for w in W])
+            self.cpu_seconds += time.process_time() - t0
+            self.estimates += len(subsets)
+            return out
+        tasks = min(g.estimate_tasks, len(subsets))
+        if tasks <= 1 or not ray.is_initialized():
+            tree = self.cfg.model_dump(mode="json")
+            out, cpu = _estimate_chunk(
+                tree, g.estimator, self.grads, self.target, subsets, self.gram, self.norm
+            )
+        else:
+            remote = ray.remote(num_cpus=1)(_estimate_chunk)
+            shared = [ray.put(x) for x in (self.cfg.model_dump(mode="json"), self.grads,
+                                           self.target, self.gram)]  # fmt: skip
+            refs = [
+                remote.remote(
+                    shared[0], g.estimator, shared[1], shared[2], chunk, shared[3], self.norm
+                )  # fmt: skip
+                for chunk in np.array_split(subsets, tasks)
+            ]
+            parts = ray.get(refs)
+            out = np.concatenate([p[0] for p in parts])
+            cpu = sum(p[1] for p in parts)
+        self.cpu_seconds += cpu
+        self.estimates += len(subsets)
+        return out
+
+
+def choose(cfg: Config, names: list[str], subsets, losses, estimate) -> tuple[np.ndarray, dict]:
+    """The chosen sources (0/1 mask) by the configured strategy, and per-source scores."""
+    g = cfg.select.gradex
+    n = len(names)
+    scores = gx.ensemble_scores(subsets, losses)
+    _, theta = gx.surrogate(subsets, losses)
+    n_keep = max(1, math.ceil(g.keep * n))
+    ids = np.array(names)
+    ranked = np.lexsort((ids, np.nan_to_num(scores, nan=np.inf)))  # best (lowest) first
+    mask = np.zeros(n, np.int8)
+    extra: dict = {}
+    if g.strategy == "ensemble":
+        mask[ranked[:n_keep]] = 1
+    elif g.strategy == "surrogate":
+        mask[theta < g.threshold] = 1
+        if not mask.any():  # nothing below the threshold: the single best source
+            mask[int(np.argmin(theta))] = 1
+    elif g.strategy == "forward":
+        mask, trace = gx.forward_selection(ranked, lambda m: float(estimate(m[None])[0]))
+        extra["forward_trace"] = [float(x) for x in trace]
+    elif g.strategy == "random":
+        u = np.asarray(hash_uniform([f"source:{x}" for x in names], cfg.seed))
+        mask[np.argsort(u, kind="stable")[:n_keep]] = 1
+    else:  # all
+        mask[:] = 1
+    return mask, {"ensemble_score": scores, "surrogate_theta": theta, **extra}
+
+
+def prepare(cfg: Config, run_dir: Path, log) -> dict:
+    """Sample, meta-init, gradients: everything an estimate needs, resumable."""
+    from jobs.pipeline import start_ray
+
+    data = pq.read_table(run_dir / "data" / "candidates.parquet")
+    targets = pq.read_table(run_dir / "data" / "targets.parquet")
+    names = check_gradex(cfg, data, targets)
+    g = cfg.select.gradex
+    gdir = run_dir / FOLDER
+    gdir.mkdir(parents=True, exist_ok=True)
+    sample = source_sample(data, g.source_column, g.rows_per_source, cfg.seed)
+    write_parquet(gdir / "sample.parquet", sample)
+    target_rows = targets.select(["id", "text"]).slice(0, g.target_texts)
+    start_ray(cfg)
+    adapter, meta = meta_init(cfg, gdir, sample, log)
+    t0 = time.perf_counter()
+    log(f"gradex: gradients of {sample.num_rows} rows and {target_rows.num_rows} target texts")
+    info = {
+        "train": compute_gradients(
+            cfg, gdir, sample.select(["id", "source", "text"]), "train", adapter
+        ),  # fmt: skip
+        "target": compute_gradients(cfg, gdir, target_rows, "target", adapter),
+    }
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    grads = load_train(gdir, sample, names)
+    target = load_target(gdir, target_rows.column("id").to_pylist())
+    estimator = Estimator(cfg, adapter, grads, target, target_rows.column("text").to_pylist())
+    return {"data": data, "names": names, "sample": sample, "adapter": adapter, "meta": meta,
+            "gradients": info, "estimator": estimator, "gdir": gdir}  # fmt: skip
+
+
+def estimate_sources(cfg: Config, run_dir: Path, log=print) -> dict:
+    """Prepare, estimate the sampled subsets, choose sources; writes the gradex/ outputs."""
+    g = cfg.select.gradex
+    ctx = prepare(cfg, run_dir, log)
+    names, est, gdir = ctx["names"], ctx["estimator"], ctx["gdir"]
+    n = len(names)
+    size = max(1, min(n, round(g.subset_fraction * n)))
+    subsets = gx.sample_subsets(n, g.subsets, size, cfg.seed)
+    log(f"gradex: {g.estimator} estimates of {len(subsets)} subsets of {size}/{n} sources")
+    t0 = time.perf_counter()
+    losses = est(subsets)
+    wall = time.perf_counter() - t0
+    mask, scores = choose(cfg, names, subsets, losses, est)
+    write_parquet(
+        gdir / "estimates.parquet",
+        pa.table(
+            {
+                "sources": pa.array([[names[i] for i in np.flatnonzero(s)] for s in subsets]),
+                "estimated_loss": pa.array(losses),
+            }
+        ),  # fmt: skip
+    )
+    counts = pc.value_counts(pc.cast(ctx["data"].column(g.source_column), pa.string()))
+    rows = {c["values"]: c["counts"] for c in counts.to_pylist()}
+    write_parquet(
+        gdir / "sources.parquet",
+        pa.table({
+            "source": names,
+            "rows": [rows[x] for x in names],
+            "ensemble_score": scores["ensemble_score"],
+            "surrogate_theta": scores["surrogate_theta"],
+            "chosen": mask.astype(bool),
+        }),
+    )  # fmt: skip
+    result = {
+        "estimator": g.estimator,
+        "strategy": g.strategy,
+        "sources": names,
+        "chosen": [names[i] for i in np.flatnonzero(mask)],
+        "subsets": len(subsets),
+        "subset_size": size,
+        "loss_at_theta_star": ctx["estimator"].target.base_loss(),
+        "estimate_wall_seconds": round(wall, 3),
+        "estimate_cpu_seconds": round(est.cpu_seconds, 3),
+        "gradients": ctx["gradients"],
+        "meta": {k: ctx["meta"].get(k) for k in ("steps", "final_loss", "train_seconds")},
+        **{k: v for k, v in scores.items() if k == "forward_trace"},
+    }
+    write_json(gdir / "result.json", result)
+    return {**ctx, "mask": mask, "result": result, "size": size, "scores": scores}
+
+
+def gradex_selection(cfg: Config, run_dir: Path, ids: np.ndarray, log=print) -> Selection:
+    """The select stage's GradEx: the chosen sources' pool rows, up to the budget, in a seeded
+    id-hash order; the score of a row is minus its source's ensemble score."""
+    g = cfg.select.gradex
+    if g.strategy in ("random", "all"):  # the baselines need no gradients
+        data = pq.read_table(run_dir / "data" / "candidates.parquet")
+        names = check_gradex(cfg, data, pq.read_table(run_dir / "data" / "targets.parquet"))
+        mask, _ = choose(cfg, names, np.ones((1, len(names))), np.zeros(1), None)
+        out = {"scores": {"ensemble_score": np.zeros(len(names))}}
+    else:
+        out = estimate_sources(cfg, run_dir, log)
+        data, names, mask = out["data"], out["names"], out["mask"]
+    src = np.asarray(pc.cast(data.column(g.source_column), pa.string()).to_numpy(
+        zero_copy_only=False), str)  # fmt: skip
+    chosen = set(np.array(names)[mask.astype(bool)])
+    rows = np.flatnonzero(np.isin(src, list(chosen)))
+    u = np.asarray(hash_uniform(ids[rows], cfg.seed))
+    order = rows[np.lexsort((ids[rows], u))][: cfg.select.budget]
+    best = -np.nan_to_num(out["scores"]["ensemble_score"], nan=np.inf)
+    score = dict(zip(names, best, strict=True))
+    sel = Selection(order, np.array([score[s] for s in src[order]]))
+    sel.info = {"chosen_sources": sorted(chosen), "rows_in_chosen_sources": len(rows),
+                "estimator": g.estimator, "strategy": g.strategy}  # fmt: skip
+    return sel
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def validate(cfg: Config, run_dir: Path, n: int, log=print) -> dict:
+    """Fine-tune `n` sampled subsets for real from theta* (Ray Train) and compare with the
+    estimates; writes gradex/validation.json."""
+    from engine import lm
+
+    g = cfg.select.gradex
+    out = estimate_sources(cfg, run_dir, log)
+    names, est, gdir, sample = out["names"], out["estimator"], out["gdir"], out["sample"]
+    subsets = gx.sample_subsets(len(names), n, out["size"], cfg.seed + 1)
+    c0, e0 = est.cpu_seconds, est.estimates
+    estimated = est(subsets)
+    per_estimate = (est.cpu_seconds - c0) / max(1, est.estimates - e0)
+    src = np.asarray(sample.column("source").to_pylist())
+    todo = []
+    for i, subset in enumerate(subsets):
+        folder = gdir / "validation" / f"{i:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        chosen = [names[j] for j in np.flatnonzero(subset)]
+        rows = folder / "rows.jsonl"
+        write_jsonl(rows, sample.filter(pa.array(np.isin(src, chosen))).select(["id", "text"]))
+        sub = _sub_config(
+            cfg, folder, init_adapter=str(out["adapter"].resolve()), epochs=g.validate_epochs,
+            learning_rate=g.validate_learning_rate or cfg.finetune.learning_rate, max_steps=None,
+        )  # fmt: skip
+        write_text(folder / "config.yaml", to_yaml(sub))
+        todo.append((chosen, sub, folder, rows))
+    infos = _finetunes(todo, g.validate_parallel, log)
+    real, runs = [], []
+    for i, ((chosen, _, folder, _), info) in enumerate(zip(todo, infos, strict=True)):
+        loss = _real_loss(cfg, folder, est.texts, lm)
+        real.append(loss)
+        runs.append({"sources": chosen, "estimated_loss": float(estimated[i]), "real_loss": loss,
+                     "steps": info["steps"], "train_seconds": info["train_seconds"],
+                     "train_cpu_seconds": info.get("cpu_seconds")})  # fmt: skip
+    base = est.target.base_loss()
+    real = np.array(real)
+    metrics = gx.Validation(estimated, real, base).metrics()
+    cpu_ft = [r["train_cpu_seconds"] for r in runs if r["train_cpu_seconds"] is not None]
+    result = {
+        "estimator_name": g.estimator,
+        "projection_dim": g.projection_dim,
+        "l2": g.l2,
+        "sources": names,
+        "subset_size": out["size"],
+        "loss_at_theta_star": base,
+        **metrics,
+        "cpu_seconds_per_estimate": per_estimate,
+        "cpu_seconds_per_finetune": float(np.mean(cpu_ft)) if cpu_ft else None,
+        "speedup_per_estimate": float(np.mean(cpu_ft)) / per_estimate
+        if cpu_ft and per_estimate > 0
+        else None,
+        "gradient_wall_seconds_once": out["result"]["gradients"]["seconds"],
+        "other_estimators": _compare(cfg, out, subsets, real, base),
+        "runs": runs,
+    }
+    write_json(gdir / "validation.json", result)
+    return result
+
+
+def _finetune_task(tree: dict, folder: str, rows: str) -> dict:
+    """One validation fine-tune, as a Ray task (Ray Train starts its own workers from it)."""
+    from jobs.finetune import run_finetune
+
+    return run_finetune(Config.model_validate(tree), Path(folder), Path(rows))
+
+
+def _finetunes(todo: list, parallel: int, log) -> list[dict]:
+    """Run the validation fine-tunes, `parallel` at a time (Ray tasks launching Ray Train runs;
+    each run's workers take their resources from finetune.*): in order, one by one, when 1."""
+    import ray
+
+    from jobs.finetune import run_finetune
+
+    if parallel <= 1:
+        infos = []
+        for i, (chosen, sub, folder, rows) in enumerate(todo):
+            log(f"gradex: validation fine-tune {i + 1}/{len(todo)} on {', '.join(chosen)}")
+            infos.append(run_finetune(sub, folder, rows))
+        return infos
+    launch = ray.remote(num_cpus=0)(_finetune_task)
+    refs: dict = {}
+    pending: list = []
+    for i, (_, sub, folder, rows) in enumerate(todo):
+        if len(pending) >= parallel:
+            _, pending = ray.wait(pending, num_returns=1)
+        ref = launch.remote(sub.model_dump(mode="json"), str(folder), str(rows))
+        refs[i] = ref
+        pending.append(ref)
+    log(f"gradex: {len(todo)} validation fine-tunes, {parallel} at a time")
+    return ray.get([refs[i] for i in range(len(todo))])
+
+
+L2_SCAN = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+def _compare(cfg: Config, out: dict, subsets, real: np.ndarray, base: float) -> dict:
+    """The same validation subsets through every other estimator, and the offset estimator over a
+    range of l2 (each against the same real fine-tunes): what the choice of estimator and lambda
+    does. Cheap next to the fine-tunes (the functional one runs forward passes)."""
+    est = out["estimator"]
+    g = cfg.select.gradex
+    found = {}
+    for name in gx.ESTIMATORS:
+        if name == g.estimator:
+            continue
+        other = cfg.model_copy(deep=True)
+        other.select.gradex.estimator = name
+        e = Estimator(other, out["adapter"], est.grads, est.target, est.texts)
+        t0 = time.process_time()
+        values = e(subsets)
+        found[name] = {
+            **gx.Validation(values, real, base).metrics()["estimator"],
+            "cpu_seconds_per_estimate": max(e.cpu_seconds, time.process_time() - t0) / len(subsets),
+        }
+    scan, by_lam = {}, {}
+    for lam in L2_SCAN:
+        by_lam[lam] = est.target.loss(gx.offset_weights(est.grads, subsets, lam), g.c)
+        scan[str(lam)] = gx.Validation(by_lam[lam], real, base).metrics()["estimator"]
+    found["offset_l2_scan"] = scan
+    # lambda calibrated on the first few real fine-tunes (lowest relative error there), scored
+    # on the others only: what a user who calibrates on a handful of fine-tunes gets
+    n_cal = max(1, len(real) // 6)
+    if len(real) - n_cal >= 3:
+
+        def err(lam):
+            return float(np.mean(np.abs(by_lam[lam][:n_cal] - real[:n_cal]) / real[:n_cal]))
+
+        lam = min(L2_SCAN, key=err)
+        held = gx.Validation(by_lam[lam][n_cal:], real[n_cal:], base).metrics()["estimator"]
+        found["offset_calibrated"] = {"l2": lam, "calibration_runs": n_cal,
+                                      "scored_runs": len(real) - n_cal, **held}  # fmt: skip
+    return found
+
+
+def _real_loss(cfg: Config, folder: Path, texts: list[str], lm) -> float:
+    """Mean token cross-entropy on the target texts after a validation fine-tune (cached)."""
+    cache = folder / "target_loss.json"
+    stamp = (folder / "finetune" / "fingerprint").read_text()
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == stamp:
+            return saved["loss"]
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tok = lm.load_finetuned(cfg.finetune.model, folder / "finetune" / "model")
+    ex = [lm.encode_text(tok, t, cfg.select.gradex.max_length) for t in texts]
+    loss = lm.perplexity(model, ex, tok.pad_token_id, precision="fp32")["loss"]
+    write_text(cache, json.dumps({"key": stamp, "loss": loss}))
+    return loss
+
+
+def run_estimate(cfg: Config, validate_n: int = 0, log: Callable[[str], None] = print) -> Path:
+    """`raysift estimate`: ingest, then GradEx's source estimates (and --validate N)."""
+    from jobs.pipeline import run
+
+    if cfg.select.method != "gradex":
+        cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"method": "gradex"})})
+    check_static(cfg)
+    run_dir = run(cfg, ["ingest"], log)  # checks the inputs before anything is written
+    if validate_n:
+        validate(cfg, run_dir, validate_n, log)
+    else:
+        estimate_sources(cfg, run_dir, log)
+    return run_dir
+
+
+def check_static(cfg: Config) -> None:
+    """The checks that need neither data nor cluster: the source column is carried, the model
+    exists (its conversion happens here, once)."""
+    from engine.lm import resolve_lm_path
+
+    g = cfg.select.gradex
+    if g.source_column not in cfg.candidates.keep_columns:
+        raise InputError(
+            f"select.gradex.source_column: {g.source_column!r} is not in candidates.keep_columns "
+            f"({cfg.candidates.keep_columns})"
+        )
+    try:
+        resolve_lm_path(cfg.finetune.model)
+    except FileNotFoundError as exc:
+        raise InputError(str(exc)) from None
