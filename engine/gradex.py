@@ -440,10 +440,19 @@ def ensemble_scores(subsets: np.ndarray, losses: np.ndarray) -> np.ndarray:
 
 
 def surrogate(subsets: np.ndarray, losses: np.ndarray) -> tuple[float, np.ndarray]:
-    """Least-squares fit L_hat(S) ~ b + sum_{i in S} theta_i: (b, theta (n_sources,))."""
-    X = np.hstack([np.ones((len(subsets), 1)), np.asarray(subsets, np.float64)])
-    coef, *_ = np.linalg.lstsq(X, losses, rcond=None)
-    return float(coef[0]), coef[1:]
+    """Least-squares fit L_hat(S) ~ b + sum_{i in S} theta_i: (b, theta (n_sources,)).
+
+    When every subset has the same size (the sampled ones do), b and the mean of theta cannot be
+    told apart: theta is returned centred (mean 0, b absorbs the rest), so theta_i < 0 reads
+    "better than the average source"."""
+    X = np.asarray(subsets, np.float64)
+    sizes = X.sum(axis=1)
+    coef, *_ = np.linalg.lstsq(np.hstack([np.ones((len(X), 1)), X]), losses, rcond=None)
+    b, theta = float(coef[0]), coef[1:]
+    if np.all(sizes == sizes[0]):
+        shift = theta.mean()
+        theta, b = theta - shift, b + shift * sizes[0]
+    return b, theta
 
 
 def forward_selection(order: np.ndarray, estimate) -> tuple[np.ndarray, list[float]]:

@@ -177,7 +177,9 @@ class GradExConfig(Strict):
         "the paper code's; functional = forward passes at theta* + P w",
     )
     l2: Annotated[float, Field(gt=0)] = Field(
-        0.01, description="offset: the ridge lambda on w (smaller = larger steps)"
+        3.0,
+        description="offset: the ridge lambda on w (smaller = larger steps); calibrate with "
+        "--validate (validation.json: offset_l2_scan, offset_calibrated)",
     )
     c: Annotated[float, Field(gt=0)] = Field(1.0, description="scale of the target's linear term")
     reference_C: Annotated[float, Field(gt=0)] = 1e-4
@@ -204,7 +206,11 @@ class GradExConfig(Strict):
     keep: Annotated[float, Field(gt=0, le=1)] = Field(
         0.25, description="ensemble / random: fraction of the sources chosen"
     )
-    threshold: float = Field(0.0, description="surrogate: choose sources with theta_i below it")
+    threshold: float = Field(
+        0.0,
+        description="surrogate: choose sources whose centred theta_i is below it (0 = better "
+        "than the average source)",
+    )
     meta_learning_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="meta-initialisation fine-tune; null = finetune.learning_rate"
     )

@@ -542,7 +542,7 @@ def _finetunes(todo: list, parallel: int, log) -> list[dict]:
     return ray.get([refs[i] for i in range(len(todo))])
 
 
-L2_SCAN = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+L2_SCAN = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 def _compare(cfg: Config, out: dict, subsets, real: np.ndarray, base: float) -> dict:

@@ -169,6 +169,7 @@ def independent_perplexity(model, tokenizer, texts: list[str], max_length: int) 
     return math.exp(total / count)
 
 
+@pytest.mark.timeout(600)  # ~2 min alone; CI machines are shared
 def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
     import pyarrow as pa
 

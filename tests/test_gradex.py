@@ -218,3 +218,13 @@ def test_validation_metrics_and_trivial_predictors():
     )
     with pytest.raises(ValueError, match="k must be > 0"):
         gx.Projector({"a": (2, 2)}, 0, 0)
+
+
+def test_surrogate_recovers_additive_effects_up_to_their_mean():
+    rng = np.random.default_rng(0)
+    theta = rng.normal(0, 1, 8)
+    subsets = gx.sample_subsets(8, 40, 4, seed=1)
+    losses = 3.0 + subsets @ theta
+    b, fitted = gx.surrogate(subsets, losses)
+    np.testing.assert_allclose(fitted, theta - theta.mean(), atol=1e-10)
+    np.testing.assert_allclose(b + subsets @ fitted, losses, atol=1e-10)

@@ -13,6 +13,7 @@ import pytest
 
 from engine import gradex as gx
 from engine import lm
+from engine.baselines import random_select
 from jobs.config import load_config
 from jobs.embed import shard_files
 from jobs.gradex import load_target, load_train, run_estimate
@@ -33,12 +34,25 @@ def _config(tmp_path, tiny_lm, name="run", **gradex):
             candidates={"path": str(DEMO_POOL), "id_column": "id", "keep_columns": ["source"]},
             targets={"path": str(DEMO_TARGETS), "limit": 20},
             stages=["ingest", "select"],
-            select={"method": "gradex", "budget": 40, "gradex": {
-                "rows_per_source": PER_SOURCE, "target_texts": TARGET_TEXTS,
-                "projection_dim": 16, "subsets": 15, "max_length": 24, "rows_per_call": 8,
-                **gradex}},
-            finetune={"model": str(tiny_lm), "max_length": 24, "batch_size": 4,
-                      "learning_rate": 0.01},
+            select={
+                "method": "gradex",
+                "budget": 40,
+                "gradex": {
+                    "rows_per_source": PER_SOURCE,
+                    "target_texts": TARGET_TEXTS,
+                    "projection_dim": 16,
+                    "subsets": 15,
+                    "max_length": 24,
+                    "rows_per_call": 8,
+                    **gradex,
+                },
+            },
+            finetune={
+                "model": str(tiny_lm),
+                "max_length": 24,
+                "batch_size": 4,
+                "learning_rate": 0.01,
+            },
         )  # fmt: skip
     )
 
@@ -143,7 +157,8 @@ def test_parallel_validation_equals_sequential(estimated, tmp_path, tiny_lm):
     one at a time gave: the same subsets, steps and real losses."""
     cfg, run_dir = estimated
     shutil.copytree(run_dir / "data", tmp_path / "run" / "data")
-    shutil.copytree(run_dir / "gradex" / "meta", tmp_path / "run" / "gradex" / "meta")
+    for part in ("meta", "gradients"):  # theta* and its gradients: only the fine-tunes rerun
+        shutil.copytree(run_dir / "gradex" / part, tmp_path / "run" / "gradex" / part)
     other = _config(tmp_path, tiny_lm, validate_parallel=2)
     run_estimate(other, validate_n=3, log=lambda m: None)
     a = json.loads((run_dir / "gradex" / "validation.json").read_text())["runs"]
@@ -169,6 +184,15 @@ def test_select_stage_takes_the_chosen_sources_rows(estimated, tmp_path, tiny_lm
     first = sel.column("id").to_pylist()
     run(sub, ["select"], log=lambda m: None)
     assert pq.read_table(tmp_path / "run" / "selection.parquet").column("id").to_pylist() == first
+    # the all-sources baseline at a budget is the random baseline: the same seeded id-hash order
+    run(_config(tmp_path, tiny_lm, strategy="all"), ["select"], log=lambda m: None)
+    ids = np.asarray(
+        pq.read_table(tmp_path / "run" / "data" / "candidates.parquet").column("id").to_pylist()
+    )
+    expected = ids[random_select(ids, 40, cfg.seed).indices].tolist()
+    assert (
+        pq.read_table(tmp_path / "run" / "selection.parquet").column("id").to_pylist() == expected
+    )
 
 
 def test_evaluate_compares_gradex_with_random_and_all_sources(tmp_path, tiny_lm, ray_cluster):
