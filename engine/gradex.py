@@ -505,7 +505,7 @@ def _agreement(pred: np.ndarray, real: np.ndarray) -> dict:
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.std() == 0 or b.std() == 0:
+    if np.all(a == a[0]) or np.all(b == b[0]):
         return None  # a constant has no correlation
     return float(np.corrcoef(a, b)[0, 1])
 

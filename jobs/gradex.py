@@ -494,7 +494,7 @@ def validate(cfg: Config, run_dir: Path, n: int, log=print) -> dict:
         "l2": g.l2,
         "sources": names,
         "subset_size": out["size"],
-        "loss_at_theta_star": base,
+        "target_loss_at_theta_star": base,
         **metrics,
         "cpu_seconds_per_estimate": per_estimate,
         "cpu_seconds_per_finetune": float(np.mean(cpu_ft)) if cpu_ft else None,
