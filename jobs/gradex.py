@@ -237,16 +237,23 @@ def _estimate_chunk(cfg_tree: dict, estimator: str, grads, target, subsets, gram
 class Estimator:
     """Estimates L_hat(S) for any batch of subsets with the configured estimator."""
 
-    def __init__(self, cfg: Config, adapter: Path, grads, target, target_texts: list[str]):
+    def __init__(
+        self, cfg: Config, adapter: Path, grads, target, target_texts: list[str], like=None
+    ):
+        """`like`: another Estimator of the same theta* whose loaded model and P^T P to reuse."""
         self.cfg = cfg
         self.grads, self.target = grads, target
         self.adapter = adapter
         self.texts = target_texts
         g = cfg.select.gradex
-        self._gm = None
-        self.gram = self.norm = None
-        if g.estimator != "offset" and not (
-            g.estimator == "functional" and g.functional_weights == "offset"
+        self._gm = like._gm if like is not None else None
+        if like is not None:
+            self._batches = getattr(like, "_batches", None)
+        self.gram, self.norm = (like.gram, like.norm) if like is not None else (None, None)
+        if (
+            self.gram is None
+            and g.estimator != "offset"
+            and not (g.estimator == "functional" and g.functional_weights == "offset")
         ):
             gm = self.gradient_model()
             self.gram, self.norm = gm.projector.gram(), gm.adapter_norm()
@@ -552,12 +559,14 @@ def _compare(cfg: Config, out: dict, subsets, real: np.ndarray, base: float) -> 
     est = out["estimator"]
     g = cfg.select.gradex
     found = {}
+    shared = est  # the model and P^T P are loaded / computed once for every estimator
     for name in gx.ESTIMATORS:
         if name == g.estimator:
             continue
         other = cfg.model_copy(deep=True)
         other.select.gradex.estimator = name
-        e = Estimator(other, out["adapter"], est.grads, est.target, est.texts)
+        e = Estimator(other, out["adapter"], est.grads, est.target, est.texts, like=shared)
+        shared = e if e.gram is not None else shared
         t0 = time.process_time()
         values = e(subsets)
         found[name] = {
