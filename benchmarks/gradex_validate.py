@@ -56,7 +56,7 @@ def finetune_on_sources(
     and score the same held-out texts, so the rows sit beside that table's. The runs share the
     validation run's ingest, theta* and gradients (same rows, seed and settings)."""
     from jobs.config import load_config
-    from jobs.evaluate import _perplexity
+    from jobs.evaluate import heldout_perplexity
     from jobs.pipeline import run
 
     heldout = pq.read_table(FT_OUT / target / "heldout.parquet").column("text").to_pylist()
@@ -75,7 +75,7 @@ def finetune_on_sources(
                                      "finetune.learning_rate=5e-4", "evaluate.max_length=64",
                                      "stages=[select, finetune]"])  # fmt: skip
             run(cfg)
-            ppl = _perplexity(cfg, folder / "finetune" / "model", heldout, folder)
+            ppl = heldout_perplexity(cfg, folder / "finetune" / "model", heldout, folder)
             sel = pq.read_table(folder / "selection.parquet")
             source, labels = TARGETS[target]
             pairs = zip(sel.column("source").to_pylist(), sel.column("label").to_pylist(),

@@ -75,7 +75,7 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
     start_ray(cfg)
     heldout = _heldout_texts(cfg, run_dir)
     log(f"evaluate: {len(heldout)} held-out texts; base model perplexity")
-    base = _perplexity(cfg, None, heldout, run_dir / "evaluate" / "base")
+    base = heldout_perplexity(cfg, None, heldout, run_dir / "evaluate" / "base")
     runs = []
     methods = [*e.methods, *(["oracle"] if e.oracle else [])]
     for seed in seeds:
@@ -133,7 +133,7 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
             "share_from_target": _share(cfg, selection),
             "label_tv": _label_tv(cfg, run_dir, selection),
         }
-    ppl = _perplexity(sub_cfg, sub / "finetune" / "model", heldout, sub)
+    ppl = heldout_perplexity(sub_cfg, sub / "finetune" / "model", heldout, sub)
     return {
         "method": method,
         "seed": seed,
@@ -185,7 +185,7 @@ def _label_tv(cfg: Config, run_dir: Path, selection: pa.Table | None) -> float |
     return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
 
 
-def _perplexity(cfg: Config, trained: Path | None, texts: list[str], folder: Path) -> dict:
+def heldout_perplexity(cfg: Config, trained: Path | None, texts: list[str], folder: Path) -> dict:
     """Held-out perplexity of the base model (trained None) or a fine-tune's output, cached in
     `folder/perplexity.json` under the model's and texts' fingerprint."""
     import torch

@@ -19,7 +19,6 @@ seeded id-hash order, up to the budget, for the fine-tune stage (which starts fr
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -34,7 +33,7 @@ import pyarrow.parquet as pq
 from actors.gradients import Gradients
 from engine import gradex as gx
 from engine.ids import hash_uniform
-from engine.selection import Selection
+from engine.selection import Selection, top_k
 from jobs.config import Config, to_yaml
 from jobs.embed import check_settings, committed_ids, resolve_threads, shard_files
 from jobs.errors import InputError
@@ -444,8 +443,8 @@ def gradex_selection(cfg: Config, run_dir: Path, ids: np.ndarray, log=print) -> 
         zero_copy_only=False), str)  # fmt: skip
     chosen = set(np.array(names)[mask.astype(bool)])
     rows = np.flatnonzero(np.isin(src, list(chosen)))
-    u = np.asarray(hash_uniform(ids[rows], cfg.seed))
-    order = rows[np.lexsort((ids[rows], u))][: cfg.select.budget]
+    u = np.asarray(hash_uniform(ids[rows], cfg.seed))  # random_select's order, on these rows
+    order = rows[top_k(-u, min(cfg.select.budget, len(rows)), ids[rows])]
     best = -np.nan_to_num(out["scores"]["ensemble_score"], nan=np.inf)
     score = dict(zip(names, best, strict=True))
     sel = Selection(order, np.array([score[s] for s in src[order]]))
@@ -460,7 +459,6 @@ def gradex_selection(cfg: Config, run_dir: Path, ids: np.ndarray, log=print) -> 
 def validate(cfg: Config, run_dir: Path, n: int, log=print) -> dict:
     """Fine-tune `n` sampled subsets for real from theta* (Ray Train) and compare with the
     estimates; writes gradex/validation.json."""
-    from engine import lm
 
     g = cfg.select.gradex
     out = estimate_sources(cfg, run_dir, log)
@@ -486,7 +484,7 @@ def validate(cfg: Config, run_dir: Path, n: int, log=print) -> dict:
     infos = _finetunes(todo, g.validate_parallel, log)
     real, runs = [], []
     for i, ((chosen, _, folder, _), info) in enumerate(zip(todo, infos, strict=True)):
-        loss = _real_loss(cfg, folder, est.texts, lm)
+        loss = _real_loss(cfg, folder, est.texts)
         real.append(loss)
         runs.append({"sources": chosen, "estimated_loss": float(estimated[i]), "real_loss": loss,
                      "steps": info["steps"], "train_seconds": info["train_seconds"],
@@ -593,22 +591,15 @@ def _compare(cfg: Config, out: dict, subsets, real: np.ndarray, base: float) -> 
     return found
 
 
-def _real_loss(cfg: Config, folder: Path, texts: list[str], lm) -> float:
-    """Mean token cross-entropy on the target texts after a validation fine-tune (cached)."""
-    cache = folder / "target_loss.json"
-    stamp = (folder / "finetune" / "fingerprint").read_text()
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == stamp:
-            return saved["loss"]
-    import torch
+def _real_loss(cfg: Config, folder: Path, texts: list[str]) -> float:
+    """Mean token cross-entropy on the target texts after a validation fine-tune: the
+    evaluation's held-out scorer (cached under the fine-tune's fingerprint), at GradEx's
+    max_length."""
+    from jobs.evaluate import heldout_perplexity
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    model, tok = lm.load_finetuned(cfg.finetune.model, folder / "finetune" / "model")
-    ex = [lm.encode_text(tok, t, cfg.select.gradex.max_length) for t in texts]
-    loss = lm.perplexity(model, ex, tok.pad_token_id, precision="fp32")["loss"]
-    write_text(cache, json.dumps({"key": stamp, "loss": loss}))
-    return loss
+    scored = cfg.model_copy(deep=True)
+    scored.evaluate.max_length = cfg.select.gradex.max_length
+    return heldout_perplexity(scored, folder / "finetune" / "model", texts, folder)["loss"]
 
 
 def run_estimate(cfg: Config, validate_n: int = 0, log: Callable[[str], None] = print) -> Path:
