@@ -44,7 +44,9 @@ def _run(config: Path, overrides: list[str] | None, stages: list[str] | None) ->
 
     cfg = _load(config, overrides)
     run_dir = run(cfg, stages, log=_log)
-    typer.echo(f"run folder: {run_dir}")
+    typer.echo(f"run folder: {cfg.output_dir}")
+    if cfg.output_dir != str(run_dir):
+        typer.echo(f"local mirror: {run_dir}")
     return run_dir
 
 
@@ -184,7 +186,12 @@ def _input_error(exc: BaseException) -> InputError | None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False, prog_name="raysift")
+        try:
+            app(args=argv, standalone_mode=False, prog_name="raysift")
+        finally:  # a remote run folder gets what the command wrote, also when it failed
+            from jobs.storage import sync_all
+
+            sync_all()
         return 0
     except _EXITS as exc:
         return exc.exit_code

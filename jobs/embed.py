@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from actors.embedder import Embedder
 from jobs.config import Config, EmbedConfig
 from jobs.runfolder import TMP_PREFIX, write_json, write_parquet
+from jobs.storage import shared_path
 
 SIDES = ("targets", "candidates")
 
@@ -137,7 +138,8 @@ def embed_sides(run_dir: Path, sides: tuple[str, ...], cfg: EmbedConfig) -> dict
             "shards_discarded": discarded,
         }
         if todo:
-            part = ray.data.read_parquet(str(data_path), columns=["id", "text"])
+            path, fs = shared_path(data_path)  # a remote run folder: every node reads it there
+            part = ray.data.read_parquet(path, filesystem=fs, columns=["id", "text"])
             parts.append(
                 part.map_batches(
                     _pending, batch_format="pyarrow", fn_kwargs={"side": side, "done": done}

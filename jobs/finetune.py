@@ -30,6 +30,7 @@ from engine.lm import resolve_lm_path
 from jobs.config import Config, FinetuneConfig
 from jobs.errors import InputError
 from jobs.runfolder import atomic_path, write_json, write_text
+from jobs.storage import shared_path
 
 STATE = "state.pt"
 
@@ -119,7 +120,7 @@ def train_loop(c: dict) -> None:
             model, r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout,
             target_modules=f.lora_target_modules,
         )  # fmt: skip
-    rows = selected_rows(Path(c["rows"]), f)
+    rows = ray.get(c["rows"])  # put by the driver: a worker on another node has no run folder
     examples = [
         lm.encode_pair(tokenizer, r[f.prompt_column], r[f.response_column], f.max_length)
         if _is_pair(r, f)
@@ -214,8 +215,13 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
     same = marker.is_file() and marker.read_text() == stamp
     if same and done.is_file():
         return {**json.loads(done.read_text()), "reused": True}
+    # A remote run folder: Ray Train's workers write their checkpoints there, from any node.
+    ckpt_path, ckpt_fs = shared_path((out / "ray").resolve())
+    storage = {"storage_path": ckpt_path, "storage_filesystem": ckpt_fs}
     if not same:
         shutil.rmtree(out / "ray", ignore_errors=True)  # checkpoints of other rows or settings
+        if ckpt_fs is not None:
+            ckpt_fs.delete_dir_contents(ckpt_path, missing_dir_ok=True)
         shutil.rmtree(out / "model", ignore_errors=True)
         done.unlink(missing_ok=True)
         write_text(marker, stamp)
@@ -224,14 +230,15 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "finetune": f.model_dump(mode="json"), "seed": cfg.seed, "rows": str(rows_path),
+            "finetune": f.model_dump(mode="json"), "seed": cfg.seed,
+            "rows": ray.put(selected_rows(rows_path, f)),
         },
         scaling_config=ScalingConfig(
             num_workers=f.num_workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": f.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=RunConfig(
-            storage_path=str((out / "ray").resolve()), name="train",
+            **storage, name="train",
             checkpoint_config=CheckpointConfig(num_to_keep=f.num_to_keep),
         ),
     )  # fmt: skip

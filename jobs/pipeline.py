@@ -24,6 +24,7 @@ from jobs.finetune import check_finetune, run_finetune
 from jobs.ingest import check_input, fingerprint, ingest_side, input_files
 from jobs.runfolder import Manifest, clean_leftovers, write_parquet, write_text
 from jobs.select import NEEDS_VECTORS, check_budget, run_select
+from jobs.storage import open_run
 
 STAGES = ("ingest", "embed", "select", "finetune")
 RAY_ENV = {"HF_HUB_OFFLINE": "1"}
@@ -132,7 +133,7 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
 def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
     """Run `stages` (default: the config's) in pipeline order; returns the run folder."""
     stages = [s for s in STAGES if s in (stages or cfg.stages)]
-    run_dir = Path(cfg.output_dir)
+    run_dir, remote = open_run(cfg.output_dir)  # a URI: a local mirror, synced as files land
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"output_dir: {run_dir} exists and is not a folder")
     preflight(cfg, stages, run_dir)
@@ -153,7 +154,11 @@ def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None]
             info = RUNNERS[stage](cfg, run_dir)
         except BaseException as exc:
             manifest.fail(stage, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+            if remote is not None:
+                remote.sync()
             raise
         manifest.finish(stage, t0, **info)
+        if remote is not None:
+            remote.sync()
         log(f"{stage}: done in {manifest.stage(stage)['seconds']:.1f} s")
     return run_dir

@@ -23,6 +23,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs import storage
+
 TMP_PREFIX = ".tmp-"
 _VERSIONED = (
     "raysift",
@@ -53,6 +55,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         if tmp.is_dir() and final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        storage.committed(final)  # a remote run folder gets the file now (jobs/storage.py)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

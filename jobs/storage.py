@@ -1,0 +1,237 @@
+"""Run folders on any filesystem pyarrow reaches: a local path, `s3://`, `gs://`, `hdfs://`, or
+any fsspec protocol whose package is installed (`abfs://`, ...).
+
+A remote run folder (`output_dir: s3://bucket/runs/x`) is worked in a local mirror on the driver
+(`$RAYSIFT_CACHE/runs/<hash>`): the driver pulls what the remote folder holds before the first
+stage, every committed file (`jobs.runfolder.atomic_path`: each embedding shard, the manifest,
+the selection) is uploaded the moment it is renamed into place, and each stage ends with a sync
+that also removes remote files the stage deleted. A driver on another machine -- a resubmitted job,
+a scheduled curation -- resumes from the remote folder and loses at most the shard in flight.
+Ray Train's checkpoints go straight to `<output_dir>/.../finetune/ray` (its workers write them,
+from whichever node they run on), so the mirror never uploads or deletes anything below that.
+
+Credentials come from the filesystem's usual chain (for S3: AWS_ACCESS_KEY_ID/..., AWS_PROFILE,
+~/.aws, an instance profile; AWS_ENDPOINT_URL for an S3-compatible endpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from jobs.errors import InputError
+
+RAY_TRAIN_DIR = ("finetune", "ray")  # written by Ray Train itself, never mirrored
+_MIRRORS: dict[Path, Remote] = {}
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def _aws_credentials_configured() -> bool:
+    env = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    )
+    home = Path.home() / ".aws"
+    return any(os.environ.get(k) for k in env) or any(
+        (home / f).is_file() for f in ("credentials", "config")
+    )
+
+
+def filesystem(uri: str, field: str = "output_dir"):
+    """(pyarrow FileSystem, path inside it) for `uri`; an unknown scheme names the field."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError, OSError) as exc:
+        if "Unrecognized filesystem type" not in str(exc):
+            raise InputError(f"{field}: {uri}: {str(exc).splitlines()[0]}") from None
+    try:  # not a pyarrow scheme: an fsspec implementation, if its package is installed
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as exc:
+        raise InputError(
+            f"{field}: {uri}: no filesystem for this scheme (pyarrow has s3, gs, hdfs; others "
+            f"need fsspec and its package) ({exc})"
+        ) from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+class Remote:
+    """A remote run folder and its local mirror."""
+
+    def __init__(self, uri: str, local: Path | None = None, field: str = "output_dir"):
+        self.uri = uri.rstrip("/")
+        self.field = field
+        self.fs, self.root = filesystem(self.uri, field)
+        self.root = self.root.rstrip("/")
+        cache = Path(os.environ.get("RAYSIFT_CACHE", Path.home() / ".cache" / "raysift"))
+        digest = hashlib.sha1(self.uri.encode()).hexdigest()[:12]
+        self.local = Path(local) if local else cache / "runs" / f"{digest}-{Path(self.root).name}"
+        self._pushed: dict[str, tuple[int, int]] = {}  # relpath -> (size, mtime_ns) uploaded
+
+    # -- checks --------------------------------------------------------------------------------
+    def probe(self) -> None:
+        """Reach the folder once, in seconds: no credentials or no endpoint is an InputError."""
+        import pyarrow.fs as pafs
+
+        t0 = time.monotonic()
+        try:
+            info = self.fs.get_file_info(self.root)
+            if info.type == pafs.FileType.File:
+                raise InputError(f"{self.field}: {self.uri} is a file, expected a folder")
+            self.fs.create_dir(self.root)
+        except OSError as exc:
+            msg = str(exc).splitlines()[0]
+            hint = ""
+            if self.uri.startswith("s3://") and not _aws_credentials_configured():
+                hint = (
+                    " -- no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run on a node with an instance profile)"
+                )
+            raise InputError(
+                f"{self.field}: cannot use {self.uri} ({msg}){hint} [{time.monotonic() - t0:.1f} s]"
+            ) from None
+
+    # -- transfers -----------------------------------------------------------------------------
+    def _rel(self, local_path: Path) -> str | None:
+        try:
+            rel = Path(local_path).resolve().relative_to(self.local.resolve())
+        except ValueError:
+            return None
+        if rel.parts[: len(RAY_TRAIN_DIR)] == RAY_TRAIN_DIR:
+            return None
+        return rel.as_posix()
+
+    def remote_path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def remote_uri(self, rel: str = "") -> str:
+        return f"{self.uri}/{rel}" if rel else self.uri
+
+    def _remote_files(self) -> dict[str, int]:
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        out = {}
+        for info in self.fs.get_file_info(sel):
+            if info.type == pafs.FileType.File:
+                rel = info.path[len(self.root) + 1 :]
+                if Path(rel).parts[: len(RAY_TRAIN_DIR)] != RAY_TRAIN_DIR:
+                    out[rel] = info.size
+        return out
+
+    def _local_files(self) -> dict[str, Path]:
+        out = {}
+        for dirpath, dirnames, filenames in os.walk(self.local):
+            base = Path(dirpath)
+            rel_dir = base.relative_to(self.local)
+            if rel_dir.parts[: len(RAY_TRAIN_DIR)] == RAY_TRAIN_DIR:
+                dirnames[:] = []
+                continue
+            dirnames[:] = [d for d in dirnames if not (base / d).is_symlink()]
+            for name in filenames:
+                p = base / name
+                if not p.is_symlink() and not name.startswith(".tmp-"):
+                    out[(rel_dir / name).as_posix()] = p
+        return out
+
+    def pull(self) -> int:
+        """Copy remote files the mirror lacks (or holds at another size); returns how many."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        n = 0
+        for rel, size in sorted(self._remote_files().items()):
+            dest = self.local / rel
+            if not (dest.is_file() and dest.stat().st_size == size):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".tmp-pull-{dest.name}")
+                with self.fs.open_input_stream(self.remote_path(rel)) as src, open(tmp, "wb") as fh:
+                    while chunk := src.read(8 << 20):
+                        fh.write(chunk)
+                os.replace(tmp, dest)
+                n += 1
+            st = dest.stat()
+            self._pushed[rel] = (st.st_size, st.st_mtime_ns)
+        return n
+
+    def push(self, local_path: Path) -> None:
+        """Upload one committed file, or every file of a committed folder."""
+        p = Path(local_path)
+        files = [p] if p.is_file() else [q for q in sorted(p.rglob("*")) if q.is_file()]
+        for f in files:
+            rel = self._rel(f)
+            if rel is None:
+                continue
+            st = f.stat()
+            dest = self.remote_path(rel)
+            self.fs.create_dir(dest.rsplit("/", 1)[0])
+            with open(f, "rb") as src, self.fs.open_output_stream(dest) as out:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+            self._pushed[rel] = (st.st_size, st.st_mtime_ns)
+
+    def sync(self) -> None:
+        """Make the remote folder equal the mirror: upload changes, delete what the mirror lost."""
+        local = self._local_files()
+        for rel, p in sorted(local.items()):
+            st = p.stat()
+            if self._pushed.get(rel) != (st.st_size, st.st_mtime_ns):
+                self.push(p)
+        for rel in sorted(set(self._remote_files()) - set(local)):
+            self.fs.delete_file(self.remote_path(rel))
+            self._pushed.pop(rel, None)
+
+
+def open_run(output_dir: str) -> tuple[Path, Remote | None]:
+    """The local folder a run works in, and its Remote when `output_dir` is a URI (probed,
+    pulled and registered, so every committed file is uploaded as it lands)."""
+    if not is_remote(output_dir):
+        return Path(output_dir.removeprefix("file://")), None
+    remote = Remote(output_dir)
+    remote.probe()
+    remote.pull()
+    _MIRRORS[remote.local.resolve()] = remote
+    return remote.local, remote
+
+
+def mirror_of(local_path: Path) -> Remote | None:
+    """The Remote whose mirror holds `local_path`, if any."""
+    p = Path(local_path).resolve()
+    for root, remote in _MIRRORS.items():
+        if p == root or root in p.parents:
+            return remote
+    return None
+
+
+def shared_path(local_path: Path):
+    """(path, filesystem) a Ray task on any node can read `local_path` at: the remote copy when
+    the run folder is mirrored (the file was uploaded when it was committed), else the path."""
+    remote = mirror_of(local_path)
+    if remote is None:
+        return str(local_path), None
+    rel = Path(local_path).resolve().relative_to(remote.local.resolve()).as_posix()
+    return remote.remote_path(rel), remote.fs
+
+
+def committed(local_path: Path) -> None:
+    """Called by the run folder's atomic writers after each rename: upload if mirrored."""
+    if _MIRRORS:
+        remote = mirror_of(local_path)
+        if remote is not None:
+            remote.push(local_path)
+
+
+def sync_all() -> None:
+    """Sync every registered remote run folder (the CLI calls this when a command ends)."""
+    for remote in list(_MIRRORS.values()):
+        remote.sync()
