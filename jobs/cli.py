@@ -135,6 +135,39 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def submit(
+    config: ConfigArg,
+    address: Annotated[
+        str,
+        typer.Option(
+            envvar="RAY_API_SERVER_ADDRESS",
+            help="the cluster's dashboard (`ray dashboard cluster.yaml` tunnels it here)",
+        ),
+    ] = "http://127.0.0.1:8265",
+    set_: SetOpt = None,
+    wait_: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="wait for the job and exit with its result")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait")] = 24 * 3600,
+) -> None:
+    """Submit `raysift run CONFIG` to a running cluster as a Ray job (this checkout uploaded as
+    the working_dir); with --wait, follow it to the end."""
+    from jobs import cluster
+
+    job_id = cluster.submit(config, address, list(set_ or []))
+    typer.echo(f"submitted: {job_id}")
+    typer.echo(f"follow it: ray job logs -f {job_id} --address {address}")
+    if not wait_:
+        return
+    status = cluster.wait(address, job_id, timeout)
+    typer.echo(f"{job_id}: {status}")
+    if status != "SUCCEEDED":
+        tail = cluster.logs(address, job_id).strip().splitlines()[-15:]
+        typer.echo("\n".join(tail), err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     output_dir: Annotated[
         Path | None, typer.Option(help="run folder (default: the demo config's runs/demo)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine.embed import resolve_model_path
 from engine.lm import resolve_lm_path
+from jobs.cluster import TOKEN_HELP, check_ray_address, token_present
 from jobs.config import Config, to_yaml
 from jobs.embed import SIDES, run_embed, shard_files
 from jobs.errors import InputError
@@ -31,18 +32,24 @@ RAY_ENV = {"HF_HUB_OFFLINE": "1"}
 
 
 def start_ray(cfg: Config) -> None:
-    """Join `ray.address`, or start a local cluster; reuse the one this process already has."""
+    """Join `ray.address`, or the cluster this process was submitted to (`ray job submit` sets
+    RAY_ADDRESS for the driver), or start a local cluster; reuse the one this process has."""
     import ray
 
     os.environ.update(RAY_ENV)
     if not ray.is_initialized():
-        kwargs: dict = {
-            "include_dashboard": False,
-            "runtime_env": {"env_vars": RAY_ENV},
-            "log_to_driver": False,
-        }
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, **kwargs)
+        kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        if not in_job:  # a submitted job has its runtime env already; adding one conflicts
+            kwargs["runtime_env"] = {"env_vars": RAY_ENV}
+        address = cfg.ray.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
+        if address:
+            check_ray_address(address)  # a dead address fails in seconds, not minutes
+            try:
+                ray.init(address=address, **kwargs)
+            except ConnectionError as exc:
+                hint = "" if token_present() else f"; no Ray auth token found: {TOKEN_HELP}"
+                raise InputError(f"ray.address: {address}: {exc}{hint}") from None
         else:
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
     configure_data()
@@ -97,6 +104,8 @@ NEEDS_RAY = {"ingest", "embed"}
 
 def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
     """Every check that needs no cluster, before one starts: a typo fails in a second."""
+    if any(s in NEEDS_RAY for s in stages) or "select" in stages or "finetune" in stages:
+        check_ray_address(cfg.ray.address)
     if "embed" in stages:
         try:
             resolve_model_path(cfg.embed.model)
