@@ -2,7 +2,8 @@
 
 `raysift submit CONFIG --address http://HEAD:8265` is `ray job submit --working-dir . -- raysift run
 CONFIG` with raysift's runtime_env: this checkout (engine/, actors/, jobs/, configs/) is uploaded
-and every worker starts in its node's copy of it (on its sys.path), so the driver and every worker run the code you submitted; the
+and every worker starts in its copy of it (on its sys.path): driver and workers run the code you
+submitted; the
 third-party packages come from the cluster's image (cluster.yaml's setup_commands).
 """
 
@@ -135,6 +136,7 @@ def logs(address: str, job_id: str) -> str:
 
 def token_present() -> bool:
     """Whether this process has a Ray auth token to present (env, token file, default file)."""
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or (
-        Path.home() / ".ray" / "auth_token"
-    ).is_file()
+    return (
+        bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+        or (Path.home() / ".ray" / "auth_token").is_file()
+    )
