@@ -3,8 +3,7 @@
 `raysift submit CONFIG --address http://HEAD:8265` is `ray job submit --working-dir . -- raysift run
 CONFIG` with raysift's runtime_env: this checkout (engine/, actors/, jobs/, configs/) is uploaded
 and every worker starts in its copy of it (on its sys.path): driver and workers run the code you
-submitted; the
-third-party packages come from the cluster's image (cluster.yaml's setup_commands).
+submitted; the third-party packages come from the cluster's image (cluster.yaml's setup_commands).
 """
 
 from __future__ import annotations
