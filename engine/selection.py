@@ -23,6 +23,7 @@ class Selection:
     count: np.ndarray | None = None
     p: np.ndarray | None = None  # the full distribution over the pool, for methods that have one
     info: dict = field(default_factory=dict)  # what the method wants in the manifest
+    potential: np.ndarray | None = None  # GOT-D: the converged target potential f
 
     def __post_init__(self) -> None:
         self.indices = np.asarray(self.indices, dtype=np.int64)

@@ -135,6 +135,16 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def curate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Incremental curation of a growing pool folder: embed only new rows, re-select, write a
+    new version under curate/ with a diff against the previous one (nothing new: no-op)."""
+    from jobs.curate import run_curate
+
+    summary = run_curate(_load(config, set_), log=_log)
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
 def submit(
     config: ConfigArg,
     address: Annotated[

@@ -318,6 +318,14 @@ class EvaluateConfig(Strict):
     )
 
 
+class CurateConfig(Strict):
+    gotd: Literal["resolve", "c_transform"] = Field(
+        "resolve",
+        description="GOT-D on a grown pool: resolve (Sinkhorn on the union, exact) or c_transform "
+        "(new rows scored against the stored target potential f; targets must be unchanged)",
+    )
+
+
 class Config(Strict):
     output_dir: str
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
@@ -331,6 +339,7 @@ class Config(Strict):
     select: SelectConfig = Field(default_factory=SelectConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
 
     @model_validator(mode="after")
     def _leave_cpus_for_readers(self) -> Config:

@@ -103,6 +103,7 @@ def _gotd(cfg: Config, ids, candidates, targets) -> Selection:
         stop_ot_shards(actors)
         del keep
     chosen = gotd_select(g, rows, cfg.select.budget, len(candidates))
+    chosen.potential = f  # the target potential: what a grown pool's new rows are scored against
     chosen.info = {
         "iterations": n_iter,
         "converged": converged,
@@ -200,14 +201,28 @@ def run_select(cfg: Config, run_dir: Path) -> dict:
         sel = gradex_selection(cfg, run_dir, ids)
     else:
         sel = METHODS[cfg.select.method](cfg, ids, candidates, targets)
+    if sel.potential is not None:
+        write_parquet(
+            run_dir / GOTD_POTENTIAL,
+            pa.table({"id": target_ids.column("id"), "f": pa.array(sel.potential, pa.float32())}),
+        )
+    return write_selection(cfg, run_dir, sel, data)
+
+
+def write_selection(cfg: Config, run_dir: Path, sel: Selection, data: pa.Table) -> dict:
+    """selection.parquet, probabilities.parquet (methods with a distribution), selected.jsonl."""
+    ids = data.column("id")
     keep = list(cfg.candidates.keep_columns)
     table = selection_table(sel, data, keep)
     if sel.p is not None:  # the whole distribution, not only the sampled rows
         write_parquet(
             run_dir / "probabilities.parquet",
-            pa.table({"id": data.column("id"), "probability": pa.array(sel.p)}),
+            pa.table({"id": ids, "probability": pa.array(sel.p)}),
         )
     write_parquet(run_dir / "selection.parquet", table)
     rows = data.take(pa.array(sel.indices)).select(["id", "text", *keep])
     write_jsonl(run_dir / "selected.jsonl", rows.append_column("rank", table.column("rank")))
     return {"method": cfg.select.method, "rows": table.num_rows, "pool": len(ids), **sel.info}
+
+
+GOTD_POTENTIAL = "gotd_potential.parquet"
