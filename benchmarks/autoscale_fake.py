@@ -32,7 +32,9 @@ def main() -> None:
     import ray
 
     OUT.mkdir(parents=True, exist_ok=True)
-    port = 6411
+    # The fake provider's worker nodes dial the GCS on Ray's default port, whatever the head
+    # was started with (seen here: with --port=6411 the three launched nodes never joined).
+    port = 6379
     temp = "/tmp/rsfake"
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "PATH": f"{BIN}:{os.environ['PATH']}",
            "HF_HUB_OFFLINE": "1"}  # fmt: skip
