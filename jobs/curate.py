@@ -66,14 +66,16 @@ def _ids(path: Path) -> np.ndarray:
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=str)
 
 
-def _incremental_gotd(cfg: Config, run_dir: Path, previous: Path, n_prev: int) -> Selection:
+def _incremental_gotd(
+    cfg: Config, run_dir: Path, ids: np.ndarray, previous: Path, prev_pool: np.ndarray
+) -> Selection:
     """New rows' g by the c-transform of the stored f; old rows keep their g (shifted for the
-    larger pool: g carries eps log(1/N)); the budget smallest of both, ties by row."""
+    larger pool: g carries eps log(1/N)); the budget smallest of both, ties by row. `ids`: the
+    pool now, `prev_pool`: the previous version's."""
     from jobs.select import GOTD_POTENTIAL, aligned_vectors
 
     eps = cfg.select.gotd.epsilon
-    ids = _ids(run_dir / "data" / "candidates.parquet")
-    n = len(ids)
+    n, n_prev = len(ids), len(prev_pool)
     stored = pq.read_table(run_dir / GOTD_POTENTIAL)
     f = stored.column("f").to_numpy()
     target_ids = np.asarray(stored.column("id").to_numpy(zero_copy_only=False), str)
@@ -84,7 +86,7 @@ def _incremental_gotd(cfg: Config, run_dir: Path, previous: Path, n_prev: int) -
     g_prev = -prev.column("score").to_numpy() / (1 + 1 / n_prev) - eps * np.log(n / n_prev)
     pos = {k: i for i, k in enumerate(ids)}
     prev_rows = np.array([pos[k] for k in prev_ids], np.int64)
-    new_rows = np.flatnonzero(~np.isin(ids, _ids(previous / "pool_ids.parquet")))
+    new_rows = np.flatnonzero(~np.isin(ids, prev_pool))
     shard = SinkhornShard(
         aligned_vectors(run_dir, "candidates", ids[new_rows]), targets, n_total=n, epsilon=eps
     )
@@ -118,6 +120,8 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     }
     version = (latest["version"] + 1) if latest else 1
     previous = folder / f"v{latest['version']:04d}" if latest else None
+    pool_ids = _ids(run_dir / "data" / "candidates.parquet")
+    prev_pool = _ids(previous / "pool_ids.parquet") if previous else np.array([], str)
     incremental = (
         cfg.select.method == "gotd"
         and cfg.curate.gotd == "c_transform"
@@ -130,17 +134,15 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if incremental:
         log(f"select: gotd, new rows by the c-transform of the stored f (v{version:04d})")
         data = pq.read_table(run_dir / "data" / "candidates.parquet")
-        sel = _incremental_gotd(cfg, run_dir, previous, latest["pool"])
+        sel = _incremental_gotd(cfg, run_dir, pool_ids, previous, prev_pool)
         info = write_selection(cfg, run_dir, sel, data)
     else:
         log(f"select: {cfg.select.method} on the whole pool (v{version:04d})")
         info = run_select(cfg, run_dir)
     manifest.finish("select", t0, **info)
 
-    pool_ids = _ids(run_dir / "data" / "candidates.parquet")
     chosen = _ids(run_dir / "selection.parquet")
     before = _ids(previous / "selection.parquet") if previous else np.array([], str)
-    prev_pool = _ids(previous / "pool_ids.parquet") if previous else np.array([], str)
     old_entries = latest["inputs"]["candidates"] if latest else []
     old_files = {f[0] for f in old_entries}
     summary = {

@@ -63,10 +63,10 @@ def _is_pair(row: dict, f: FinetuneConfig) -> bool:
     return isinstance(row.get(f.prompt_column), str) and isinstance(row.get(f.response_column), str)
 
 
-def check_finetune(cfg: Config, rows_path: Path) -> int:
+def check_finetune(cfg: Config, rows_path: Path) -> list[dict]:
     """Every fine-tune input check that needs no cluster: rows and model (converting the
     packaged one once, here rather than in every worker), before any output. Returns the rows."""
-    n_rows = len(selected_rows(rows_path, cfg.finetune))
+    rows = selected_rows(rows_path, cfg.finetune)
     try:
         resolve_lm_path(cfg.finetune.model)
     except FileNotFoundError as exc:
@@ -74,7 +74,7 @@ def check_finetune(cfg: Config, rows_path: Path) -> int:
     adapter = cfg.finetune.init_adapter
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise InputError(f"finetune.init_adapter: {adapter} is not a LoRA adapter folder")
-    return n_rows
+    return rows
 
 
 def fingerprint(rows_path: Path, f: FinetuneConfig, seed: int) -> str:
@@ -206,7 +206,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
 
     f = cfg.finetune
     rows_path = rows_path or run_dir / "selected.jsonl"
-    n_rows = check_finetune(cfg, rows_path)
+    rows = check_finetune(cfg, rows_path)
     out = run_dir / "finetune"
     out.mkdir(parents=True, exist_ok=True)
     stamp = fingerprint(rows_path, f, cfg.seed)
@@ -231,7 +231,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
         train_loop,
         train_loop_config={
             "finetune": f.model_dump(mode="json"), "seed": cfg.seed,
-            "rows": ray.put(selected_rows(rows_path, f)),
+            "rows": ray.put(rows),  # read once here; a worker on another node has no run folder
         },
         scaling_config=ScalingConfig(
             num_workers=f.num_workers, use_gpu=use_gpu,
@@ -254,7 +254,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
         "resumed_from_step": m["resumed_from"],
         "final_loss": m["loss"],
         "losses": m["losses"],
-        "rows": n_rows,
+        "rows": len(rows),
         "workers": f.num_workers,
         "gpu": use_gpu,
         "train_seconds": round(time.perf_counter() - t0, 1),

@@ -104,8 +104,7 @@ NEEDS_RAY = {"ingest", "embed"}
 
 def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
     """Every check that needs no cluster, before one starts: a typo fails in a second."""
-    if any(s in NEEDS_RAY for s in stages) or "select" in stages or "finetune" in stages:
-        check_ray_address(cfg.ray.address)
+    check_ray_address(cfg.ray.address)
     if "embed" in stages:
         try:
             resolve_model_path(cfg.embed.model)

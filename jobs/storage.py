@@ -27,6 +27,11 @@ RAY_TRAIN_DIR = ("finetune", "ray")  # written by Ray Train itself, never mirror
 _MIRRORS: dict[Path, Remote] = {}
 
 
+def _mirrored(rel: str) -> bool:
+    """Whether the mirror keeps a run-folder-relative path (everything but Ray Train's dir)."""
+    return Path(rel).parts[: len(RAY_TRAIN_DIR)] != RAY_TRAIN_DIR
+
+
 def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
@@ -104,20 +109,20 @@ class Remote:
             ) from None
 
     # -- transfers -----------------------------------------------------------------------------
-    def _rel(self, local_path: Path) -> str | None:
+    def relative(self, local_path: Path) -> str | None:
+        """`local_path` relative to the mirror (posix), or None when it lies outside it."""
         try:
-            rel = Path(local_path).resolve().relative_to(self.local.resolve())
+            return Path(local_path).resolve().relative_to(self.local.resolve()).as_posix()
         except ValueError:
             return None
-        if rel.parts[: len(RAY_TRAIN_DIR)] == RAY_TRAIN_DIR:
-            return None
-        return rel.as_posix()
+
+    def _rel(self, local_path: Path) -> str | None:
+        """The relative path of a file the mirror uploads (None: outside, or Ray Train's)."""
+        rel = self.relative(local_path)
+        return rel if rel is not None and _mirrored(rel) else None
 
     def remote_path(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
-
-    def remote_uri(self, rel: str = "") -> str:
-        return f"{self.uri}/{rel}" if rel else self.uri
 
     def _remote_files(self) -> dict[str, int]:
         import pyarrow.fs as pafs
@@ -127,7 +132,7 @@ class Remote:
         for info in self.fs.get_file_info(sel):
             if info.type == pafs.FileType.File:
                 rel = info.path[len(self.root) + 1 :]
-                if Path(rel).parts[: len(RAY_TRAIN_DIR)] != RAY_TRAIN_DIR:
+                if _mirrored(rel):
                     out[rel] = info.size
         return out
 
@@ -136,7 +141,7 @@ class Remote:
         for dirpath, dirnames, filenames in os.walk(self.local):
             base = Path(dirpath)
             rel_dir = base.relative_to(self.local)
-            if rel_dir.parts[: len(RAY_TRAIN_DIR)] == RAY_TRAIN_DIR:
+            if not _mirrored(rel_dir.as_posix()):
                 dirnames[:] = []
                 continue
             dirnames[:] = [d for d in dirnames if not (base / d).is_symlink()]
@@ -219,8 +224,7 @@ def shared_path(local_path: Path):
     remote = mirror_of(local_path)
     if remote is None:
         return str(local_path), None
-    rel = Path(local_path).resolve().relative_to(remote.local.resolve()).as_posix()
-    return remote.remote_path(rel), remote.fs
+    return remote.remote_path(remote.relative(local_path)), remote.fs
 
 
 def committed(local_path: Path) -> None:

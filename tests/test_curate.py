@@ -33,6 +33,15 @@ def _config(tmp_path, name, pool, method, **select):
     )
 
 
+def _pool(tmp_path, first: int, name: str):
+    """The demo pool's first 300 rows, and a pool folder holding the first `first` of them."""
+    rows = pq.read_table(DEMO_POOL).slice(0, 300)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    pq.write_table(rows.slice(0, first), pool / name)
+    return rows, pool
+
+
 def _table(path):
     return pq.read_table(path).select(["id", "rank", "score", "probability"])
 
@@ -40,10 +49,7 @@ def _table(path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_curate_embeds_only_new_rows_and_matches_a_run_on_the_union(ray_cluster, tmp_path):
-    rows = pq.read_table(DEMO_POOL).slice(0, 300)
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    pq.write_table(rows.slice(0, 240), pool / "2026-11-01.parquet")
+    rows, pool = _pool(tmp_path, 240, "2026-11-01.parquet")
     tsds = {"tsds": {"mode": "exact", "shards": 2, "cpus_per_shard": 0.5}}
     cfg = _config(tmp_path, "curated", pool, "tsds", **tsds)
 
@@ -91,10 +97,7 @@ def test_curate_embeds_only_new_rows_and_matches_a_run_on_the_union(ray_cluster,
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gotd_c_transform_scores_new_rows_against_the_stored_potential(ray_cluster, tmp_path):
-    rows = pq.read_table(DEMO_POOL).slice(0, 300)
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    pq.write_table(rows.slice(0, 200), pool / "a.parquet")
+    rows, pool = _pool(tmp_path, 200, "a.parquet")
     gotd = {"gotd": {"epsilon": 0.1, "threshold": 0.01, "cpus_per_shard": 0.5}}
     cfg = _config(tmp_path, "inc", pool, "gotd", **gotd)
     cfg.curate.gotd = "c_transform"
