@@ -1,6 +1,9 @@
 """The demo config end to end on a small slice, on the shared local Ray cluster."""
 
+import contextlib
+import io
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,9 +40,24 @@ def manifest(run):
     return json.loads((run / "manifest.json").read_text())
 
 
-def test_demo_slice_end_to_end(tmp_path, capsys):
-    run = demo(tmp_path, "a")
-    shown = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def slice_run(tmp_path_factory, ray_cluster):
+    """The demo on the slice (knn) and what it printed; the other tests start from a copy of
+    its folder, so the 440 rows are embedded once for the module."""
+    folder = tmp_path_factory.mktemp("demo")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        run = demo(folder, "a")
+    return run, out.getvalue()
+
+
+def copy_of(run, tmp_path, name):
+    """A copy of the slice's run folder: its ingest and embeddings are reused, not redone."""
+    shutil.copytree(run, tmp_path / name)
+    return name
+
+
+def test_demo_slice_end_to_end(tmp_path, slice_run):
+    run, shown = slice_run
     assert "Where the 40 selected rows came from (knn)" in shown and "debian_pkg" in shown
     assert "Most selected labels" in shown and "selected.jsonl" in shown
 
@@ -79,7 +97,7 @@ def test_demo_slice_end_to_end(tmp_path, capsys):
     assert rows.get("debian_pkg", 0) / 40 > 0.5
 
     # A rerun with nothing changed redoes nothing and selects the same rows.
-    run_again = demo(tmp_path, "a")
+    run_again = demo(run.parent, "a")
     m2 = manifest(run_again)
     assert m2["stages"]["embed"]["candidates"]["rows_embedded"] == 0
     assert m2["stages"]["embed"]["candidates"]["rows_reused"] == 400
@@ -114,9 +132,10 @@ def test_random_needs_no_embeddings_and_is_seeded(tmp_path):
     assert prob == [40 / 400] * 40
 
 
-def test_tsds_and_gotd_are_seeded_and_independent_of_shards(tmp_path):
+def test_tsds_and_gotd_are_seeded_and_independent_of_shards(tmp_path, slice_run):
     tsds = ["select.method=tsds", "select.tsds.max_K=200"]
-    run = demo(tmp_path, "t", *tsds)
+    run = demo(tmp_path, copy_of(slice_run[0], tmp_path, "t"), *tsds)
+    assert manifest(run)["stages"]["embed"]["candidates"]["rows_reused"] == 400  # the copy's
     sel = pq.read_table(run / "selection.parquet")
     assert sel.column_names == ["id", "rank", "score", "probability", "count", "source", "label"]
     assert sel.num_rows == 40 and sel["count"].null_count == 40  # without replacement
@@ -150,9 +169,9 @@ def test_tsds_and_gotd_are_seeded_and_independent_of_shards(tmp_path):
     assert pq.read_table(two / "selection.parquet")["id"].equals(ranked["id"])
 
 
-def test_demo_whole_path_writes_the_report(tmp_path, tiny_lm, capsys):
+def test_demo_whole_path_writes_the_report(tmp_path, tiny_lm, capsys, slice_run):
     """`raysift demo` as shipped (evaluation on), on the slice and a tiny model: the report."""
-    out = tmp_path / "e"
+    out = tmp_path / copy_of(slice_run[0], tmp_path, "e")
     sets = [*SLICE, f"finetune.model={tiny_lm}", "finetune.max_steps=2",
             "evaluate.heldout.limit=10"]  # fmt: skip
     assert main(["demo", "--output-dir", str(out), *sum((["--set", s] for s in sets), [])]) == 0
@@ -161,5 +180,6 @@ def test_demo_whole_path_writes_the_report(tmp_path, tiny_lm, capsys):
     assert f"report: {out / 'report.html'}" in shown
     result = json.loads((out / "evaluation.json").read_text())
     assert [r["method"] for r in result["runs"]] == ["random", "knn", "oracle"]
+    assert result["summary"]["oracle"]["share_from_target"] == 1.0  # it trains on the targets
     assert all(r["steps"] == 2 for r in result["runs"])
     assert "<svg" in (out / "report.html").read_text()

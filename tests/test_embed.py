@@ -86,7 +86,7 @@ def resume_config(tmp_path, n_rows):
 
 @pytest.mark.timeout(300)
 def test_a_killed_embed_resumes_without_redoing_committed_shards(tmp_path):
-    n_rows = 600
+    n_rows = 400
     cfg = resume_config(tmp_path, n_rows)
     folder = tmp_path / "run" / "embeddings" / "candidates"
     proc = subprocess.Popen(

@@ -38,7 +38,7 @@ def sharded(shards, kill_at=None):
 def test_any_shard_count_reproduces_the_global_solve():
     ref = solve(Y, X, threshold=1e-4)
     ref_top = np.lexsort((np.arange(len(ref.g)), ref.g))[:TOP]
-    for shards in (1, 4, 16):
+    for shards in (1, 3, 8):  # one, uneven (4000 = 1334 + 1333 + 1333), many
         g, top, n_iter, recoveries = sharded(shards)
         assert n_iter == ref.n_iter and not recoveries
         assert np.abs(g - ref.g).max() <= 1e-6, shards

@@ -54,7 +54,7 @@ class Node:
         )  # fmt: skip
 
     def kill(self, sig=signal.SIGKILL) -> None:
-        for s, grace in ((sig, 15), (signal.SIGKILL, 30)):
+        for s, grace in ((sig, 5), (signal.SIGKILL, 30)):
             try:
                 os.killpg(self.proc.pid, s)
             except ProcessLookupError:
@@ -181,9 +181,11 @@ def test_worker_node_dies_mid_embed_and_resubmission_resumes(cluster, tmp_path):
         time.sleep(1)
     run = tmp_path / "killed"
     shards = run / "embeddings" / "candidates"
-    sets = ["--set", f"output_dir={run}", "--set", "candidates.limit=1500",
+    rows = 1000  # 10 shards of 100: the kill lands after 2 and before the last
+    sets = ["--set", f"output_dir={run}", "--set", f"candidates.limit={rows}",
             "--set", "embed.shard_rows=100", "--set", "embed.rows_per_call=50",
-            "--set", "embed.num_actors=2", "--set", "embed.cpus_per_actor=1"]  # fmt: skip
+            "--set", "embed.num_actors=2", "--set", "embed.cpus_per_actor=1",
+            "--set", "stages=[ingest, embed]"]  # fmt: skip
     res = _cli("submit", str(DEMO), "--address", cluster["address"], "--no-wait", *sets, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     job_id = _job_id(res.stdout)
@@ -193,6 +195,7 @@ def test_worker_node_dies_mid_embed_and_resubmission_resumes(cluster, tmp_path):
         time.sleep(0.5)
     before = {p.name: p.stat().st_mtime_ns for p in shards.glob("part-*.parquet")}
     extra.kill()  # SIGKILL the node's raylet, object store and workers
+    assert len(before) < rows // 100, "the embedding had finished before the kill"
     status, log = jobs_api(cluster, job_id)
     assert status in ("SUCCEEDED", "FAILED"), status
     if status == "FAILED":  # a clear one-line error from raysift, not a hang
@@ -201,11 +204,11 @@ def test_worker_node_dies_mid_embed_and_resubmission_resumes(cluster, tmp_path):
     again = _cli("submit", str(DEMO), "--address", cluster["address"], *sets, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     embed = _manifest(run)["stages"]["embed"]["candidates"]
-    assert embed["rows"] == 1500
+    assert embed["rows"] == rows
     for name, mtime in before.items():  # committed before the kill: kept, not redone
         assert (shards / name).stat().st_mtime_ns == mtime
     assert embed["rows_reused"] >= 100 * len(before)
-    assert embed["rows_reused"] + embed["rows_embedded"] == 1500
+    assert embed["rows_reused"] + embed["rows_embedded"] == rows
     print(f"first job: {status}; resubmission reused {embed['rows_reused']} rows")
 
 
