@@ -87,18 +87,18 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_lm, ray_cluster):
     killed_at = registered_checkpoint(train_dir)
     assert killed_at is not None and killed_at < steps
 
-    second = raysift("finetune", cfg)
-    out = second.communicate(timeout=240)[0]
-    assert second.returncode == 0, out[-3000:]
+    # The rerun (here on the shared cluster: the CLI path ran above) resumes from the checkpoint.
+    from jobs.config import load_config
+    from jobs.pipeline import run
+
+    run(load_config(cfg), ["finetune"], log=lambda m: None)
     entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["finetune"]
     assert entry["resumed_from_step"] >= killed_at > 0  # from the checkpoint, not from zero
     assert entry["steps"] == steps
     logged = [s for s, _ in entry["losses"]]
     assert logged == list(range(5, steps + 1, 5))  # the history before the kill survived
 
-    # The same steps uninterrupted (here, on the shared cluster) give the same adapter: resume
-    # trains what the run would have.
-    from jobs.config import load_config
+    # The same steps uninterrupted give the same adapter: resume trains what the run would have.
     from jobs.finetune import run_finetune
 
     whole = tmp_path / "whole"

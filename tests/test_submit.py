@@ -153,7 +153,7 @@ def test_submit_demo_through_the_jobs_api_with_the_token(cluster, tmp_path):
     run = tmp_path / "demo"
     res = _cli(
         "submit", str(DEMO), "--address", cluster["address"],
-        "--set", f"output_dir={run}", "--set", "candidates.limit=600",
+        "--set", f"output_dir={run}", "--set", "candidates.limit=300", "--set", "select.budget=100",
         env=cluster["env"],
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -162,9 +162,9 @@ def test_submit_demo_through_the_jobs_api_with_the_token(cluster, tmp_path):
     assert status == "SUCCEEDED"
     stages = _manifest(run)["stages"]
     assert [stages[s]["status"] for s in ("ingest", "embed", "select")] == ["done"] * 3
-    assert stages["embed"]["candidates"]["rows_embedded"] == 600
-    assert stages["select"]["rows"] == 300 and (run / "selected.jsonl").is_file()
-    assert len((run / "selected.jsonl").read_text().splitlines()) == 300
+    assert stages["embed"]["candidates"]["rows_embedded"] == 300
+    assert stages["select"]["rows"] == 100 and (run / "selected.jsonl").is_file()
+    assert len((run / "selected.jsonl").read_text().splitlines()) == 100
 
 
 @pytest.mark.slow
@@ -181,7 +181,7 @@ def test_worker_node_dies_mid_embed_and_resubmission_resumes(cluster, tmp_path):
         time.sleep(1)
     run = tmp_path / "killed"
     shards = run / "embeddings" / "candidates"
-    rows = 1000  # 10 shards of 100: the kill lands after 2 and before the last
+    rows = 800  # 8 shards of 100: the kill lands after 2 and before the last
     sets = ["--set", f"output_dir={run}", "--set", f"candidates.limit={rows}",
             "--set", "embed.shard_rows=100", "--set", "embed.rows_per_call=50",
             "--set", "embed.num_actors=2", "--set", "embed.cpus_per_actor=1",
