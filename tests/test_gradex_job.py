@@ -196,7 +196,7 @@ def test_select_stage_takes_the_chosen_sources_rows(estimated, tmp_path, tiny_lm
     )
 
 
-def test_evaluate_compares_gradex_with_random_and_all_sources(tmp_path, tiny_lm, ray_cluster):
+def test_evaluate_compares_gradex_with_random_sources(tmp_path, tiny_lm, ray_cluster):
     """`evaluate.methods` takes gradex and its baselines: each run fine-tunes the base model on
     the budget's rows of its sources, and the report has a row for each. (gradex-all is the
     random baseline at the budget: test_select_stage_takes_the_chosen_sources_rows.)"""
