@@ -1,33 +1,40 @@
 """The embedding stage's callable class, used as
-`Dataset.map_batches(Embedder, compute=ActorPoolStrategy(...))`.
+`Dataset.map_batches(ChunkEmbedder, compute=ActorPoolStrategy(...))` over a plan of chunks.
 
 Each actor loads the encoder once in `__init__` (device chosen there: the GPU Ray assigned it, or
-the CPU) and turns pyarrow batches of (id, text, ...) into (id, ..., vector, precision) rows.
+the CPU). A call gets one chunk -- rows [a, b) of one part of the pool -- reads its texts from the
+run folder, embeds them and commits `embeddings/<side>/<digest>/rows-a-b.parquet` itself; what
+goes back to the driver is one small row per chunk (where, how many, in which precision).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import time
+
 import pyarrow as pa
 
 from engine.embed import encode, load_encoder
+from jobs.pool import chunk_name, read_part_rows, vectors_to_arrow
+from jobs.storage import Store
 
 
-def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, d) float32 -> a fixed-size-list<float32>[d] column, zero-copy."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+def commit_chunk(store: Store, side: str, digest: str, a: int, b: int, ids, vectors) -> None:
+    """Write one chunk of vectors (atomically: a killed actor leaves no partial chunk)."""
+    table = pa.table({"id": ids, "vector": vectors_to_arrow(vectors)})
+    store.write_parquet(f"embeddings/{side}/{digest}/{chunk_name(a, b)}", table)
 
 
-class Embedder:
+class ChunkEmbedder:
     def __init__(
         self,
+        store: Store,
         model: str,
         max_length: int,
         batch_size: int,
         precision: str,
         torch_threads: int | None = None,
     ):
+        self.store = store
         self.encoder = load_encoder(
             model,
             max_length=max_length,
@@ -36,10 +43,15 @@ class Embedder:
             num_threads=torch_threads,
         )
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """(text, other columns...) -> (other columns..., vector, precision)."""
-        vectors = encode(self.encoder, batch.column("text").to_pylist())
-        out = batch.drop_columns(["text"])
-        out = out.append_column("vector", vectors_to_arrow(vectors))
-        precision = pa.array([self.encoder.precision] * batch.num_rows, pa.string())
-        return out.append_column("precision", precision)
+    def __call__(self, chunks: pa.Table) -> pa.Table:
+        """(side, part, digest, a, b) per chunk -> the same with rows, precision, seconds."""
+        out = []
+        for c in chunks.to_pylist():
+            t0 = time.perf_counter()
+            rows = read_part_rows(self.store, f"data/{c['side']}/{c['part']}", c["a"], c["b"],
+                                  ["id", "text"])  # fmt: skip
+            vectors = encode(self.encoder, rows.column("text").to_pylist())
+            commit_chunk(self.store, c["side"], c["digest"], c["a"], c["b"], rows["id"], vectors)
+            out.append({**c, "rows": rows.num_rows, "precision": self.encoder.precision,
+                        "seconds": time.perf_counter() - t0})  # fmt: skip
+        return pa.Table.from_pylist(out)

@@ -1,10 +1,9 @@
-"""FAISS index shards as Ray actors: one shard per actor, global row ids, fan-out calls.
+"""FAISS index shards as Ray actors: one row range of the pool per actor, global row ids.
 
-`start_shards` splits the pool into consecutive row ranges, puts each range in the object store
-and starts one `IndexShard` actor per range (on a GPU when the cluster has one, else with a share
-of the CPUs and as many FAISS threads). `ray_fanout` gives `engine.tsds_search` its
-`fanout(method, *args)`: the same call on every shard, answers in shard order. Large arguments
-(the query matrix) are put in the object store once per call, not once per shard.
+`start_shards` splits the pool's rows into consecutive ranges and starts one `StoredIndexShard`
+per range (on a GPU when the cluster has one, else with a share of the CPUs and as many FAISS
+threads); each reads its own vectors and ids from the run folder, so a restarted actor rebuilds
+the same index (`actors.fanout.ResilientFanout` repeats the calls it missed).
 """
 
 from __future__ import annotations
@@ -12,43 +11,54 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import ray
 
-from engine.fanout import Fanout
+from actors.fanout import RESTARTS
 from engine.knn import IndexParams, IndexShard, shard_bounds
+from jobs.pool import Pool, read_rows, read_vector_range
+from jobs.storage import Store
+
+
+class StoredIndexShard(IndexShard):
+    """An `IndexShard` over rows [a, b) of the pool, read from the run folder."""
+
+    def __init__(self, pool: Pool, a: int, b: int, params: IndexParams, **options) -> None:
+        super().__init__(read_vector_range(pool, a, b), a, params, **options)
+        self.ids = read_rows(pool, a, b, ["id"]).column("id").combine_chunks()
+
+    def ids_of(self, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """(positions in `rows` of the rows held here, their ids)."""
+        local = np.asarray(rows, np.int64) - self.offset
+        where = np.flatnonzero((local >= 0) & (local < len(self.x)))
+        return where, self.ids.take(pa.array(local[where])).to_pylist()
+
+    def write_probabilities(
+        self, store: Store, folder: str, rows: np.ndarray, p: np.ndarray
+    ) -> int:
+        """Commit (row, id, probability) of the support rows held here as one file of `folder`;
+        returns how many."""
+        where, ids = self.ids_of(rows)
+        if len(where):
+            table = pa.table({"row": rows[where], "id": pa.array(ids, pa.string()),
+                              "probability": p[where]})  # fmt: skip
+            store.write_parquet(f"{folder}/part-{self.offset:012d}.parquet", table)
+        return len(where)
 
 
 def start_shards(
-    vectors: np.ndarray,
-    shards: int,
-    params: IndexParams,
-    *,
-    use_gpu: bool,
-    cpus_per_shard: float,
+    pool: Pool, shards: int, params: IndexParams, *, use_gpu: bool, cpus_per_shard: float
 ) -> list:
     """Start the shard actors; returns when every index is built (errors surface here)."""
-    remote = ray.remote(IndexShard).options(
+    remote = ray.remote(StoredIndexShard).options(
         num_cpus=0 if use_gpu else cpus_per_shard,
         num_gpus=1 if use_gpu else 0,
-        max_restarts=0,
+        max_restarts=RESTARTS,
     )
     threads = max(1, math.floor(cpus_per_shard))
     actors = [
-        remote.remote(ray.put(vectors[a:b]), a, params, use_gpu=use_gpu, threads=threads)
-        for a, b in shard_bounds(len(vectors), shards)
+        remote.remote(pool.restrict(a, b), a, b, params, use_gpu=use_gpu, threads=threads)
+        for a, b in shard_bounds(pool.n, shards)
     ]
     ray.get([actor.__len__.remote() for actor in actors])
     return actors
-
-
-def ray_fanout(actors: list) -> Fanout:
-    def call(method: str, *args):
-        refs = [ray.put(a) if isinstance(a, np.ndarray) and a.nbytes > 1 << 20 else a for a in args]
-        return ray.get([getattr(actor, method).remote(*refs) for actor in actors])
-
-    return call
-
-
-def stop_shards(actors: list) -> None:
-    for actor in actors:
-        ray.kill(actor)

@@ -97,7 +97,7 @@ def worker(mode: str, precision: str, data: Path) -> dict:
 
         from jobs.config import EmbedConfig
         from jobs.embed import embed_sides
-        from jobs.pipeline import RAY_ENV, configure_data
+        from jobs.runtime import RAY_ENV, configure_data
 
         t0 = time.perf_counter()
         ray.init(

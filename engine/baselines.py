@@ -20,9 +20,14 @@ from engine.selection import Selection, check_budget, top_k
 KNN_MODES = ("max", "centroid")
 
 
+def random_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    """u_i = H(seed, id_i) in [0, 1), float64: the smallest are chosen."""
+    return np.asarray(hash_uniform(ids, seed), dtype=np.float64)
+
+
 def random_select(ids: np.ndarray, budget: int, seed: int) -> Selection:
     check_budget(budget, len(ids))
-    u = np.asarray(hash_uniform(ids, seed), dtype=np.float64)
+    u = random_keys(ids, seed)
     chosen = top_k(-u, budget, ids)
     return Selection(chosen, 1.0 - u[chosen], probability=np.full(budget, budget / len(ids)))
 
@@ -49,12 +54,17 @@ def knn_select(
         raise ValueError(
             f"candidate dimension {candidates.shape[1]} != target dimension {targets.shape[1]}"
         )
-    if mode == "max":
-        score = max_similarity(candidates, targets)
-    elif mode == "centroid":
-        c = targets.astype(np.float64).mean(axis=0)
-        score = (candidates @ (c / np.linalg.norm(c)).astype(np.float32)).astype(np.float32)
-    else:
-        raise ValueError(f"knn mode must be one of {KNN_MODES}, got {mode!r}")
+    score = knn_scores(candidates, targets, mode)
     chosen = top_k(score.astype(np.float64), budget, ids)
     return Selection(chosen, score[chosen])
+
+
+def knn_scores(candidates: np.ndarray, targets: np.ndarray, mode: str = "max") -> np.ndarray:
+    """Each candidate's knn score, float32: its cosine to the nearest target (`max`) or to the
+    targets' mean direction (`centroid`). Row by row: any split of the pool gives the same."""
+    if mode == "max":
+        return max_similarity(candidates, targets)
+    if mode == "centroid":
+        c = targets.astype(np.float64).mean(axis=0)
+        return (candidates @ (c / np.linalg.norm(c)).astype(np.float32)).astype(np.float32)
+    raise ValueError(f"knn mode must be one of {KNN_MODES}, got {mode!r}")

@@ -12,9 +12,13 @@ by pair, then orders by (distance, global id). The result is then the same whate
 shards, which the float32 FAISS output alone is not.
 
 Density (TSDS's KNN-KDE): rho(x) = sum_y max(0, 1 - ||x - y||^2 / sigma^2) over the pool, x
-itself included (so rho >= 1). Only points within sigma contribute, so shards answer it with a
-range search (`IndexShard.within`) and the coordinator sums the kernel (`kernel_density`), in a
-fixed (distance, id) order, optionally over the `kde_K` nearest only.
+itself included (so rho >= 1). Only points within sigma contribute, so each shard finds them with
+a range search and sums their kernel itself (`IndexShard.density`); the coordinator adds the
+shards' partial sums (`combine_density`). The sums are exact: every term is rounded once to a
+multiple of 2^-60 and added as integers (two int64 halves), so rho is the same bits whatever the
+number of shards and the order of the terms (a float sum would depend on both, at the last bit).
+With `kde_K` only the kde_K nearest count: each shard sends its kde_K - 1 nearest other rows per
+point, and the coordinator keeps the global ones by (distance, id).
 
 FAISS on a GPU caps k at 2048. A shard on a GPU splits its rows into blocks small enough that each
 block's share of the top-k fits under the cap; a (query, block) pair whose capped list could still
@@ -282,11 +286,75 @@ class IndexShard:
         keep = sq < radius_sq
         return which[keep], lab[keep].astype(np.int64) + self.offset, sq[keep]
 
+    def density(
+        self, points: np.ndarray, self_ids: np.ndarray, sigma: float, kde_K: int | None = None
+    ):
+        """This shard's part of the density of each point (its own row excluded: it is the 1):
+        exact fixed-point kernel sums (n_points, 2) int64, or with `kde_K` each point's kde_K - 1
+        nearest other rows here as (point, global id, float64 squared distance)."""
+        return density_partial(len(points), self_ids, self.within(points, sigma**2), sigma, kde_K)
+
     def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in `ids` of the rows held here, their vectors)."""
         local = np.asarray(ids, dtype=np.int64) - self.offset
         where = np.flatnonzero((local >= 0) & (local < len(self.x)))
         return where, self.x[local[where]]
+
+
+FIXED_BITS = 60  # kernel terms are rounded to multiples of 2^-60 and summed as integers
+_LOW = 30
+
+
+def fixed_sums(which: np.ndarray, terms: np.ndarray, n_points: int) -> np.ndarray:
+    """Exact per-point sums of terms in [0, 1]: (n_points, 2) int64 (high and low 30 bits of
+    each term's 60-bit fixed-point value, summed separately: no overflow below 2^33 terms)."""
+    v = np.rint(np.asarray(terms, np.float64) * 2.0**FIXED_BITS).astype(np.int64)
+    out = np.zeros((n_points, 2), np.int64)
+    np.add.at(out[:, 0], which, v >> _LOW)
+    np.add.at(out[:, 1], which, v & ((1 << _LOW) - 1))
+    return out
+
+
+def from_fixed(sums: np.ndarray) -> np.ndarray:
+    """The float64 value of exact fixed-point sums (one rounding, the same for any term order)."""
+    return sums[:, 0] * 2.0**-_LOW + sums[:, 1] * 2.0 ** -(2 * _LOW)
+
+
+def density_partial(
+    n_points: int,
+    self_ids: np.ndarray,
+    hits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    sigma: float,
+    kde_K: int | None = None,
+):
+    """One shard's share of the density from its `within` hits (see `IndexShard.density`)."""
+    which, ids, sq = hits
+    other = ids != np.asarray(self_ids)[which]
+    which, ids, sq = which[other], ids[other], sq[other]
+    if kde_K is None:
+        return fixed_sums(which, 1.0 - sq / (sigma * sigma), n_points)
+    order = np.lexsort((ids, sq, which))
+    which, ids, sq = which[order], ids[order], sq[order]
+    starts = np.searchsorted(which, which, side="left")
+    keep = np.arange(len(which)) - starts < kde_K - 1
+    return which[keep], ids[keep], sq[keep]
+
+
+def combine_density(n_points: int, partials: list, sigma: float, kde_K: int | None = None):
+    """rho_i = 1 + sum of the kernel over other rows within sigma, from every shard's partial
+    (`density_partial`), float64; independent of the sharding, bit for bit."""
+    if kde_K is None:
+        total = np.sum(np.stack(partials), axis=0) if partials else np.zeros((n_points, 2), int)
+        return 1.0 + from_fixed(total)
+    capped = density_partial(
+        n_points,
+        np.full(n_points, -1),
+        tuple(np.concatenate([p[k] for p in partials]) for k in range(3)),
+        sigma,
+        kde_K,
+    )
+    which, _, sq = capped
+    return 1.0 + from_fixed(fixed_sums(which, 1.0 - sq / (sigma * sigma), n_points))
 
 
 def kernel_density(
@@ -296,25 +364,9 @@ def kernel_density(
     sigma: float,
     kde_K: int | None = None,
 ) -> np.ndarray:
-    """rho_i = 1 + sum over other rows y within sigma of 1 - ||x_i - y||^2 / sigma^2, float64.
-
-    `hits` are the shards' `within` answers for the same points; the point's own row counts once
-    as the 1 (it is always in the pool), even when an approximate index missed it. With `kde_K`
-    only the kde_K nearest rows count (the point itself included). Terms are summed in (distance,
-    id) order, so the value does not depend on how the pool was sharded.
-    """
-    which = np.concatenate([h[0] for h in hits])
-    ids = np.concatenate([h[1] for h in hits])
-    sq = np.concatenate([h[2] for h in hits])
-    other = ids != self_ids[which]
-    which, ids, sq = which[other], ids[other], sq[other]
-    order = np.lexsort((ids, sq, which))
-    which, sq = which[order], sq[order]
-    if kde_K is not None:
-        starts = np.searchsorted(which, which, side="left")
-        keep = np.arange(len(which)) - starts < kde_K - 1
-        which, sq = which[keep], sq[keep]
-    kernel = 1.0 - sq / (sigma * sigma)
-    rho = np.ones(n_points)
-    np.add.at(rho, which, kernel)  # sequential, in the sorted order
-    return rho
+    """rho_i = 1 + sum over other rows y within sigma of 1 - ||x_i - y||^2 / sigma^2, float64,
+    from the shards' `within` answers for the same points. The point's own row counts once as the
+    1 (it is always in the pool), even when an approximate index missed it. With `kde_K` only the
+    kde_K nearest rows count (the point itself included), by (distance, id)."""
+    partials = [density_partial(n_points, self_ids, h, sigma, kde_K) for h in hits]
+    return combine_density(n_points, partials, sigma, kde_K)

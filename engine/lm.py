@@ -80,15 +80,9 @@ def _packaged_smollm2(field: str) -> Path:
     return target
 
 
-def load_lm(
-    model: str,
-    device: torch.device | None = None,
-    field: str = "finetune.model",
-    attention: str | None = None,
-):
-    """(model, tokenizer) in fp32 on `device`; the tokenizer gets a pad and an end token.
-    `attention` picks transformers' attn_implementation (None: its default)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model: str, field: str = "finetune.model"):
+    """The model's tokenizer, with a pad and an end token."""
+    from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_lm_path(model, field)
@@ -99,6 +93,21 @@ def load_lm(
         tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_lm(
+    model: str,
+    device: torch.device | None = None,
+    field: str = "finetune.model",
+    attention: str | None = None,
+):
+    """(model, tokenizer) in fp32 on `device`; the tokenizer gets a pad and an end token.
+    `attention` picks transformers' attn_implementation (None: its default)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_lm_path(model, field)
+    tokenizer = load_tokenizer(model, field)
     extra = {"attn_implementation": attention} if attention else {}
     net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
     return net.to(device or torch.device("cpu")), tokenizer

@@ -7,6 +7,11 @@
   chosen whatever the row order, shard count or worker count.
 * `top` — the `budget` rows of highest p, deterministic.
 
+`p` may be the distribution on its support only (TSDS's p is zero off the neighbour lists): the
+draws are the same as over the whole pool -- rows of p = 0 are never drawn, and numpy's
+multinomial skips a zero category without drawing -- so the driver never needs an array of N.
+Sampling without replacement, and `top`, need budget <= the support.
+
 The multinomial draw runs over the rows sorted by id, so it too does not depend on row order.
 """
 
@@ -28,16 +33,16 @@ def sample(p: np.ndarray, ids: np.ndarray, budget: int, how: str, seed: int) -> 
         raise ValueError("p must be finite, >= 0, and not all zero")
     check_budget(budget, len(p))
     p = p / p.sum()
+    support = int(np.count_nonzero(p))
+    if how in ("top", "without_replacement") and budget > support:
+        raise ValueError(
+            f"select.budget={budget} is larger than the {support} candidates with p > 0 "
+            f"(sampling {how})"
+        )
     if how == "top":
         chosen = top_k(p, budget, ids)
         return Selection(chosen, p[chosen], probability=p[chosen])
     if how == "without_replacement":
-        support = int(np.count_nonzero(p))
-        if budget > support:
-            raise ValueError(
-                f"select.budget={budget} is larger than the {support} candidates with p > 0 "
-                "(sampling without replacement)"
-            )
         u = np.asarray(hash_uniform(ids, seed), dtype=np.float64)
         with np.errstate(divide="ignore"):
             key = np.where(p > 0, np.log(np.maximum(u, 1e-300)) / p, -np.inf)

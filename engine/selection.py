@@ -51,3 +51,33 @@ def top_k(score: np.ndarray, k: int, tiebreak: np.ndarray) -> np.ndarray:
     so the order never depends on the order rows arrived in."""
     order = np.lexsort((tiebreak, -score))
     return order[:k]
+
+
+@dataclass
+class Ranked:
+    """A best-first list of candidate rows: by `key` descending, ties by `tie` ascending (the id,
+    so the order never depends on how the pool was split). Per-partition lists of the best k merge
+    exactly into the global best k (`merge`): the union of every part's top k holds the top k.
+
+    key: what orders the rows (float64); tie: the tie-break (ids, or rows); row: global rows
+    (int64); score: what selection.parquet reports for each row (float64).
+    """
+
+    key: np.ndarray
+    tie: np.ndarray
+    row: np.ndarray
+    score: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def top(self, k: int) -> Ranked:
+        order = np.lexsort((self.tie, -self.key))[:k]
+        return Ranked(self.key[order], self.tie[order], self.row[order], self.score[order])
+
+    @staticmethod
+    def merge(parts: list[Ranked], k: int) -> Ranked:
+        parts = [p for p in parts if len(p)] or parts[:1]
+        joined = Ranked(*(np.concatenate([getattr(p, f) for p in parts])
+                          for f in ("key", "tie", "row", "score")))  # fmt: skip
+        return joined.top(k)

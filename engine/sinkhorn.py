@@ -99,13 +99,6 @@ class SinkhornShard:
                 self.cost[:, cols] if self.cost is not None else sqeuclidean(self.y, self.x[cols]),
             )
 
-    def warm_start(self, f: np.ndarray) -> None:
-        """A restarted shard (its g lost) rejoins from the coordinator's f: g = the soft
-        c-transform of f, g_j = eps log b - eps LSE_i((f_i - C_ij)/eps) (the g-update with w = 1),
-        then L from a column pass."""
-        self.g = torch.as_tensor(c_transform(self, f), device=self.device)
-        self.columns(f)
-
     def columns(self, f: np.ndarray) -> float:
         """Column pass with f: L_j = eps LSE_i((f_i + g_j - C_ij)/eps) - g_j, and this shard's
         share of the L1 marginal error sum_j |exp((L_j + g_j)/eps) - b_j|."""

@@ -42,12 +42,33 @@ class NeighboursExhausted(ValueError):
 
 @dataclass
 class TSDSSolution:
-    p: np.ndarray  # (n_candidates,) float64 selection probabilities, summing to 1
+    """p is nonzero only on the union of the neighbour lists, so it is kept sparse: `rows` (the
+    support, ascending) and `p` (their probabilities, float64, summing to 1); `dense()` spreads
+    it over the whole pool (for checks on small pools only: it is O(N))."""
+
+    rows: np.ndarray  # (support,) int64 candidate rows with p > 0, ascending
+    p: np.ndarray  # (support,) float64 their selection probabilities
+    n_candidates: int
     s: float  # the level s*
     last: np.ndarray  # (M,) int64: each query's last full neighbour, -1 for none
     events: int  # events processed before the stop (the reference's heap pops, the stop included)
     exhausted: bool  # True when no event met the condition (compat only; exact raises)
     raw_last: np.ndarray | None = None  # last full neighbour before compat's clip at 0
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.n_candidates)
+        out[self.rows] = self.p
+        return out
+
+
+def _sparse(idx: np.ndarray, values: np.ndarray, n_candidates: int) -> tuple:
+    """sum_k values[k] per row idx[k], added in the given order (so a row's float sum is the one a
+    dense `np.add.at` over the pool gives, bit for bit); rows with a zero sum left out."""
+    rows, where = np.unique(np.asarray(idx, np.int64), return_inverse=True)
+    p = np.zeros(len(rows))
+    np.add.at(p, where.reshape(-1), values.reshape(-1))
+    keep = p != 0
+    return rows[keep], p[keep]
 
 
 def _check(knn_dist, knn_idx, rho, alpha, C, n_candidates) -> None:
@@ -194,10 +215,9 @@ def _fill_all(knn_idx: np.ndarray, rho: np.ndarray, n_candidates: int) -> TSDSSo
     M, L = knn_idx.shape
     inv = 1.0 / rho.astype(np.float64)
     s = inv.sum(axis=1)
-    p = np.zeros(n_candidates)
-    np.add.at(p, knn_idx.ravel(), (inv / (M * s[:, None])).ravel())
+    rows, p = _sparse(knn_idx.ravel(), (inv / (M * s[:, None])).ravel(), n_candidates)
     last = np.full(M, L - 1, dtype=np.int64)
-    return TSDSSolution(p, float(s.max()), last, -1, True, last)
+    return TSDSSolution(rows, p, n_candidates, float(s.max()), last, -1, True, last)
 
 
 def _solve(knn_dist, knn_idx, rho, alpha, C, n_candidates, mode, lengths) -> TSDSSolution:
@@ -255,11 +275,11 @@ def _solve(knn_dist, knn_idx, rho, alpha, C, n_candidates, mode, lengths) -> TSD
     raw_last = np.full(M, -1, dtype=np.int64)
     np.maximum.at(raw_last, ev_j[:processed], ev_k[:processed])
     last = np.maximum(raw_last, 0) if mode == "compat" else raw_last  # reference: defect 4
-    p = _probabilities(rho, knn_idx, last, s, M, n_candidates, mode)
-    return TSDSSolution(p, s, last, stop + 1, exhausted, raw_last)
+    rows, p = _probabilities(rho, knn_idx, last, s, M, n_candidates, mode)
+    return TSDSSolution(rows, p, n_candidates, s, last, stop + 1, exhausted, raw_last)
 
 
-def _probabilities(rho, knn_idx, last, s, M, n_candidates, mode) -> np.ndarray:
+def _probabilities(rho, knn_idx, last, s, M, n_candidates, mode) -> tuple:
     """p: full neighbours k <= last_j at 1/(M s rho_jk), the rest of 1/M on neighbour last_j + 1."""
     L = rho.shape[1]
     full = np.arange(L)[None, :] <= last[:, None]
@@ -281,9 +301,7 @@ def _probabilities(rho, knn_idx, last, s, M, n_candidates, mode) -> np.ndarray:
     val = np.concatenate([share[rows, cols], remainder])
     seq = np.concatenate([rows * (L + 1) + cols, np.arange(M) * (L + 1) + L])
     order = np.argsort(seq, kind="stable")
-    p = np.zeros(n_candidates)
-    np.add.at(p, idx[order], val[order])
-    return p
+    return _sparse(idx[order], val[order], n_candidates)
 
 
 def knn_uniform(
@@ -305,9 +323,10 @@ def knn_uniform(
     if len(hit) == 0:
         raise NeighboursExhausted(f"no K < {L} meets the condition; fetch more neighbours")
     k_star = int(K[hit[0]])
-    p = np.zeros(n_candidates)
-    np.add.at(p, knn_idx[:, :k_star].ravel(), 1.0 / (M * k_star))
-    return TSDSSolution(p, float(k_star), np.full(M, k_star - 1, dtype=np.int64), -1, False)
+    top = knn_idx[:, :k_star].ravel()
+    rows, p = _sparse(top, np.full(len(top), 1.0 / (M * k_star)), n_candidates)
+    last = np.full(M, k_star - 1, dtype=np.int64)
+    return TSDSSolution(rows, p, n_candidates, float(k_star), last, -1, False)
 
 
 def objective(

@@ -7,8 +7,10 @@ over actor calls in `actors/index_shard.py`. Nothing here imports Ray.
 exact mode (`select_exact`): float64 distances from exact per-pair recomputation, merged across
 shards by (distance, id); L = min(max_K, N) neighbours, doubled and fetched again whenever the
 lists run out before the optimal level (reference defect 5); density over the whole pool within
-sigma, every neighbour counted unless `kde_K` caps it (defect 3), computed only for candidates the
-solver can reach. KNN-Uniform (sigma = 0) uses the closed form.
+sigma, every neighbour counted unless `kde_K` caps it (defect 3), summed on the shards (exactly:
+the same bits for any shard count) and computed only for candidates the solver can reach.
+KNN-Uniform (sigma = 0) uses the closed form. The solution's p is sparse -- nonzero only on the
+union of the neighbour lists -- so nothing here grows with the pool, only with M x L.
 
 compat mode (`select_compat`): the reference pipeline step by step - one IVF index with its
 parameters, L = min(max_K, N // 10), its float32 distances re-sorted with numpy's default sort,
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.fanout import Fanout
-from engine.knn import IndexParams, build_index, kernel_density, merge_topk
+from engine.knn import IndexParams, build_index, combine_density, merge_topk
 from engine.tsds import (
     NeighboursExhausted,
     RowCache,
@@ -79,9 +81,9 @@ def select_exact(
             for a in range(0, len(missing), params.density_batch):  # bounds the hit lists
                 part = missing[a : a + params.density_batch]
                 points = gather_vectors(fanout, part, queries.shape[1])
-                hits = fanout("within", points, params.sigma**2)
-                rho[a : a + len(part)] = kernel_density(
-                    len(part), part, hits, params.sigma, params.kde_K
+                partials = fanout("density", points, part, params.sigma, params.kde_K)
+                rho[a : a + len(part)] = combine_density(
+                    len(part), partials, params.sigma, params.kde_K
                 )
             cache.add(missing, rho)
         return cache.get(rows)

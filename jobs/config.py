@@ -41,6 +41,36 @@ class InputSpec(Strict):
     on_empty: Literal["drop", "error"] = Field(
         "drop", description="rows whose text is null or blank: drop and count, or fail"
     )
+    vector_column: str | None = Field(
+        None,
+        description="bring your own vectors: a list (or fixed-size list) float column the embed "
+        "stage commits instead of running a model; both sides or neither",
+    )
+
+    @model_validator(mode="after")
+    def _columns_are_distinct(self) -> InputSpec:
+        for col in self.keep_columns:
+            if col in ("id", "text", "row") or col in (
+                self.text_column,
+                self.id_column,
+                self.vector_column,
+            ):
+                raise ValueError(
+                    f"keep_columns: {col!r} is already carried (id, text, row, or the vector "
+                    "column)"
+                )
+        return self
+
+
+class IngestConfig(Strict):
+    part_mb: Annotated[float, Field(gt=0)] = Field(
+        128.0,
+        description="input bytes per part (parquet: row groups up to it; JSON lines: byte "
+        "ranges; a CSV or datasets arrow file is one part)",
+    )
+    id_buckets: Annotated[int, Field(ge=1, le=4096)] = Field(
+        64, description="buckets of the shuffle by id that finds duplicates (at most one per part)"
+    )
 
 
 class RayConfig(Strict):
@@ -70,6 +100,11 @@ class EmbedConfig(Strict):
     rows_per_call: Annotated[int, Field(ge=1)] = 1024
     shard_rows: Annotated[int, Field(ge=1)] = Field(
         4096, description="rows per committed embedding shard: the unit a killed run loses"
+    )
+    normalize: bool = Field(
+        True,
+        description="given vectors (vector_column) are scaled to unit norm, as knn and TSDS "
+        "assume; false keeps their norms (GOT-D/TSDS users who tuned C or epsilon to them)",
     )
 
 
@@ -335,11 +370,23 @@ class Config(Strict):
         default_factory=lambda: ["ingest", "embed", "select"]
     )
     ray: RayConfig = Field(default_factory=RayConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
+
+    @model_validator(mode="after")
+    def _vectors_on_both_sides(self) -> Config:
+        have = [side for side in ("candidates", "targets") if getattr(self, side).vector_column]
+        if len(have) == 1:
+            other = "targets" if have[0] == "candidates" else "candidates"
+            raise ValueError(
+                f"{other}.vector_column: {have[0]} bring their own vectors, {other} do not; "
+                "give a vector column on both sides (or neither, to embed both with the model)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _leave_cpus_for_readers(self) -> Config:

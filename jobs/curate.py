@@ -3,13 +3,13 @@
 Each run compares the pool's files (path, size, mtime) with the last version's; with nothing new
 (same files, same targets, same config) it writes nothing and says so. Otherwise:
 
-    ingest   the whole folder again (cheap: text only)        -> data/candidates.parquet
-    embed    only rows without a committed vector (by id)     -> embeddings/ (+ new shards)
-    select   the configured method on the union               -> selection.parquet
-             GOT-D with curate.gotd: c_transform and unchanged targets: the new rows are scored
-             against the stored target potential f (the soft c-transform, no Sinkhorn), merged
-             with the previous version's ranking; every other method is recomputed on the union
-             (TSDS's FAISS shards are rebuilt from the stored vectors: flat shards are exact)
+    ingest   only the new files, appended after the pool's rows (old rows keep their numbers;
+             a changed or removed file means the whole folder is ingested again)
+    embed    only the new parts (the others keep their committed chunks)
+    select   the configured method on the union, from per-part tasks and shard actors;
+             GOT-D with curate.gotd: c_transform and unchanged targets: only the new rows are
+             scored, by tasks on the new parts, against the stored target potential f (the soft
+             c-transform, no Sinkhorn), and merged with the previous version's ranking
     version  curate/vNNNN/{selection.parquet, selected.jsonl, diff.json, info.json}, then
              curate/latest.json (the commit point: a run killed before it leaves no version)
 """
@@ -23,17 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actors.partitions import map_parts, merge_ranked
 from engine.gotd import select as gotd_select
-from engine.selection import Selection
+from engine.selection import Ranked, Selection
 from engine.sinkhorn import SinkhornShard, c_transform
 from jobs.config import Config
 from jobs.embed import SIDES
-from jobs.ingest import fingerprint, input_files
+from jobs.ingest import check_input, fingerprint
+from jobs.pool import Part, Pool, load_pool, read_vector_range, read_vectors
 from jobs.runfolder import Manifest, atomic_path, write_json
-from jobs.storage import open_run
+from jobs.storage import Store, open_run
 
 LATEST = "latest.json"
 
@@ -47,11 +48,7 @@ def _config_key(cfg: Config) -> str:
 
 
 def _inputs(cfg: Config) -> dict:
-    out = {}
-    for side in SIDES:
-        _, files = input_files(getattr(cfg, side), side)
-        out[side] = fingerprint(files)
-    return out
+    return {side: fingerprint(check_input(getattr(cfg, side), side)) for side in SIDES}
 
 
 def _read_latest(folder: Path) -> dict | None:
@@ -66,44 +63,47 @@ def _ids(path: Path) -> np.ndarray:
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=str)
 
 
-def _incremental_gotd(
-    cfg: Config, run_dir: Path, ids: np.ndarray, previous: Path, prev_pool: np.ndarray
-) -> Selection:
-    """New rows' g by the c-transform of the stored f; old rows keep their g (shifted for the
-    larger pool: g carries eps log(1/N)); the budget smallest of both, ties by row. `ids`: the
-    pool now, `prev_pool`: the previous version's."""
-    from jobs.select import GOTD_POTENTIAL, aligned_vectors
+def ctransform_part(
+    pool: Pool, part: Part, targets: np.ndarray, f: np.ndarray, eps: float, since: int, k: int
+) -> Ranked:
+    """A task: the g of the part's rows from `since` on, by the soft c-transform of f; its k
+    smallest, ties by row."""
+    a = max(0, since - part.first)
+    shard = SinkhornShard(read_vectors(pool, part, a), targets, n_total=pool.n, epsilon=eps)
+    g = c_transform(shard, f).astype(np.float64)
+    rows = part.first + a + np.arange(len(g))
+    return Ranked(-g, rows, rows, g).top(k)
 
-    eps = cfg.select.gotd.epsilon
-    n, n_prev = len(ids), len(prev_pool)
-    stored = pq.read_table(run_dir / GOTD_POTENTIAL)
-    f = stored.column("f").to_numpy()
-    target_ids = np.asarray(stored.column("id").to_numpy(zero_copy_only=False), str)
-    targets = aligned_vectors(run_dir, "targets", target_ids)
-    prev = pq.read_table(previous / "selection.parquet", columns=["id", "score"])
-    prev_ids = np.asarray(prev.column("id").to_numpy(zero_copy_only=False), str)
+
+def _incremental_gotd(cfg: Config, run_dir: Path, pool: Pool, targets: Pool, previous: Path,
+                      n_prev: int) -> Selection:  # fmt: skip
+    """New rows' g by the c-transform of the stored f (tasks on the new parts only); old rows
+    keep their g (shifted for the larger pool: g carries eps log(1/N)); the budget smallest of
+    both, ties by row."""
+    from jobs.select import GOTD_POTENTIAL
+
+    eps, n, budget = cfg.select.gotd.epsilon, pool.n, cfg.select.budget
+    f = pq.read_table(run_dir / GOTD_POTENTIAL).column("f").to_numpy()
+    prev = pq.read_table(previous / "selection.parquet", columns=["row", "score"])
     # score = -(1 + 1/N) g  (engine.gotd.select)
     g_prev = -prev.column("score").to_numpy() / (1 + 1 / n_prev) - eps * np.log(n / n_prev)
-    pos = {k: i for i, k in enumerate(ids)}
-    prev_rows = np.array([pos[k] for k in prev_ids], np.int64)
-    new_rows = np.flatnonzero(~np.isin(ids, prev_pool))
-    shard = SinkhornShard(
-        aligned_vectors(run_dir, "candidates", ids[new_rows]), targets, n_total=n, epsilon=eps
-    )
-    g_new = c_transform(shard, f).astype(np.float64)
-    g = np.concatenate([g_prev, g_new])
-    rows = np.concatenate([prev_rows, new_rows])
-    order = np.lexsort((rows, g))[: cfg.select.budget]
-    sel = gotd_select(g[order], rows[order], cfg.select.budget, n)
+    old_rows = prev.column("row").to_numpy()
+    old = Ranked(-g_prev, old_rows, old_rows, g_prev)
+    new = Pool(pool.store, pool.side, tuple(pool.overlapping(n_prev, n)), pool.columns, pool.dim)
+    refs = map_parts(ctransform_part, new, read_vector_range(targets, 0, targets.n), f, eps,
+                     n_prev, budget)  # fmt: skip
+    best = Ranked.merge([old, merge_ranked(refs, budget)], budget)
+    sel = gotd_select(best.score, best.row, budget, n)
     sel.potential = f
-    sel.info = {"incremental": "c_transform", "new_rows_scored": int(len(new_rows))}
+    sel.info = {"incremental": "c_transform", "new_rows_scored": int(n - n_prev),
+                "parts_read": len(new.parts)}  # fmt: skip
     return sel
 
 
 def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """One scheduled curation run; returns what it did (also in curate/vNNNN/info.json)."""
     from jobs.pipeline import run
-    from jobs.select import GOTD_POTENTIAL, run_select, write_selection
+    from jobs.select import GOTD_POTENTIAL, Context, run_select, write_selection
 
     inputs = _inputs(cfg)  # the input checks come first: a bad path writes nothing
     key = _config_key(cfg)
@@ -113,32 +113,33 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if latest and latest["inputs"] == inputs and latest["config"] == key:
         log(f"curate: nothing new since v{latest['version']:04d}")
         return {"version": latest["version"], "new_version": False}
-    run(cfg, ["ingest", "embed"], log)
+    run(cfg, ["ingest", "embed"], log, append=True)
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
-    embedded = {
-        side: manifest.stage("embed").get(side, {}).get("rows_embedded", 0) for side in SIDES
-    }
+    ingested = manifest.stage("ingest").get("candidates", {})
+    embedded = {side: manifest.stage("embed").get(side, {}) for side in SIDES}
+    store = Store.for_run(run_dir)
+    pool, targets = load_pool(store, "candidates"), load_pool(store, "targets")
     version = (latest["version"] + 1) if latest else 1
     previous = folder / f"v{latest['version']:04d}" if latest else None
-    pool_ids = _ids(run_dir / "data" / "candidates.parquet")
-    prev_pool = _ids(previous / "pool_ids.parquet") if previous else np.array([], str)
+    n_prev = pool.n - ingested.get("rows_added", pool.n) if ingested.get("appended") else None
     incremental = (
         cfg.select.method == "gotd"
         and cfg.curate.gotd == "c_transform"
         and latest is not None
         and latest["config"] == key
         and latest["inputs"]["targets"] == inputs["targets"]
+        and latest.get("pool") == n_prev
         and (run_dir / GOTD_POTENTIAL).is_file()
+        and "row" in pq.read_schema(previous / "selection.parquet").names
     )
     t0 = manifest.start("select")
     if incremental:
         log(f"select: gotd, new rows by the c-transform of the stored f (v{version:04d})")
-        data = pq.read_table(run_dir / "data" / "candidates.parquet")
-        sel = _incremental_gotd(cfg, run_dir, pool_ids, previous, prev_pool)
-        info = write_selection(cfg, run_dir, sel, data)
+        sel = _incremental_gotd(cfg, run_dir, pool, targets, previous, n_prev)
+        info = write_selection(Context(cfg, pool, targets, run_dir, store, log), sel)
     else:
         log(f"select: {cfg.select.method} on the whole pool (v{version:04d})")
-        info = run_select(cfg, run_dir)
+        info = run_select(cfg, run_dir, log=log)
     manifest.finish("select", t0, **info)
 
     chosen = _ids(run_dir / "selection.parquet")
@@ -152,10 +153,18 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
         "changed_files": sorted(
             f[0] for f in inputs["candidates"] if f[0] in old_files and f not in old_entries
         ),
-        "pool": int(len(pool_ids)),
-        "rows_added": int(np.count_nonzero(~np.isin(pool_ids, prev_pool))),
-        "rows_embedded": embedded,
-        "select": {"method": cfg.select.method, "incremental": bool(incremental)},
+        "pool": pool.n,
+        "rows_added": int(ingested.get("rows_added", pool.n)),
+        "appended": bool(ingested.get("appended")),
+        "files_read": ingested.get("files_read"),
+        "parts_written": ingested.get("parts_written"),
+        "rows_embedded": {side: e.get("rows_embedded", 0) for side, e in embedded.items()},
+        "chunks_embedded": {side: e.get("chunks_embedded", 0) for side, e in embedded.items()},
+        "select": {
+            "method": cfg.select.method,
+            "incremental": bool(incremental),
+            **({"parts_read": info["parts_read"]} if incremental else {}),
+        },  # fmt: skip
     }
     diff = {
         "previous": latest["version"] if latest else None,
@@ -167,15 +176,13 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
         tmp.mkdir(parents=True)
         for name in ("selection.parquet", "selected.jsonl"):
             shutil.copy2(run_dir / name, tmp / name)
-        pq.write_table(pa.table({"id": pa.array(pool_ids)}), tmp / "pool_ids.parquet")
         (tmp / "diff.json").write_text(json.dumps(diff, indent=2) + "\n")
         (tmp / "info.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_json(
-        folder / LATEST,
-        {"version": version, "inputs": inputs, "config": key, "pool": int(len(pool_ids))},
-    )
+    write_json(folder / LATEST, {"version": version, "inputs": inputs, "config": key,
+                                 "pool": pool.n})  # fmt: skip
     log(
-        f"curate: v{version:04d}: {summary['rows_added']} new rows ({embedded['candidates']} "
-        f"embedded), {len(diff['added'])} selected rows in, {len(diff['removed'])} out"
+        f"curate: v{version:04d}: {summary['rows_added']} new rows "
+        f"({summary['rows_embedded']['candidates']} embedded), {len(diff['added'])} selected "
+        f"rows in, {len(diff['removed'])} out"
     )
     return summary

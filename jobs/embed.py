@@ -1,87 +1,85 @@
-"""Embed stage: the canonical tables -> `embeddings/<side>/part-*.parquet` (id, vector).
+"""Embed stage: the pool's parts -> `embeddings/<side>/<digest>/rows-A-B.parquet` (id, vector).
 
-Resumable by id: a shard file is committed by an atomic rename once all its rows are embedded; a
-rerun reads the ids already committed and embeds only the rest. Shards are keyed on row ids, never
-on Ray block indices, so a rerun with other block sizes, shard sizes or worker counts still reuses
-every committed row. `_settings.json` records the model and max_length the vectors came from; if
-either changes, the committed shards are discarded (the vectors would not be comparable).
+The driver plans from the pool index and one listing of what is committed: every part is cut
+into chunks of `embed.shard_rows` rows, and only the ranges no committed chunk covers are planned.
+An actor pool (Ray Data, one model load per actor, a GPU each where the cluster has them) takes
+one chunk per call, reads its texts from the run folder, embeds them and commits the chunk itself
+(`actors.embedder`); the driver receives one small row per chunk. A killed run loses at most the
+chunks in flight: a rerun plans only what is missing. Chunks are keyed on the part's content
+digest and rows, never on Ray's block layout, so a re-ingested, unchanged part -- or a pool grown
+by new parts (curate) -- reuses every committed vector.
+
+Given vectors (`candidates.vector_column` / `targets.vector_column`) take the same plan: a task
+per part copies the part's `_vector` column into its chunks (scaled to unit norm unless
+`embed.normalize: false`) instead of running a model; the manifest records
+`precomputed:<column>`.
+
+`_settings.json` records where the vectors came from (model and max_length, or the column and
+normalize); if that changes, the committed chunks are discarded (the vectors would not be
+comparable).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from pathlib import Path
+import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 
-from actors.embedder import Embedder
-from jobs.config import Config, EmbedConfig
-from jobs.runfolder import TMP_PREFIX, write_json, write_parquet
-from jobs.storage import shared_path
+from jobs.config import EmbedConfig
+from jobs.pool import VECTOR, Part, Pool, chunks, load_pool, matrix, read_part, uncovered
+from jobs.storage import Store
 
 SIDES = ("targets", "candidates")
 
 
-def shard_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("part-*.parquet") if not p.name.startswith(TMP_PREFIX))
+def settings(pool: Pool, cfg: EmbedConfig) -> dict:
+    column = pool.info["spec"].get("vector_column")
+    if column:
+        return {"source": f"precomputed:{column}", "normalize": cfg.normalize}
+    return {"source": "model", "model": cfg.model, "max_length": cfg.max_length}
 
 
-def committed_ids(folder: Path) -> pa.Array:
-    tables = [pq.read_table(p, columns=["id"]) for p in shard_files(folder)]
-    if not tables:
-        return pa.array([], pa.string())
-    return pa.concat_tables(tables).column("id").combine_chunks()
-
-
-def read_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors float32 (n, d)) of every committed shard of one side."""
-    files = shard_files(folder)
-    if not files:
-        return np.array([], dtype=str), np.zeros((0, 0), dtype=np.float32)
-    table = pa.concat_tables(pq.read_table(p) for p in files)
-    vec = table.column("vector").combine_chunks()
-    dim = vec.type.list_size
-    vectors = (
-        vec.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-    )
-    ids = np.asarray(table.column("id").to_numpy(zero_copy_only=False), dtype=str)
-    return ids, vectors
-
-
-def _settings(cfg: EmbedConfig) -> dict:
-    return {"model": cfg.model, "max_length": cfg.max_length}
-
-
-def check_settings(folder: Path, wanted: dict) -> int:
-    """Discard the committed shards of `folder` made with other settings (`_settings.json`: for
-    embeddings the model and max_length); returns how many."""
-    path = folder / "_settings.json"
+def check_settings(store: Store, folder: str, wanted: dict) -> int:
+    """Discard what `folder` holds if it was made with other settings (`_settings.json`);
+    returns how many entries were removed."""
+    rel = f"{folder}/_settings.json"
     try:
-        existing = json.loads(path.read_text())
+        existing = store.read_json(rel)
     except (OSError, ValueError):
         existing = None
     discarded = 0
     if existing is not None and existing != wanted:
-        for p in shard_files(folder):
-            p.unlink()
+        names = store.folders(folder) + [n for n in store.list(folder) if n != "_settings.json"]
+        for name in names:
+            store.delete(f"{folder}/{name}")
             discarded += 1
     if existing != wanted:
-        write_json(path, wanted)
+        store.write_json(rel, wanted)
     return discarded
 
 
-def _count_missing(ids: pa.Array, have: pa.Array) -> int:
-    return int(pc.sum(pc.invert(pc.is_in(ids, value_set=have))).as_py() or 0)
+def committed(store: Store, side: str) -> dict[str, list[str]]:
+    """digest -> chunk file names, from one recursive listing of embeddings/<side>/."""
+    sel = pafs.FileSelector(store.path(f"embeddings/{side}"), recursive=True, allow_not_found=True)
+    out: dict[str, list[str]] = {}
+    for info in store.fs.get_file_info(sel):
+        if info.type == pafs.FileType.File and not info.base_name.startswith(".tmp-"):
+            digest = info.path.rsplit("/", 2)[-2]
+            if digest != side:
+                out.setdefault(digest, []).append(info.base_name)
+    return out
 
 
-def _shard_name(ids: pa.Array) -> str:
-    digest = hashlib.sha1("\n".join(ids.to_pylist()).encode()).hexdigest()[:16]
-    return f"part-{digest}.parquet"
+def plan(pool: Pool, listing: dict[str, list[str]], shard_rows: int) -> list[tuple[Part, int, int]]:
+    """(part, a, b) for every range of a part that no committed chunk covers."""
+    todo = []
+    for part in pool.parts:
+        done = chunks(pool, part, listing.get(part.digest, []))
+        todo += [(part, a, b) for a, b in uncovered(part.rows, done, shard_rows)]
+    return todo
 
 
 def resolve_gpus(cfg: EmbedConfig) -> float:
@@ -105,89 +103,118 @@ def resolve_threads(cfg: EmbedConfig, gpus: float) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.num_actors)
 
 
-def _pending(batch: pa.Table, side: str, done: pa.Array) -> pa.Table:
-    """Rows of `side` with no committed vector, tagged with their side."""
-    if len(done):
-        batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=done)))
-    return batch.append_column("side", pa.array([side] * batch.num_rows, pa.string()))
+def copy_given(pool: Pool, part: Part, ranges: list[tuple[int, int]], normalize: bool) -> dict:
+    """A task: commit a part's given vectors (its `_vector` column) as embedding chunks."""
+    from actors.embedder import commit_chunk
+
+    table = read_part(pool, part, ["id", VECTOR])
+    vectors = matrix(table.column(VECTOR))
+    if normalize:
+        vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).astype(np.float32)
+    for a, b in ranges:
+        commit_chunk(pool.store, pool.side, part.digest, a, b, table["id"][a:b], vectors[a:b])
+    return {"side": pool.side, "rows": sum(b - a for a, b in ranges), "chunks": len(ranges)}
 
 
-def embed_sides(run_dir: Path, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[str, dict]:
-    """Embed every row of `data/<side>.parquet` that has no committed vector yet.
+def embed_sides(store: Store, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[str, dict]:
+    """Embed every row of the pool's parts that has no committed vector yet.
 
     All sides go through one actor pool (one model load per actor, not one per side).
     """
+    import ray
     import ray.data
 
     infos: dict[str, dict] = {}
-    all_ids: dict[str, pa.Array] = {}
-    precisions: dict[str, set[str]] = {side: set() for side in sides}
-    parts = []
-    for side in sides:
-        data_path = run_dir / "data" / f"{side}.parquet"
-        folder = run_dir / "embeddings" / side
-        folder.mkdir(parents=True, exist_ok=True)
-        discarded = check_settings(folder, _settings(cfg))
-        done = committed_ids(folder)
-        all_ids[side] = pq.read_table(data_path, columns=["id"]).column("id").combine_chunks()
-        todo = _count_missing(all_ids[side], done)
+    pools = {side: load_pool(store, side) for side in sides}
+    model_chunks, given = [], []
+    for side, pool in pools.items():
+        wanted = settings(pool, cfg)
+        discarded = check_settings(store, f"embeddings/{side}", wanted)
+        listing = committed(store, side)
+        for digest in set(listing) - {p.digest for p in pool.parts}:  # parts no longer in the pool
+            store.delete(f"embeddings/{side}/{digest}")
+        todo = plan(pool, listing, cfg.shard_rows)
         infos[side] = {
-            "rows": len(all_ids[side]),
-            "rows_reused": len(all_ids[side]) - todo,
+            "rows": pool.n,
+            "rows_reused": pool.n - sum(b - a for _, a, b in todo),
             "rows_embedded": 0,
+            "chunks_embedded": 0,
             "shards_discarded": discarded,
+            "source": wanted["source"],
+            "precision": [],
         }
-        if todo:
-            path, fs = shared_path(data_path)  # a remote run folder: every node reads it there
-            part = ray.data.read_parquet(path, filesystem=fs, columns=["id", "text"])
-            parts.append(
-                part.map_batches(
-                    _pending, batch_format="pyarrow", fn_kwargs={"side": side, "done": done}
-                )
-            )
-    if parts:
+        if wanted["source"] == "model":
+            model_chunks += [{"side": side, "part": p.name, "digest": p.digest, "a": a, "b": b}
+                             for p, a, b in todo]  # fmt: skip
+        else:
+            by_part: dict[str, list] = {}
+            for p, a, b in todo:
+                by_part.setdefault(p.name, [p, []])[1].append((a, b))
+            given += [(pool, p, ranges) for p, ranges in by_part.values()]
+    t0 = time.perf_counter()
+    if given:
+        task = ray.remote(copy_given)
+        for done in ray.get([task.remote(pool, p, r, cfg.normalize) for pool, p, r in given]):
+            infos[done["side"]]["rows_embedded"] += done["rows"]
+            infos[done["side"]]["chunks_embedded"] += done["chunks"]
+    if model_chunks:
+        from actors.embedder import ChunkEmbedder
+
         gpus = resolve_gpus(cfg)
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        # Ray Data emits an actor's output when its whole input block is done: blocks of one call
-        # each let finished rows stream to the shard writer (and survive a kill) call by call.
-        ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_call)
+        ds = ray.data.from_items(model_chunks, override_num_blocks=len(model_chunks))
         ds = ds.map_batches(
-            Embedder,
+            ChunkEmbedder,
             fn_constructor_kwargs={
+                "store": store,
                 "model": cfg.model,
                 "max_length": cfg.max_length,
                 "batch_size": cfg.batch_size,
                 "precision": cfg.precision,
                 "torch_threads": resolve_threads(cfg, gpus),
             },
-            batch_size=cfg.rows_per_call,
+            batch_size=1,
             batch_format="pyarrow",
             num_cpus=cfg.cpus_per_actor,
             num_gpus=gpus,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
         )
-        for batch in ds.iter_batches(batch_size=cfg.shard_rows, batch_format="pyarrow"):
-            for side in pc.unique(batch.column("side")).to_pylist():
-                rows = batch.filter(pc.equal(batch.column("side"), side))
-                shard = rows.select(["id", "vector"]).combine_chunks()
-                write_parquet(
-                    run_dir / "embeddings" / side / _shard_name(shard.column("id")), shard
-                )
-                infos[side]["rows_embedded"] += shard.num_rows
-                precisions[side].update(pc.unique(rows.column("precision")).to_pylist())
+        for row in ds.iter_rows():
+            info = infos[row["side"]]
+            info["rows_embedded"] += row["rows"]
+            info["chunks_embedded"] += 1
+            if row["precision"] not in info["precision"]:
+                info["precision"].append(row["precision"])
         for side in sides:
             infos[side]["gpus_per_actor"] = gpus
-    for side in sides:
-        infos[side]["precision"] = sorted(precisions[side])
-        folder = run_dir / "embeddings" / side
-        missing = _count_missing(all_ids[side], committed_ids(folder))
+    for side, pool in pools.items():
+        missing = plan(pool, committed(store, side), cfg.shard_rows)
         if missing:
             raise RuntimeError(
-                f"embed {side}: {missing} rows have no committed vector after the stage"
+                f"embed {side}: {sum(b - a for _, a, b in missing)} rows have no committed "
+                "vector after the stage"
             )
-        infos[side]["shards"] = len(shard_files(folder))
+        infos[side]["chunks"] = sum(len(v) for v in committed(store, side).values())
+        infos[side]["seconds_embedding"] = round(time.perf_counter() - t0, 3)
     return infos
 
 
-def run_embed(cfg: Config, run_dir: Path) -> dict:
-    return embed_sides(run_dir, SIDES, cfg.embed)
+def check_vectors_ready(store: Store, side: str, cfg: EmbedConfig) -> None:
+    """Every part of `side` has its vectors under the current settings (select's precondition)."""
+    from jobs.errors import InputError
+
+    pool = load_pool(store, side)
+    try:
+        existing = store.read_json(f"embeddings/{side}/_settings.json")
+    except (OSError, ValueError):
+        existing = None
+    if existing != settings(pool, cfg) or plan(pool, committed(store, side), cfg.shard_rows):
+        raise InputError(
+            f"{store.uri_of(f'embeddings/{side}')}: vectors missing or made with other settings; "
+            "run the embed stage first"
+        )
+
+
+def vectors_table(ids: pa.Array, vectors: np.ndarray) -> pa.Table:
+    from jobs.pool import vectors_to_arrow
+
+    return pa.table({"id": ids, "vector": vectors_to_arrow(vectors)})

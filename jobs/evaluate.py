@@ -1,8 +1,8 @@
 """Evaluation: what each selection method buys on the target, at one budget, over seeds.
 
     <output_dir>/data, embeddings/          ingest + embed once, shared by every method
-    <output_dir>/evaluate/<method>-seed<s>/ select + finetune for one method and seed
-                                            (data/ and embeddings/ link to the shared ones)
+    <output_dir>/evaluate/<method>-seed<s>/ select + finetune for one method and seed (from the
+                                            shared data/ and embeddings/, by store: no copies)
     <output_dir>/evaluate/oracle-seed<s>/   fine-tuned on the target's own texts
     <output_dir>/evaluation.json            every number below
     <output_dir>/report.html                the same, as plots
@@ -34,9 +34,9 @@ from jobs.config import Config
 from jobs.errors import InputError
 from jobs.evaluation_report import render, run_folder
 from jobs.ingest import check_input, ingest_side
-from jobs.runfolder import write_json, write_jsonl, write_parquet, write_text
-
-SHARED = ("data", "embeddings")
+from jobs.pool import load_pool, read_rows
+from jobs.runfolder import write_json, write_jsonl, write_text
+from jobs.storage import Store
 
 
 def check_evaluate(cfg: Config) -> None:
@@ -63,14 +63,15 @@ def check_evaluate(cfg: Config) -> None:
 
 
 def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
-    from jobs.pipeline import run, start_ray
+    from jobs.pipeline import run
+    from jobs.runtime import start_ray
     from jobs.select import check_budget
 
     e = cfg.evaluate
     seeds = e.seeds or [cfg.seed]
     check_evaluate(cfg)
     run_dir = run(cfg, ["ingest"], log)
-    check_budget(cfg, run_dir)  # before the embedding, which is the slow part
+    check_budget(cfg, load_pool(Store.for_run(run_dir), "candidates"))  # before the embedding
     run(cfg, ["embed"], log)
     start_ray(cfg)
     heldout = _heldout_texts(cfg, run_dir)
@@ -98,10 +99,12 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
 
 
 def _heldout_texts(cfg: Config, run_dir: Path) -> list[str]:
-    table, _ = ingest_side(cfg.evaluate.heldout, "evaluate.heldout")
-    write_parquet(run_dir / "data" / "heldout.parquet", table)
-    texts = table.column("text").to_pylist()
-    return texts[: cfg.evaluate.max_texts] if cfg.evaluate.max_texts else texts
+    """The held-out texts (target-sized: the driver scores them), ingested as `data/heldout/`."""
+    store = Store.for_run(run_dir)
+    ingest_side(cfg.evaluate.heldout, "evaluate.heldout", store, "heldout", cfg.ingest)
+    pool = load_pool(store, "heldout")
+    n = min(pool.n, cfg.evaluate.max_texts or pool.n)
+    return read_rows(pool, 0, n, ["text"]).column("text").to_pylist()
 
 
 def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> dict:
@@ -110,10 +113,7 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
 
     sub = run_folder(run_dir, method, seed)
     sub.mkdir(parents=True, exist_ok=True)
-    for name in SHARED:
-        link = sub / name
-        if not link.is_symlink():
-            link.symlink_to(Path("..") / ".." / name)
+    data = Store.for_run(run_dir)  # the shared pool and embeddings
     tree = cfg.model_dump(mode="json")
     tree.update(output_dir=str(sub), seed=seed)
     if method == "oracle":
@@ -126,7 +126,7 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
         if method.startswith("gradex-"):  # GradEx's baselines: random sources, all sources
             tree["select"]["gradex"]["strategy"] = method.partition("-")[2]
         sub_cfg = Config.model_validate(tree)
-        run(sub_cfg, ["select", "finetune"], log)
+        run(sub_cfg, ["select", "finetune"], log, data=data)
         info = json.loads((sub / "manifest.json").read_text())["stages"]["finetune"]
         selection = pq.read_table(sub / "selection.parquet")
         shares = {
@@ -149,7 +149,8 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
 def _oracle_rows(run_dir: Path, out: Path, budget: int, seed: int) -> None:
     """The target texts as a selection of `budget` rows: all of them, cycled in a seeded order
     when there are fewer, a seeded sample when there are more."""
-    targets = pq.read_table(run_dir / "data" / "targets.parquet", columns=["id", "text"])
+    pool = load_pool(Store.for_run(run_dir), "targets")
+    targets = read_rows(pool, 0, pool.n, ["id", "text"])  # target-sized
     order = np.random.default_rng(seed).permutation(targets.num_rows)
     take = np.resize(order, budget)
     rows = targets.take(pa.array(take))
@@ -172,9 +173,10 @@ def _label_tv(cfg: Config, run_dir: Path, selection: pa.Table | None) -> float |
     """TV distance between the label histograms of the selection (None: the targets' own
     oracle rows, 0) and of the targets; None where either side has no label column."""
     column = cfg.evaluate.label_column
-    targets = pq.read_table(run_dir / "data" / "targets.parquet")
-    if column is None or column not in targets.column_names:
+    pool = load_pool(Store.for_run(run_dir), "targets")
+    if column is None or column not in pool.columns:
         return None
+    targets = read_rows(pool, 0, pool.n, [column])  # target-sized
     if selection is None:
         return 0.0
     if column not in selection.column_names:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs.report import composition
+from jobs.report import composition, pool_counts, selection_counts
 
 COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
            "#ff9da7", "#9c755f", "#bab0ac", "#86bcb6", "#d4a6c8", "#8cd17d", "#f1ce63"]  # fmt: skip
@@ -116,14 +116,14 @@ def run_folder(run_dir: Path, method: str, seed: int) -> Path:
 
 def composition_chart(result: dict, run_dir: Path, column: str = "source") -> str | None:
     """Stacked bars: share of each `column` value in the pool and in each method's selection."""
-    pool_path = run_dir / "data" / "candidates.parquet"
-    if column not in pq.read_schema(pool_path).names:
+    in_pool = pool_counts(run_dir, column)  # per-part tasks, once for every method
+    if in_pool is None:
         return None
     bars: list[tuple[str, Counter]] = []
     for m in result["summary"]:
-        folder = run_folder(run_dir, m, result["seeds"][0])
-        if (folder / "selection.parquet").is_file():
-            rows = composition(folder, column)  # (value, in the pool, selected)
+        selection = run_folder(run_dir, m, result["seeds"][0]) / "selection.parquet"
+        if selection.is_file():
+            rows = composition(in_pool, selection_counts(selection, column))
             if not bars:
                 bars.append(("pool", Counter({v: n for v, n, _ in rows})))
             bars.append((m, Counter({v: k for v, _, k in rows if k})))

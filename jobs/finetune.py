@@ -6,13 +6,18 @@
     finetune/result.json              steps, losses, resume point; a rerun with the same
                                       fingerprint reuses the model instead of training again
 
+    finetune/tokens/part-*.parquet    the rows tokenised once (index, input_ids, labels)
+
 Rows train as plain text (continued pre-training), or as prompt/response pairs when they have both
-`prompt_column` and `response_column`. Each epoch visits the rows in a seeded permutation; step s
-always sees the same global batch (worker r takes every world-th row of it), so a run killed and
-restarted resumes from its last checkpoint (Ray Train V2 restores the run of the same name and
-storage path) and trains exactly what an uninterrupted run would have. Checkpoints whose
-fingerprint differs from the current rows and settings are removed before training: a rerun on a
-new selection starts from step 0, not from a stale checkpoint.
+`prompt_column` and `response_column`. The driver streams the rows file once to check every line
+(it keeps only the byte offset of every TOKEN_ROWS-th line); Ray Data tasks tokenise those ranges
+into `finetune/tokens/`, and each Ray Train worker reads the tokens of its own batches only.
+Each epoch visits the rows in a seeded permutation; step s always sees the same global batch
+(worker r takes every world-th row of it), so a run killed and restarted resumes from its last
+checkpoint (Ray Train V2 restores the run of the same name and storage path) and trains exactly
+what an uninterrupted run would have. Checkpoints whose fingerprint differs from the current rows
+and settings are removed before training: a rerun on a new selection starts from step 0, not from
+a stale checkpoint.
 """
 
 from __future__ import annotations
@@ -26,47 +31,62 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
 from engine.lm import resolve_lm_path
 from jobs.config import Config, FinetuneConfig
 from jobs.errors import InputError
 from jobs.runfolder import atomic_path, write_json, write_text
-from jobs.storage import shared_path
+from jobs.storage import Store, shared_path
 
 STATE = "state.pt"
+TOKENS = "finetune/tokens"
 
 
-def selected_rows(path: Path, f: FinetuneConfig) -> list[dict]:
-    """The rows to train on, each checked to carry text or a prompt/response pair."""
+TOKEN_ROWS = 4096  # rows per tokens part
+
+
+def scan_rows(path: Path, f: FinetuneConfig) -> list[int]:
+    """Check every line of the rows file (streamed: nothing kept but offsets); returns the byte
+    offset of every TOKEN_ROWS-th row (the tokenising plan) followed by the file's size. Blank
+    lines are skipped."""
     if not path.is_file():
         raise InputError(f"{path}: no selected rows; run the select stage first")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
+    offsets, rows, at = [], 0, 0
+    with path.open("rb") as fh:
         for n, line in enumerate(fh, 1):
+            start, at = at, at + len(line)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError:
                 raise InputError(f"{path}: line {n} is not JSON") from None
-            if not isinstance(row.get(f.text_column), str) and not _is_pair(row, f):
+            if not isinstance(row, dict) or (
+                not isinstance(row.get(f.text_column), str) and not _is_pair(row, f)
+            ):
                 raise InputError(
                     f"{path}: line {n} has no string '{f.text_column}' (finetune.text_column) "
                     f"nor '{f.prompt_column}' + '{f.response_column}'"
                 )
-            rows.append(row)
+            if rows % TOKEN_ROWS == 0:
+                offsets.append(start)
+            rows += 1
     if not rows:
         raise InputError(f"{path}: no selected rows to fine-tune on (the file is empty)")
-    return rows
+    return [*offsets, at]
 
 
 def _is_pair(row: dict, f: FinetuneConfig) -> bool:
     return isinstance(row.get(f.prompt_column), str) and isinstance(row.get(f.response_column), str)
 
 
-def check_finetune(cfg: Config, rows_path: Path) -> list[dict]:
+def check_finetune(cfg: Config, rows_path: Path) -> list[int]:
     """Every fine-tune input check that needs no cluster: rows and model (converting the
-    packaged one once, here rather than in every worker), before any output. Returns the rows."""
-    rows = selected_rows(rows_path, cfg.finetune)
+    packaged one once, here rather than in every worker), before any output. Returns the rows
+    file's tokenising plan (`scan_rows`)."""
+    plan_ = scan_rows(rows_path, cfg.finetune)
     try:
         resolve_lm_path(cfg.finetune.model)
     except FileNotFoundError as exc:
@@ -74,11 +94,92 @@ def check_finetune(cfg: Config, rows_path: Path) -> list[dict]:
     adapter = cfg.finetune.init_adapter
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise InputError(f"finetune.init_adapter: {adapter} is not a LoRA adapter folder")
-    return rows
+    return plan_
+
+
+class Tokenise:
+    """Ray Data callable: one range of the rows file -> `finetune/tokens/part-K.parquet`."""
+
+    def __init__(self, store: Store, rows: str, f: dict) -> None:
+        from engine import lm
+
+        self.store, self.rows = store, rows
+        self.f = FinetuneConfig(**f)
+        self.tokenizer = lm.load_tokenizer(self.f.model)
+
+    def __call__(self, ranges: pa.Table) -> pa.Table:
+        from engine import lm
+
+        f, out = self.f, []
+        for r in ranges.to_pylist():
+            with self.store.fs.open_input_file(self.store.path(self.rows)) as fh:
+                fh.seek(r["a"])
+                lines = [x for x in fh.read(r["b"] - r["a"]).split(b"\n") if x.strip()]
+            examples = []
+            for line in lines:
+                row = json.loads(line)
+                examples.append(
+                    lm.encode_pair(
+                        self.tokenizer, row[f.prompt_column], row[f.response_column], f.max_length
+                    )  # fmt: skip
+                    if _is_pair(row, f)
+                    else lm.encode_text(self.tokenizer, row[f.text_column], f.max_length)
+                )
+            index = np.arange(r["first"], r["first"] + len(examples), dtype=np.int64)
+            table = pa.table({
+                "index": index,
+                "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int32())),
+                "labels": pa.array([e.labels for e in examples], pa.list_(pa.int32())),
+            })  # fmt: skip
+            self.store.write_parquet(f"{TOKENS}/part-{r['k']:05d}.parquet", table)
+            out.append({"k": r["k"], "rows": len(examples)})
+        return pa.Table.from_pylist(out)
+
+
+def tokenise(store: Store, rows_rel: str, offsets: list[int], f: FinetuneConfig) -> int:
+    """Tokenise the rows file once into `finetune/tokens/` (parts already there are kept: a
+    killed run resumes); returns the number of rows."""
+    import ray.data
+
+    have = set(store.list(TOKENS))
+    todo = [{"k": k, "a": a, "b": b, "first": k * TOKEN_ROWS}
+            for k, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True))
+            if f"part-{k:05d}.parquet" not in have]  # fmt: skip
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            Tokenise, fn_constructor_kwargs={"store": store, "rows": rows_rel,
+                                             "f": f.model_dump(mode="json")},
+            batch_size=1, batch_format="pyarrow", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(8, max(1, len(todo) // 4))),
+        )  # fmt: skip
+        ds.materialize()
+    return sum(store.parquet(f"{TOKENS}/part-{k:05d}.parquet").metadata.num_rows
+               for k in range(len(offsets) - 1))  # fmt: skip
+
+
+def load_tokens(store: Store, wanted: np.ndarray) -> dict:
+    """{index: Example} for the wanted row indices, reading only the parts that hold them."""
+    import pyarrow.parquet as pq
+
+    from engine import lm
+
+    wanted = np.unique(np.asarray(wanted, np.int64))
+    out = {}
+    for k in np.unique(wanted // TOKEN_ROWS):
+        table = pq.read_table(store.path(f"{TOKENS}/part-{k:05d}.parquet"), filesystem=store.fs)
+        local = wanted[wanted // TOKEN_ROWS == k] - k * TOKEN_ROWS
+        table = table.take(pa.array(local))
+        for i, ids, labels in zip(table["index"].to_pylist(), table["input_ids"].to_pylist(),
+                                  table["labels"].to_pylist(), strict=True):  # fmt: skip
+            out[i] = lm.Example(ids, labels)
+    return out
 
 
 def fingerprint(rows_path: Path, f: FinetuneConfig, seed: int) -> str:
-    h = hashlib.sha256(rows_path.read_bytes())
+    h = hashlib.sha256()
+    with rows_path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
     h.update(json.dumps({"finetune": f.model_dump(mode="json"), "seed": seed}).encode())
     if f.init_adapter:  # the starting weights, not only their path
         for p in sorted(Path(f.init_adapter).glob("adapter_*")):
@@ -120,14 +221,8 @@ def train_loop(c: dict) -> None:
             model, r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout,
             target_modules=f.lora_target_modules,
         )  # fmt: skip
-    rows = ray.get(c["rows"])  # put by the driver: a worker on another node has no run folder
-    examples = [
-        lm.encode_pair(tokenizer, r[f.prompt_column], r[f.response_column], f.max_length)
-        if _is_pair(r, f)
-        else lm.encode_text(tokenizer, r[f.text_column], f.max_length)
-        for r in rows
-    ]
-    per_epoch, total = plan(len(examples), f, world)
+    n_rows, store = c["rows"], c["store"]  # the tokens are read from the run folder's store
+    per_epoch, total = plan(n_rows, f, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=f.learning_rate, weight_decay=f.weight_decay)
     warm = max(1, f.warmup_steps)
@@ -150,11 +245,16 @@ def train_loop(c: dict) -> None:
     cpu0 = time.process_time() - (state.get("cpu_seconds", 0.0) if checkpoint else 0.0)
     net = prepare_model(model)  # DDP across workers; the device move
     net.train()
-    since = []
+    since, loaded = [], None
     while step < total:
         epoch, i = divmod(step, per_epoch)
-        order = np.random.default_rng([c["seed"], epoch]).permutation(len(examples))
-        batch_rows = order[i * f.batch_size * world : (i + 1) * f.batch_size * world][rank::world]
+        order = np.random.default_rng([c["seed"], epoch]).permutation(n_rows)
+        width = f.batch_size * world
+        if loaded != epoch:  # this worker's rows for the rest of the epoch, and nothing else
+            mine = [order[j * width : (j + 1) * width][rank::world] for j in range(i, per_epoch)]
+            examples = load_tokens(store, np.concatenate([*mine, order[:1]]))
+            loaded = epoch
+        batch_rows = order[i * width : (i + 1) * width][rank::world]
         if len(batch_rows):
             batch = lm.collate([examples[j] for j in batch_rows], tokenizer.pad_token_id)
         else:  # the epoch's last batch has fewer rows than workers: join DDP with a zero loss
@@ -202,11 +302,11 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.pipeline import start_ray
+    from jobs.runtime import start_ray
 
     f = cfg.finetune
     rows_path = rows_path or run_dir / "selected.jsonl"
-    rows = check_finetune(cfg, rows_path)
+    offsets = check_finetune(cfg, rows_path)
     out = run_dir / "finetune"
     out.mkdir(parents=True, exist_ok=True)
     stamp = fingerprint(rows_path, f, cfg.seed)
@@ -218,20 +318,24 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
     # A remote run folder: Ray Train's workers write their checkpoints there, from any node.
     ckpt_path, ckpt_fs = shared_path((out / "ray").resolve())
     storage = {"storage_path": ckpt_path, "storage_filesystem": ckpt_fs}
+    store = Store.for_run(run_dir)
     if not same:
         shutil.rmtree(out / "ray", ignore_errors=True)  # checkpoints of other rows or settings
         if ckpt_fs is not None:
             ckpt_fs.delete_dir_contents(ckpt_path, missing_dir_ok=True)
         shutil.rmtree(out / "model", ignore_errors=True)
+        store.delete(TOKENS)
         done.unlink(missing_ok=True)
         write_text(marker, stamp)
     start_ray(cfg)
+    rel = Path(rows_path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    n_rows = tokenise(store, rel, offsets, f)
     use_gpu = f.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "finetune": f.model_dump(mode="json"), "seed": cfg.seed,
-            "rows": ray.put(rows),  # read once here; a worker on another node has no run folder
+            "rows": n_rows, "store": store,
         },
         scaling_config=ScalingConfig(
             num_workers=f.num_workers, use_gpu=use_gpu,
@@ -254,7 +358,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
         "resumed_from_step": m["resumed_from"],
         "final_loss": m["loss"],
         "losses": m["losses"],
-        "rows": len(rows),
+        "rows": n_rows,
         "workers": f.num_workers,
         "gpu": use_gpu,
         "train_seconds": round(time.perf_counter() - t0, 1),

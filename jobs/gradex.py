@@ -19,6 +19,7 @@ seeded id-hash order, up to the budget, for the fine-tune stage (which starts fr
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -31,66 +32,92 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from actors.gradients import Gradients
+from actors.partitions import column_counts, fetch_rows, map_parts
 from engine import gradex as gx
 from engine.ids import hash_uniform
-from engine.selection import Selection, top_k
+from engine.selection import Ranked, Selection
 from jobs.config import Config, to_yaml
-from jobs.embed import check_settings, committed_ids, resolve_threads, shard_files
+from jobs.embed import resolve_threads
 from jobs.errors import InputError
-from jobs.runfolder import write_json, write_jsonl, write_parquet, write_text
+from jobs.pool import Pool, as_strings, load_pool, read_part, read_rows
+from jobs.runfolder import TMP_PREFIX, write_json, write_jsonl, write_parquet, write_text
+from jobs.runtime import start_ray
+from jobs.storage import Store
 
 FOLDER = "gradex"
 
 
-def check_gradex(cfg: Config, data: pa.Table, targets: pa.Table) -> list[str]:
-    """Every GradEx input check that needs no cluster; returns the source names (sorted)."""
+def check_gradex(cfg: Config, pool: Pool, targets: Pool) -> tuple[list[str], dict]:
+    """Every GradEx input check; returns the source names (sorted) and their row counts."""
     g = cfg.select.gradex
     if cfg.finetune.method != "lora":
         raise InputError(
             "finetune.method: GradEx linearises around a LoRA meta-initialisation; use lora"
         )
-    if g.source_column not in data.column_names:
+    if g.source_column not in pool.columns:
         raise InputError(
             f"select.gradex.source_column: {g.source_column!r} is not a candidate column; add it "
             f"to candidates.keep_columns (have: {cfg.candidates.keep_columns})"
         )
-    values = pc.cast(data.column(g.source_column), pa.string())
-    if values.null_count:
+    counts = column_counts(pool, g.source_column)
+    if counts.get(None):
         raise InputError(
-            f"select.gradex.source_column: {values.null_count} candidate rows have no "
+            f"select.gradex.source_column: {counts[None]} candidate rows have no "
             f"{g.source_column!r}"
         )
-    names = sorted(pc.unique(values).to_pylist())
+    names = sorted(counts)
     if len(names) < 2:
         raise InputError(
             f"select.gradex.source_column: {g.source_column!r} has {len(names)} distinct value"
             f"{'s' if len(names) != 1 else ''}; GradEx chooses among >= 2 sources"
         )
-    if targets.num_rows == 0:
+    if targets.n == 0:
         raise InputError("targets: GradEx scores the target's evaluation texts, and there are none")
-    return names
+    return names, counts
 
 
-def source_sample(data: pa.Table, column: str, per_source: int, seed: int) -> pa.Table:
-    """(id, source, text): the `per_source` rows of each source with the smallest H(seed, id),
-    sorted by source then id — the same rows whatever the pool's row order."""
-    ids = np.asarray(data.column("id").to_numpy(zero_copy_only=False), str)
-    src = np.asarray(pc.cast(data.column(column), pa.string()).to_numpy(zero_copy_only=False), str)
+def _source_ranked(pool: Pool, part, column: str, seed: int, k: int, keep) -> dict:
+    """A task: per source, the part's k rows of smallest u = H(seed, id) (`keep`: only these
+    sources)."""
+    table = read_part(pool, part, ["id", column])
+    ids, src = as_strings(table.column("id")), as_strings(table.column(column))
     u = np.asarray(hash_uniform(ids, seed))
-    order = np.lexsort((ids, u, src))
-    rank = np.empty(len(order), np.int64)
-    starts = np.r_[0, np.flatnonzero(src[order][1:] != src[order][:-1]) + 1]
-    for a, b in zip(starts, np.r_[starts[1:], len(order)], strict=True):
-        rank[order[a:b]] = np.arange(b - a)
-    keep = np.flatnonzero(rank < per_source)
-    keep = keep[np.lexsort((ids[keep], src[keep]))]
-    return pa.table(
-        {
-            "id": pa.array(ids[keep]),
-            "source": pa.array(src[keep]),
-            "text": data.column("text").take(pa.array(keep)),
-        }
-    )
+    out = {}
+    for name in np.unique(src):
+        if keep is not None and name not in keep:
+            continue
+        mine = np.flatnonzero(src == name)
+        out[str(name)] = Ranked(-u[mine], ids[mine], part.first + mine, u[mine]).top(k)
+    return out
+
+
+def _merge_sources(k: int, *parts: dict) -> dict:
+    names = {n for p in parts for n in p}
+    return {n: Ranked.merge([p[n] for p in parts if n in p], k) for n in names}
+
+
+def ranked_by_source(pool: Pool, column: str, seed: int, k: int, keep=None) -> dict:
+    """Per source, its k rows of smallest H(seed, id), ties by id: per-part tasks merged in a
+    tree of tasks (the driver receives sources x k rows)."""
+    import ray
+
+    refs = map_parts(_source_ranked, pool, column, seed, k, keep)
+    merge = ray.remote(_merge_sources)
+    while len(refs) > 1:
+        refs = [merge.remote(k, *refs[i : i + 16]) for i in range(0, len(refs), 16)]
+    return ray.get(refs[0])
+
+
+def source_sample(pool: Pool, column: str, per_source: int, seed: int) -> pa.Table:
+    """(id, source, text): the `per_source` rows of each source with the smallest H(seed, id),
+    sorted by source then id -- the same rows whatever the pool's row order or parts."""
+    best = ranked_by_source(pool, column, seed, per_source)
+    rows = np.concatenate([best[n].row for n in sorted(best)])
+    table = fetch_rows(pool, rows, ["id", column, "text"])
+    order = pc.sort_indices(table, [(column, "ascending"), ("id", "ascending")])
+    table = table.take(order)
+    return pa.table({"id": table["id"], "source": pc.cast(table[column], pa.string()),
+                     "text": table["text"]})  # fmt: skip
 
 
 # -- meta-initialisation and gradients ------------------------------------------------------------
@@ -120,6 +147,35 @@ def meta_init(cfg: Config, gdir: Path, sample: pa.Table, log) -> tuple[Path, dic
     log(f"gradex: meta-initialisation on {sample.num_rows} rows")
     info = run_finetune(sub, folder, rows)
     return folder / "finetune" / "model", info
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("part-*.parquet") if not p.name.startswith(TMP_PREFIX))
+
+
+def committed_ids(folder: Path) -> pa.Array:
+    tables = [pq.read_table(p, columns=["id"]) for p in shard_files(folder)]
+    if not tables:
+        return pa.array([], pa.string())
+    return pa.concat_tables(tables).column("id").combine_chunks()
+
+
+def check_settings(folder: Path, wanted: dict) -> int:
+    """Discard the gradient shards of `folder` made with other settings (`_settings.json`);
+    returns how many."""
+    path = folder / "_settings.json"
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, ValueError):
+        existing = None
+    discarded = 0
+    if existing is not None and existing != wanted:
+        for p in shard_files(folder):
+            p.unlink()
+            discarded += 1
+    if existing != wanted:
+        write_json(path, wanted)
+    return discarded
 
 
 def _gradient_settings(cfg: Config, adapter: Path) -> dict:
@@ -344,20 +400,18 @@ def choose(cfg: Config, names: list[str], subsets, losses, estimate) -> tuple[np
     return mask, {"ensemble_score": scores, "surrogate_theta": theta, **extra}
 
 
-def prepare(cfg: Config, run_dir: Path, log) -> dict:
+def prepare(cfg: Config, run_dir: Path, log, data: Store | None = None) -> dict:
     """Sample, meta-init, gradients: everything an estimate needs, resumable."""
-    from jobs.pipeline import start_ray
-
-    data = pq.read_table(run_dir / "data" / "candidates.parquet")
-    targets = pq.read_table(run_dir / "data" / "targets.parquet")
-    names = check_gradex(cfg, data, targets)
+    start_ray(cfg)
+    store = data or Store.for_run(run_dir)
+    pool, targets = load_pool(store, "candidates"), load_pool(store, "targets")
+    names, counts = check_gradex(cfg, pool, targets)
     g = cfg.select.gradex
     gdir = run_dir / FOLDER
     gdir.mkdir(parents=True, exist_ok=True)
-    sample = source_sample(data, g.source_column, g.rows_per_source, cfg.seed)
+    sample = source_sample(pool, g.source_column, g.rows_per_source, cfg.seed)
     write_parquet(gdir / "sample.parquet", sample)
-    target_rows = targets.select(["id", "text"]).slice(0, g.target_texts)
-    start_ray(cfg)
+    target_rows = read_rows(targets, 0, min(g.target_texts, targets.n), ["id", "text"])
     adapter, meta = meta_init(cfg, gdir, sample, log)
     t0 = time.perf_counter()
     log(f"gradex: gradients of {sample.num_rows} rows and {target_rows.num_rows} target texts")
@@ -371,14 +425,14 @@ def prepare(cfg: Config, run_dir: Path, log) -> dict:
     grads = load_train(gdir, sample, names)
     target = load_target(gdir, target_rows.column("id").to_pylist())
     estimator = Estimator(cfg, adapter, grads, target, target_rows.column("text").to_pylist())
-    return {"data": data, "names": names, "sample": sample, "adapter": adapter, "meta": meta,
-            "gradients": info, "estimator": estimator, "gdir": gdir}  # fmt: skip
+    return {"pool": pool, "counts": counts, "names": names, "sample": sample, "adapter": adapter,
+            "meta": meta, "gradients": info, "estimator": estimator, "gdir": gdir}  # fmt: skip
 
 
-def estimate_sources(cfg: Config, run_dir: Path, log=print) -> dict:
+def estimate_sources(cfg: Config, run_dir: Path, log=print, data: Store | None = None) -> dict:
     """Prepare, estimate the sampled subsets, choose sources; writes the gradex/ outputs."""
     g = cfg.select.gradex
-    ctx = prepare(cfg, run_dir, log)
+    ctx = prepare(cfg, run_dir, log, data)
     names, est, gdir = ctx["names"], ctx["estimator"], ctx["gdir"]
     n = len(names)
     size = max(1, min(n, round(g.subset_fraction * n)))
@@ -397,8 +451,7 @@ def estimate_sources(cfg: Config, run_dir: Path, log=print) -> dict:
             }
         ),  # fmt: skip
     )
-    counts = pc.value_counts(pc.cast(ctx["data"].column(g.source_column), pa.string()))
-    rows = {c["values"]: c["counts"] for c in counts.to_pylist()}
+    rows = ctx["counts"]
     write_parquet(
         gdir / "sources.parquet",
         pa.table({
@@ -427,28 +480,29 @@ def estimate_sources(cfg: Config, run_dir: Path, log=print) -> dict:
     return {**ctx, "mask": mask, "result": result, "size": size, "scores": scores}
 
 
-def gradex_selection(cfg: Config, run_dir: Path, ids: np.ndarray, log=print) -> Selection:
-    """The select stage's GradEx: the chosen sources' pool rows, up to the budget, in a seeded
-    id-hash order; the score of a row is minus its source's ensemble score."""
+def gradex_select(ctx) -> Selection:
+    """The select stage's GradEx (a `jobs.select.Context`): the chosen sources' pool rows, up to
+    the budget, in a seeded id-hash order (per-part tasks, merged on the workers); the score of a
+    row is minus its source's ensemble score."""
+    cfg = ctx.cfg
     g = cfg.select.gradex
     if g.strategy in ("random", "all"):  # the baselines need no gradients
-        data = pq.read_table(run_dir / "data" / "candidates.parquet")
-        names = check_gradex(cfg, data, pq.read_table(run_dir / "data" / "targets.parquet"))
+        start_ray(cfg)
+        names, counts = check_gradex(cfg, ctx.pool, ctx.targets)
         mask, _ = choose(cfg, names, np.ones((1, len(names))), np.zeros(1), None)
-        out = {"scores": {"ensemble_score": np.zeros(len(names))}}
+        scores = np.zeros(len(names))
     else:
-        out = estimate_sources(cfg, run_dir, log)
-        data, names, mask = out["data"], out["names"], out["mask"]
-    src = np.asarray(pc.cast(data.column(g.source_column), pa.string()).to_numpy(
-        zero_copy_only=False), str)  # fmt: skip
-    chosen = set(np.array(names)[mask.astype(bool)])
-    rows = np.flatnonzero(np.isin(src, list(chosen)))
-    u = np.asarray(hash_uniform(ids[rows], cfg.seed))  # random_select's order, on these rows
-    order = rows[top_k(-u, min(cfg.select.budget, len(rows)), ids[rows])]
-    best = -np.nan_to_num(out["scores"]["ensemble_score"], nan=np.inf)
-    score = dict(zip(names, best, strict=True))
-    sel = Selection(order, np.array([score[s] for s in src[order]]))
-    sel.info = {"chosen_sources": sorted(chosen), "rows_in_chosen_sources": len(rows),
+        out = estimate_sources(cfg, ctx.run_dir, ctx.log, ctx.pool.store)
+        names, counts, mask = out["names"], out["counts"], out["mask"]
+        scores = out["scores"]["ensemble_score"]
+    chosen = sorted(np.array(names)[mask.astype(bool)].tolist())
+    available = sum(counts[s] for s in chosen)
+    best = ranked_by_source(ctx.pool, g.source_column, cfg.seed, ctx.budget, set(chosen))
+    merged = Ranked.merge(list(best.values()), min(ctx.budget, available))
+    score = dict(zip(names, -np.nan_to_num(scores, nan=np.inf), strict=True))
+    source_of = {n: s for s, r in best.items() for n in r.row.tolist()}
+    sel = Selection(merged.row, np.array([score[source_of[r]] for r in merged.row.tolist()]))
+    sel.info = {"chosen_sources": chosen, "rows_in_chosen_sources": int(available),
                 "estimator": g.estimator, "strategy": g.strategy}  # fmt: skip
     return sel
 

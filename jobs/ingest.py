@@ -1,7 +1,22 @@
-"""Ingest: read candidates or targets with Ray Data into the run folder's canonical table.
+"""Ingest: read candidates or targets into the run folder's partitioned pool (`jobs.pool`).
 
-`data/<side>.parquet` holds `id` (string), `text` (string) and the configured `keep_columns`, in
-input order. Policy for bad rows (README, "Input policy"):
+The driver plans from metadata only -- the input files (listed on whatever filesystem holds them:
+a local path, `s3://`, `gs://`), their parquet footers, their sizes -- and never reads a row:
+
+    plan      each input file is cut into pieces: parquet row groups, JSON-lines byte ranges (a
+              line belongs to the piece its first byte is in), one piece per CSV or `datasets`
+              arrow file; pieces are in input order (files sorted by name)
+    read      a task per piece reads and normalises its rows (id, text, keep columns, given
+              vectors); bad rows fail there, naming the file and line or row
+    dedup     its ids go, hashed into buckets, through the object store to one task per bucket,
+              which keeps the first occurrence of every id -- the lowest (piece, position), i.e.
+              the first in input order -- and reports the rest back per piece (a shuffle by id;
+              with `id_column`, a repeat is an error instead)
+    write     a task per piece drops its duplicates, numbers its rows (`row`, dense from the
+              offset the driver computed from the pieces' counts) and writes its part
+    commit    the driver writes `data/<side>/_index.json` (the parts, the files, the counts)
+
+Policy for bad rows (README, "Input policy"):
 
 * null or blank text: dropped and counted (`on_empty: error` fails instead);
 * ids derived from text: identical texts share an id; the first is kept, the rest counted as
@@ -9,240 +24,793 @@ input order. Policy for bad rows (README, "Input policy"):
 * ids from `id_column`: a null/blank or repeated id is an error naming the column and an example;
 * a missing column, an unknown format, an unreadable or empty file: an error before any work.
 
-Columns are checked on the driver from the file's schema (no cluster needed), so a typo fails in
-a second, not after Ray has started.
+Appending (`append=True`, what `raysift curate` does): when every file of the last ingest is
+still there unchanged, only the new files are read; their rows are numbered after the existing
+ones (whatever their names sort as), and an id already in the pool is a duplicate of that row.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
-from pathlib import Path
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.ids import content_ids
-from jobs.config import InputSpec
+from jobs import storage
+from jobs.config import IngestConfig, InputSpec
 from jobs.errors import InputError
+from jobs.pool import INDEX, LAYOUT, VECTOR, Part, Pool, load_pool
+from jobs.storage import Store
 
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+BATCH_ROWS = 65_536
+LINE = "_line"  # a JSON-lines row's line number (for messages)
 
 
-def input_files(spec: InputSpec, field: str) -> tuple[str, list[Path]]:
-    """(format, files) for an input, or an InputError naming `field`."""
-    path = Path(spec.path)
-    if not path.exists():
-        raise InputError(f"{field}.path: {path} does not exist")
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # inside the filesystem
+    uri: str  # as messages and fingerprints name it
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input, resolved: its format, filesystem and files (sorted)."""
+
+    fmt: str
+    fs: pafs.FileSystem
+    files: tuple[InputFile, ...]
+
+
+@dataclass(frozen=True)
+class Piece:
+    file: int  # index into Source.files
+    start: int  # parquet: first row group; jsonl: first byte; else 0
+    stop: int  # parquet: row group after the last; jsonl: byte after the range; else 0
+    rows: int | None = None  # known for parquet
+    first_row: int = 0  # parquet: the file's row number of the piece's first row
+
+
+# -- listing and checks (driver, metadata only) ----------------------------------------------------
+
+
+def _info(fs: pafs.FileSystem, path: str, uri: str) -> InputFile:
+    info = fs.get_file_info(path)
+    return InputFile(path, uri, int(info.size or 0), int(info.mtime_ns or 0))
+
+
+def resolve(spec: InputSpec, field: str) -> Source:
+    """The input's format and files, or an InputError naming `field`."""
+    uri = spec.path
+    if storage.is_remote(uri):
+        fs, root = storage.filesystem(uri, f"{field}.path")
+    else:
+        fs, root = pafs.LocalFileSystem(), uri.removeprefix("file://")
+    try:
+        info = fs.get_file_info(root)
+    except OSError as exc:
+        raise InputError(f"{field}.path: cannot read {uri} ({str(exc).splitlines()[0]})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{field}.path: {uri} does not exist")
     fmt = spec.format
-    if path.is_dir():
-        if fmt in ("auto", "hf") and (path / "dataset_info.json").is_file():
-            return "hf", [path]
+    join = (lambda name: f"{uri.rstrip('/')}/{name}") if storage.is_remote(uri) else None
+    if info.type == pafs.FileType.Directory:
+        listing = fs.get_file_info(pafs.FileSelector(root))
+        names = {i.base_name: i for i in listing if i.type == pafs.FileType.File}
+        if fmt in ("auto", "hf") and "dataset_info.json" in names:
+            return Source("hf", fs, tuple(_hf_files(fs, root, uri, names, join)))
         if fmt == "hf":
-            raise InputError(f"{field}.path: {path} is not a datasets save_to_disk folder")
+            raise InputError(f"{field}.path: {uri} is not a datasets save_to_disk folder")
         files = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_file()
-            and not p.name.startswith((".", "_"))
-            and p.suffix in SUFFIXES
-            and (fmt == "auto" or SUFFIXES[p.suffix] == fmt)
+            (i for n, i in names.items() if not n.startswith((".", "_"))),
+            key=lambda i: i.base_name,
         )
+        files = [
+            i
+            for i in files
+            if _suffix(i.base_name) in SUFFIXES
+            and (fmt == "auto" or SUFFIXES[_suffix(i.base_name)] == fmt)
+        ]
         if not files:
-            raise InputError(f"{field}.path: folder {path} holds no .parquet/.jsonl/.csv files")
-        kinds = {SUFFIXES[p.suffix] for p in files}
+            raise InputError(f"{field}.path: folder {uri} holds no .parquet/.jsonl/.csv files")
+        kinds = {SUFFIXES[_suffix(i.base_name)] for i in files}
         if len(kinds) > 1:
             raise InputError(
-                f"{field}.path: folder {path} mixes formats {sorted(kinds)}; set {field}.format"
+                f"{field}.path: folder {uri} mixes formats {sorted(kinds)}; set {field}.format"
             )
-        return kinds.pop(), files
+        out = tuple(
+            InputFile(
+                i.path,
+                join(i.base_name) if join else i.path,
+                int(i.size or 0),
+                int(i.mtime_ns or 0),
+            )
+            for i in files
+        )
+        return Source(kinds.pop(), fs, out)
     if fmt == "auto":
-        fmt = SUFFIXES.get(path.suffix)
+        fmt = SUFFIXES.get(_suffix(root))
         if fmt is None:
             raise InputError(
-                f"{field}.path: cannot tell the format of {path.name}; expected .parquet, .jsonl, "
-                f".json or .csv, or set {field}.format"
+                f"{field}.path: cannot tell the format of {root.rsplit('/', 1)[-1]}; expected "
+                f".parquet, .jsonl, .json or .csv, or set {field}.format"
             )
     if fmt == "hf":
-        raise InputError(f"{field}.path: {path} is a file; format hf expects a save_to_disk folder")
-    return fmt, [path]
+        raise InputError(f"{field}.path: {uri} is a file; format hf expects a save_to_disk folder")
+    return Source(fmt, fs, (_info(fs, root, uri),))
 
 
-def _columns(fmt: str, file: Path) -> list[str]:
-    """Column names of one input file, read cheaply (schema, header, first record)."""
+def _suffix(name: str) -> str:
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot >= 0 else ""
+
+
+def _hf_files(fs, root: str, uri: str, names: dict, join) -> list[InputFile]:
+    """The arrow files of a `datasets` save_to_disk folder, in its own order (state.json)."""
+    try:
+        with fs.open_input_stream(f"{root}/state.json") as fh:
+            state = json.loads(fh.read())
+        data = [d["filename"] for d in state["_data_files"]]
+    except (OSError, ValueError, KeyError):
+        data = sorted(n for n in names if n.endswith(".arrow"))
+    if not data:
+        raise InputError(f"{uri}: a datasets folder without arrow files")
+    return [
+        InputFile(
+            f"{root}/{n}",
+            join(n) if join else f"{root}/{n}",
+            int(names[n].size or 0) if n in names else 0,
+            int(names[n].mtime_ns or 0) if n in names else 0,
+        )
+        for n in data
+    ]
+
+
+def _schema(source: Source, file: InputFile) -> pa.Schema | list[str]:
+    """Column names (and types where the format has them) of one input file, read cheaply."""
+    fs, fmt = source.fs, source.fmt
     try:
         if fmt == "parquet":
-            return pq.read_schema(file).names
-        if fmt == "csv":
-            with open(file, newline="", encoding="utf-8") as fh:
-                return next(csv.reader(fh), [])
-        if fmt == "jsonl":
-            with open(file, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        record = json.loads(line)
-                        if not isinstance(record, dict):
-                            raise ValueError("first record is not a JSON object")
-                        return list(record)
-            return []
+            return pq.read_schema(fs.open_input_file(file.path))
         if fmt == "hf":
-            from datasets import load_from_disk
-
-            return list(load_from_disk(str(file)).column_names)
+            with fs.open_input_stream(file.path) as fh:
+                return pa.ipc.open_stream(fh).schema
+        with fs.open_input_stream(file.path) as raw:
+            head = raw.read(1 << 20)
+        if fmt == "csv":
+            first = head.decode("utf-8").splitlines()[:1]
+            return next(csv.reader(first), []) if first else []
+        for line in head.decode("utf-8", errors="strict").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("first record is not a JSON object")
+                return list(record)
+        return []
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise InputError(f"{file}: not a readable {fmt} file ({reason})") from None
-    raise AssertionError(fmt)
+        raise InputError(f"{file.uri}: not a readable {fmt} file ({reason})") from None
 
 
-def check_input(spec: InputSpec, field: str) -> tuple[str, list[Path]]:
+def check_input(spec: InputSpec, field: str) -> Source:
     """Validate an input before any cluster work: format, readability, required columns."""
-    fmt, files = input_files(spec, field)
+    source = resolve(spec, field)
     wanted = [(f"{field}.text_column", spec.text_column)]
     if spec.id_column:
         wanted.append((f"{field}.id_column", spec.id_column))
+    if spec.vector_column:
+        wanted.append((f"{field}.vector_column", spec.vector_column))
     for col in spec.keep_columns:
         wanted.append((f"{field}.keep_columns", col))
-        if col in ("id", "text") or col in (spec.text_column, spec.id_column):
-            raise InputError(f"{field}.keep_columns: {col!r} is already carried as id/text")
-    for file in files:
-        names = _columns(fmt, file)
+    for file in source.files:
+        schema = _schema(source, file)
+        names = schema.names if isinstance(schema, pa.Schema) else schema
         if not names:
-            raise InputError(f"{file}: no rows or header found")
+            raise InputError(f"{file.uri}: no rows or header found")
         for key, col in wanted:
             if col not in names:
                 raise InputError(
-                    f"{file}: column {col!r} ({key}) not found; columns are {names[:20]}"
+                    f"{file.uri}: column {col!r} ({key}) not found; columns are {names[:20]}"
                 )
-    return fmt, files
+        if spec.vector_column and isinstance(schema, pa.Schema):
+            _check_vector_type(schema.field(spec.vector_column).type, file, spec, field)
+    return source
 
 
-def fingerprint(files: list[Path]) -> list[list]:
+def fingerprint(source: Source) -> list[list]:
     """What a rerun compares to decide whether the input changed: path, size, mtime of each file."""
-    out = []
-    for f in files:
-        for p in sorted(f.rglob("*")) if f.is_dir() else [f]:
-            if p.is_file():
-                st = p.stat()
-                out.append([str(p), st.st_size, st.st_mtime_ns])
-    return out
+    return [[f.uri, f.size, f.mtime_ns] for f in source.files]
 
 
-def read_dataset(fmt: str, files: list[Path], spec: InputSpec):
-    """A Ray Dataset over the input, reading only the needed columns where the format allows."""
-    import ray.data
+def _is_vector_type(kind: pa.DataType) -> bool:
+    listy = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if not (listy or pa.types.is_fixed_size_list(kind)):
+        return False
+    return pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)
 
-    paths = [str(f) for f in files]
-    needed = [spec.text_column, *([spec.id_column] if spec.id_column else []), *spec.keep_columns]
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(paths, columns=needed)
-    elif fmt == "jsonl":
-        ds = ray.data.read_json(paths, lines=True)
-    elif fmt == "csv":
-        import pyarrow.csv as pacsv
 
-        # Every column as string: ids like 007 must not become 7.
-        ds = ray.data.read_csv(
-            paths,
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in needed}),
+def _check_vector_type(kind: pa.DataType, file: InputFile, spec: InputSpec, field: str) -> None:
+    if not _is_vector_type(kind):
+        raise InputError(
+            f"{file.uri}: column {spec.vector_column!r} ({field}.vector_column): expected a list "
+            f"of floats, got {kind}"
         )
+
+
+def _keep_types(source: Source, spec: InputSpec) -> dict[str, pa.DataType]:
+    """The type of every keep column, from the first file (later pieces are cast to it)."""
+    if not spec.keep_columns:
+        return {}
+    if source.fmt == "csv":
+        return {c: pa.string() for c in spec.keep_columns}
+    first = source.files[0]
+    if source.fmt in ("parquet", "hf"):
+        schema = _schema(source, first)
     else:
-        from datasets import load_from_disk
-
-        hf = load_from_disk(paths[0])
-        if not hasattr(hf, "select_columns"):
-            raise InputError(f"{paths[0]}: a DatasetDict; point the path at one split's folder")
-        ds = ray.data.from_huggingface(hf.select_columns(needed))
-    if spec.limit:
-        ds = ds.limit(spec.limit)
-    return ds
+        with source.fs.open_input_stream(first.path) as raw:
+            head = raw.read(1 << 20)
+        head = head[: head.rfind(b"\n") + 1] or head
+        schema = _read_json_bytes(head, first, 0).schema
+    kinds = {c: schema.field(c).type for c in spec.keep_columns}
+    return {c: pa.string() if pa.types.is_null(t) else t for c, t in kinds.items()}
 
 
-def normalise(
-    batch: pa.Table, text_column: str, id_column: str | None, keep: list[str]
-) -> pa.Table:
-    """One batch -> (id, text, keep..., _empty). Runs inside Ray Data tasks."""
+# -- planning --------------------------------------------------------------------------------------
+
+
+def plan(source: Source, cfg: IngestConfig, limit: int | None) -> list[Piece]:
+    """Pieces in input order, from metadata: parquet footers, file sizes."""
+    target = int(cfg.part_mb * (1 << 20))
+    pieces: list[Piece] = []
+    budget = limit
+    for k, file in enumerate(source.files):
+        if budget is not None and budget <= 0:
+            break
+        if source.fmt == "parquet":
+            meta = pq.ParquetFile(source.fs.open_input_file(file.path)).metadata
+            start, size, rows, at = 0, 0, 0, 0
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                size += group.total_byte_size
+                rows += group.num_rows
+                full = budget is not None and rows >= budget
+                if size >= target or g == meta.num_row_groups - 1 or full:
+                    pieces.append(Piece(k, start, g + 1, rows, at))
+                    at += rows
+                    if budget is not None:
+                        budget -= rows
+                    start, size, rows = g + 1, 0, 0
+                    if full:
+                        break
+        elif source.fmt == "jsonl":
+            for a in range(0, max(file.size, 1), target):
+                pieces.append(Piece(k, a, min(file.size, a + target)))
+        else:
+            pieces.append(Piece(k, 0, 0))
+    return pieces
+
+
+# -- reading a piece (worker) ----------------------------------------------------------------------
+
+
+def _read_json_bytes(data: bytes, file: InputFile, line0: int) -> pa.Table:
+    import pyarrow.json as pj
+
+    if not data.strip():
+        return pa.table({})
     try:
-        text = pc.cast(batch.column(text_column), pa.string())
+        return pj.read_json(
+            io.BytesIO(data), read_options=pj.ReadOptions(block_size=max(1 << 20, len(data) + 1))
+        )
+    except pa.ArrowInvalid as exc:
+        raise InputError(_json_error(data, file, line0, str(exc))) from None
+
+
+def _json_error(data: bytes, file: InputFile, line0: int, message: str) -> str:
+    """Where a JSON-lines piece went wrong: the first line that is not a JSON object, else
+    pyarrow's message (a type that changes between rows) with its row made a line number."""
+    rows = 0
+    for n, line in enumerate(data.split(b"\n"), line0 + 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            return f"{file.uri}: line {n} is not valid JSON ({exc.msg})"
+        if not isinstance(record, dict):
+            return f"{file.uri}: line {n} is not a JSON object"
+        if f"in row {rows}" in message:
+            message = message.replace(f"in row {rows}", f"at line {n}")
+        rows += 1
+    return f"{file.uri}: {message.splitlines()[0]}"
+
+
+def _line_range(fh, file: InputFile, piece: Piece) -> tuple[int, int]:
+    """The bytes of the lines whose first byte lies in [piece.start, piece.stop)."""
+
+    def next_line_start(at: int) -> int:
+        if at <= 0:
+            return 0
+        if at >= file.size:
+            return file.size
+        fh.seek(at - 1)
+        pos = at - 1
+        while True:
+            block = fh.read(1 << 16)
+            if not block:
+                return file.size
+            nl = block.find(b"\n")
+            if nl >= 0:
+                return pos + nl + 1
+            pos += len(block)
+
+    return next_line_start(piece.start), next_line_start(piece.stop)
+
+
+def _lines_before(fs, file: InputFile, offset: int) -> int:
+    """Newlines before byte `offset` (only for messages: the line number of a bad row)."""
+    count = 0
+    with fs.open_input_stream(file.path) as fh:
+        left = offset
+        while left > 0:
+            block = fh.read(min(left, 1 << 22))
+            if not block:
+                break
+            count += block.count(b"\n")
+            left -= len(block)
+    return count
+
+
+def raw_batches(source: Source, piece: Piece, needed: list[str]) -> Iterator[pa.Table]:
+    """The piece's rows, in order, as tables of the needed columns."""
+    file = source.files[piece.file]
+    fs = source.fs
+    try:
+        if source.fmt == "parquet":
+            pf = pq.ParquetFile(fs.open_input_file(file.path))
+            groups = list(range(piece.start, piece.stop))
+            for batch in pf.iter_batches(BATCH_ROWS, row_groups=groups, columns=needed):
+                yield pa.Table.from_batches([batch])
+        elif source.fmt == "jsonl":
+            with fs.open_input_file(file.path) as fh:
+                a, b = _line_range(fh, file, piece)
+                fh.seek(a)
+                data = fh.read(b - a)
+            try:
+                table = _read_json_bytes(data, file, 0) if b > a else pa.table({})
+            except InputError as exc:  # name the line in the file, not in the piece
+                raise InputError(_shift_line(str(exc), _lines_before(fs, file, a))) from None
+            if table.num_columns == 0:
+                return
+            if needed[0] not in table.column_names:  # the text column; others may be absent
+                raise InputError(f"{file.uri}: column {needed[0]!r} not found in bytes {a}..{b}")
+            cols = {c: table.column(c) if c in table.column_names else pa.nulls(table.num_rows)
+                    for c in needed}  # fmt: skip
+            lines = [n for n, line in enumerate(data.split(b"\n"), 1) if line.strip()]
+            yield pa.table({**cols, LINE: pa.array(lines, pa.int64())})
+        elif source.fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            convert = pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in needed}, include_columns=needed
+            )
+            with fs.open_input_stream(file.path) as fh:
+                for batch in pacsv.open_csv(fh, convert_options=convert):
+                    yield pa.Table.from_batches([batch])
+        else:
+            with fs.open_input_stream(file.path) as fh:
+                for batch in pa.ipc.open_stream(fh):
+                    yield pa.Table.from_batches([batch]).select(needed)
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"{file.uri}: not a readable {source.fmt} file ({reason})") from None
+
+
+@dataclass(frozen=True)
+class Reader:
+    """What a piece task needs to read and normalise (the driver builds it once per side)."""
+
+    source: Source
+    spec: InputSpec
+    field: str
+    keep_types: dict[str, pa.DataType]
+    buckets: int
+
+    @property
+    def needed(self) -> list[str]:
+        s = self.spec
+        cols = [s.text_column, *([s.id_column] if s.id_column else []), *s.keep_columns]
+        cols += [s.vector_column] if s.vector_column else []
+        return list(dict.fromkeys(cols))
+
+
+def _where(reader: Reader, piece: Piece, batch: pa.Table, raw0: int, i: int) -> str:
+    """Row i of a batch, as a message names it: its file and line (JSON lines) or row."""
+    file = reader.source.files[piece.file]
+    if LINE in batch.column_names:  # lines counted from the piece's first: add the lines before
+        with reader.source.fs.open_input_file(file.path) as fh:
+            a, _ = _line_range(fh, file, piece)
+        before = _lines_before(reader.source.fs, file, a)
+        return f"{file.uri}: line {before + batch.column(LINE)[i].as_py()}"
+    return f"{file.uri}: row {piece.first_row + raw0 + i}"
+
+
+def _shift_line(message: str, before: int) -> str:
+    """A message about `line N` of a piece, about line N + before of its file."""
+    import re
+
+    return re.sub(r"line (\d+)", lambda m: f"line {int(m[1]) + before}", message, count=1)
+
+
+def normalise(batch: pa.Table, reader: Reader, piece: Piece, raw0: int) -> tuple[pa.Table, dict]:
+    """One raw batch -> (id, text, keep..., _vector) of its non-empty rows, plus counts."""
+    spec, field = reader.spec, reader.field
+    file = reader.source.files[piece.file]
+    column = batch.column(spec.text_column)
+    try:
+        text = pc.cast(column, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         raise InputError(
-            f"column {text_column!r}: expected text, got {batch.schema.field(text_column).type}"
+            f"{file.uri}: column {spec.text_column!r}: expected text, got {column.type}"
         ) from None
     text = pc.fill_null(text, "")
-    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
-    if id_column:
-        ids = pc.cast(batch.column(id_column), pa.string())
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(
+        zero_copy_only=False
+    )
+    counts = {"empty": int(empty.sum()), "first_empty": None}
+    if counts["empty"] and spec.on_empty == "error":
+        counts["first_empty"] = _where(reader, piece, batch, raw0, int(np.flatnonzero(empty)[0]))
+    keep = pa.array(~empty)
+    if spec.id_column:
+        ids = pc.cast(batch.column(spec.id_column), pa.string()).filter(keep)
+        blank = pc.or_(pc.is_null(ids), pc.equal(pc.utf8_length(pc.fill_null(ids, "")), 0))
+        if pc.any(blank).as_py():
+            n = int(pc.sum(blank).as_py())
+            raise InputError(
+                f"{field}.id_column: {n} rows have a null or blank {spec.id_column!r} ({file.uri})"
+            )
+        text = text.filter(keep)
     else:
+        text = text.filter(keep)
         ids = pa.array(content_ids(text.to_pylist()), pa.string())
-    cols = {"id": ids, "text": text}
-    cols.update({c: batch.column(c) for c in keep})
-    cols["_empty"] = empty
-    return pa.table(cols)
+    cols: dict[str, pa.Array] = {"id": ids, "text": text}
+    for c in spec.keep_columns:
+        values = batch.column(c).filter(keep)
+        try:
+            cols[c] = pc.cast(values, reader.keep_types[c])
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+            raise InputError(
+                f"{file.uri}: column {c!r} ({field}.keep_columns): expected "
+                f"{reader.keep_types[c]} like the first file, got {values.type}"
+            ) from None
+    rows = np.flatnonzero(~empty)
+    if spec.vector_column:
+        column = batch.column(spec.vector_column).filter(keep)
+        cols[VECTOR] = _vectors(
+            column, reader, lambda i: _where(reader, piece, batch, raw0, int(rows[i]))
+        )
+    return pa.table(cols), counts
 
 
-def collect(ds) -> pa.Table:
+def _vectors(column, reader: Reader, where) -> pa.Array:
+    """A given vector column as fixed_size_list<float32>[d], checked row by row; `where(i)`
+    names row i in a message."""
+    spec, field = reader.spec, reader.field
+    name = f"column {spec.vector_column!r} ({field}.vector_column)"
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not _is_vector_type(arr.type):
+        raise InputError(f"{where(0)}: {name}: expected a list of floats, got {arr.type}")
+    if arr.null_count:
+        raise InputError(f"{where(int(np.flatnonzero(arr.is_null())[0]))}: {name} is null")
+    if pa.types.is_fixed_size_list(arr.type):
+        dim = arr.type.list_size
+    else:
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        dim = int(lengths[0]) if len(lengths) else 0
+        ragged = np.flatnonzero(lengths != dim)
+        if len(ragged):
+            raise InputError(
+                f"{where(ragged[0])}: {name} has {int(lengths[ragged[0]])} values where the "
+                f"first row has {dim} (ragged lists)"
+            )
+    if dim == 0 and len(arr):
+        raise InputError(f"{where(0)}: {name} is an empty list")
+    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), dim)
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        raise InputError(f"{where(int(np.flatnonzero(~finite)[0]))}: {name} has NaN or inf")
+    zero = ~values.any(axis=1)
+    if zero.any():
+        raise InputError(
+            f"{where(int(np.flatnonzero(zero)[0]))}: {name} is a zero vector (no direction to "
+            "compare)"
+        )
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+
+
+def bucket_of(ids: pa.Array, buckets: int) -> np.ndarray:
+    """A stable bucket per id (crc32: the same on every machine and process)."""
+    return np.fromiter(
+        (zlib.crc32(i.encode()) % buckets for i in ids.to_pylist()), np.int64, len(ids)
+    )
+
+
+def read_piece(reader: Reader, piece: Piece, cap: int | None) -> tuple:
+    """A piece task: (counts, the normalised table, then per bucket the (id, pos) of its rows).
+    Reads at most `cap` rows (the limit's share of this piece)."""
+    tables, raw, empty, first_empty, dim = [], 0, 0, None, None
+    for batch in raw_batches(reader.source, piece, reader.needed):
+        if cap is not None and raw + batch.num_rows > cap:
+            batch = batch.slice(0, max(0, cap - raw))
+        if batch.num_rows == 0:
+            break
+        table, counts = normalise(batch, reader, piece, raw)
+        raw += batch.num_rows
+        empty += counts["empty"]
+        first_empty = first_empty or counts["first_empty"]
+        if table.num_rows:
+            tables.append(table)
+    table = pa.concat_tables(tables) if tables else None
+    if table is not None and VECTOR in table.column_names:
+        dim = table.schema.field(VECTOR).type.list_size
+    ids = table.column("id").combine_chunks() if table is not None else pa.array([], pa.string())
+    bucket = bucket_of(ids, reader.buckets)
+    pos = np.arange(len(ids), dtype=np.int64)
+    splits = [
+        pa.table({"id": ids.filter(pa.array(bucket == h)), "pos": pos[bucket == h]})
+        for h in range(reader.buckets)
+    ]
+    counts = {"raw": raw, "empty": empty, "first_empty": first_empty,
+              "rows": len(ids), "dim": dim}  # fmt: skip
+    return (counts, table, *splits)
+
+
+# -- dedup by bucket, then write (workers) ---------------------------------------------------------
+
+
+def dedup_bucket(
+    store: Store, side: str, h: int, pieces: int, previous: str | None, generation: str, *splits
+) -> tuple:
+    """One bucket's ids from every piece: keep the first occurrence (lowest piece, position) and
+    any id the pool already has (`previous` id generation) -- report the others per piece.
+    Writes the bucket of the new id generation. Returns (counts, drops of piece 0, 1, ...)."""
+    tables = [s.append_column("piece", pa.array(np.full(s.num_rows, k, np.int64)))
+              for k, s in enumerate(splits)]  # fmt: skip
+    table = pa.concat_tables(tables)
+    old = None
+    if previous is not None:
+        old = pq.read_table(store.path(f"{previous}/bucket-{h:03d}.parquet"), filesystem=store.fs)
+        old = old.column("id").combine_chunks()
+    order = pc.sort_indices(table, [("id", "ascending"), ("piece", "ascending"),
+                                    ("pos", "ascending")])  # fmt: skip
+    table = table.take(order)
+    ids = table.column("id").combine_chunks()
+    repeat = np.zeros(len(ids), bool)
+    if len(ids) > 1:
+        repeat[1:] = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(
+            zero_copy_only=False
+        )
+    if old is not None and len(old):
+        repeat |= pc.is_in(ids, value_set=old).to_numpy(zero_copy_only=False)
+    example = None
+    if repeat.any():
+        first = ids[int(np.flatnonzero(repeat)[0])].as_py()
+        in_old = int(old is not None and pc.is_in(pa.array([first]), value_set=old)[0].as_py())
+        example = (first, int(pc.sum(pc.equal(ids, first)).as_py()) + in_old)
+    kept = ids.filter(pa.array(~repeat))
+    merged = kept if old is None else pa.concat_arrays([old, kept])
+    merged = merged.take(pc.sort_indices(merged))
+    store.write_parquet(f"{generation}/bucket-{h:03d}.parquet", pa.table({"id": merged}))
+    piece = table.column("piece").to_numpy()
+    pos = table.column("pos").to_numpy()
+    drops = [np.sort(pos[repeat & (piece == k)]) for k in range(pieces)]
+    counts = {"duplicates": int(repeat.sum()), "example": example,
+              "per_piece": [len(d) for d in drops]}  # fmt: skip
+    return (counts, *drops)
+
+
+def write_part(store: Store, side: str, index: int, first: int, table, *drops) -> dict:
+    """A piece's rows without its duplicates, numbered from `first`, as part `index`."""
+    if table is None:
+        return {"rows": 0}
+    dropped = np.unique(np.concatenate(drops)) if drops else np.array([], np.int64)
+    if len(dropped):
+        mask = np.ones(table.num_rows, bool)
+        mask[dropped] = False
+        table = table.filter(pa.array(mask))
+    if table.num_rows == 0:
+        return {"rows": 0}
+    table = table.combine_chunks()
+    digest = hashlib.sha1()
+    digest.update("\n".join(table.column("id").to_pylist()).encode())
+    digest.update(b"\x00" + "\x00".join(table.column("text").to_pylist()).encode())
+    if VECTOR in table.column_names:
+        digest.update(table.column(VECTOR).combine_chunks().flatten().to_numpy().tobytes())
+    digest = digest.hexdigest()[:20]
+    rows = pa.array(np.arange(first, first + table.num_rows, dtype=np.int64))
+    table = pa.table({"row": rows, **{c: table.column(c) for c in table.column_names}})
+    name = f"part-{index:05d}-{digest[:12]}.parquet"
+    store.write_parquet(f"data/{side}/{name}", table, row_group_size=4096)
+    return {"name": name, "first": first, "rows": table.num_rows, "digest": digest}
+
+
+# -- the side, end to end (driver: plans, schedules, merges counts) --------------------------------
+
+
+def _previous(store: Store, side: str, spec: InputSpec, source: Source) -> Pool | None:
+    """The pool this ingest can append to: same spec, every earlier file unchanged."""
+    try:
+        pool = load_pool(store, side)
+    except InputError:
+        return None
+    if pool.info.get("spec") != spec.model_dump(mode="json"):
+        return None
+    now = {f[0]: f for f in fingerprint(source)}
+    if any(now.get(f[0]) != f for f in pool.info["files"]):
+        return None
+    return pool
+
+
+def ingest_side(
+    spec: InputSpec, field: str, store: Store, side: str, cfg: IngestConfig, append: bool = False
+) -> dict:
+    """Read and clean one side into `data/<side>/`; returns the counts for the manifest."""
     import ray
 
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not tables:
-        return pa.table({})
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-def ingest_side(spec: InputSpec, field: str) -> tuple[pa.Table, dict]:
-    """Read and clean one side; returns the canonical table and the counts for the manifest."""
-    fmt, files = check_input(spec, field)
-    ds = read_dataset(fmt, files, spec).map_batches(
-        normalise,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "text_column": spec.text_column,
-            "id_column": spec.id_column,
-            "keep": list(spec.keep_columns),
-        },
-    )
-    table = collect(ds)
-    rows_read = table.num_rows
-    if rows_read == 0:
+    source = check_input(spec, field)
+    previous = _previous(store, side, spec, source) if append else None
+    files = fingerprint(source)
+    if previous is not None:  # only the files the pool does not have yet, after its rows
+        known = {f[0] for f in previous.info["files"]}
+        source = Source(source.fmt, source.fs,
+                        tuple(f for f in source.files if f.uri not in known))  # fmt: skip
+        files = previous.info["files"] + fingerprint(source)
+    if previous is not None and not source.files:  # nothing new on this side
+        return {"rows_read": 0, "empty_dropped": 0, "duplicates_dropped": 0, "rows": previous.n,
+                "rows_added": 0, "format": source.fmt, "parts": len(previous.parts),
+                "parts_written": 0, "files_read": 0, "appended": True, "inputs": files,
+                "dim": previous.dim}  # fmt: skip
+    pieces = plan(source, cfg, spec.limit)
+    buckets = previous.info["id_buckets"] if previous else max(1, min(len(pieces), cfg.id_buckets))
+    reader = Reader(source, spec, field, _keep_types(source, spec) if pieces else {}, buckets)
+    read = ray.remote(read_piece).options(num_returns=2 + buckets)
+    results = []
+    if spec.limit is not None and source.fmt != "parquet":  # caps are known only piece by piece
+        left = spec.limit
+        for piece in pieces:
+            if left <= 0:
+                break
+            refs = read.remote(reader, piece, left)
+            counts = ray.get(refs[0])
+            left -= counts["raw"]
+            results.append((counts, refs[1], refs[2:]))
+    else:
+        caps = _caps(pieces, spec.limit)
+        submitted = [read.remote(reader, p, c) for p, c in zip(pieces, caps, strict=True)]
+        counts = ray.get([refs[0] for refs in submitted])
+        results = [(c, refs[1], refs[2:]) for c, refs in zip(counts, submitted, strict=True)]
+    rows_read = sum(c["raw"] for c, _, _ in results)
+    n_empty = sum(c["empty"] for c, _, _ in results)
+    if not previous and rows_read == 0:
         raise InputError(f"{field}.path: {spec.path} has no rows")
-    empty = table.column("_empty").to_numpy(zero_copy_only=False)
-    n_empty = int(empty.sum())
     if n_empty and spec.on_empty == "error":
-        first = int(np.flatnonzero(empty)[0])
+        first = next(c["first_empty"] for c, _, _ in results if c["first_empty"])
         raise InputError(
             f"{field}.text_column: {n_empty} rows have null or blank {spec.text_column!r} "
-            f"(first at row {first}); set {field}.on_empty: drop to skip them"
+            f"(first at {first}); set {field}.on_empty: drop to skip them"
         )
-    table = table.filter(pc.invert(table.column("_empty"))).drop_columns(["_empty"])
-    if table.num_rows == 0:
+    staged = sum(c["rows"] for c, _, _ in results)
+    if not previous and staged == 0:
         raise InputError(f"{field}.text_column: every row of {spec.path} has an empty text")
-    ids = table.column("id")
-    if spec.id_column:
-        bad = pc.sum(pc.or_(pc.is_null(ids), pc.equal(pc.utf8_length(pc.fill_null(ids, "")), 0)))
-        if bad.as_py():
-            raise InputError(
-                f"{field}.id_column: {bad.as_py()} rows have a null or blank {spec.id_column!r}"
-            )
-    ids_np = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=str)
-    _, first_index = np.unique(ids_np, return_index=True)
-    n_dup = table.num_rows - len(first_index)
+    dims = {c["dim"] for c, _, _ in results if c["dim"] is not None}
+    if previous is not None and previous.dim is not None:
+        dims.add(previous.dim)
+    if len(dims) > 1:
+        raise InputError(
+            f"{field}.vector_column: {spec.vector_column!r} has vectors of dimensions "
+            f"{sorted(dims)} in {spec.path}; every row needs the same"
+        )
+    generation = f"data/{side}/_ids/gen-{(previous.info['id_generation'] + 1) if previous else 0}"
+    old_ids = (
+        f"data/{side}/_ids/gen-{previous.info['id_generation']}" if previous is not None else None
+    )
+    dedup = ray.remote(dedup_bucket).options(num_returns=1 + len(results))
+    bucket_refs = [
+        dedup.remote(
+            store,
+            side,
+            h,
+            len(results),
+            old_ids,
+            generation,
+            *[splits[h] for _, _, splits in results],
+        )  # fmt: skip
+        for h in range(buckets)
+    ]
+    if len(results) == 0:  # num_returns=1: the refs are not lists
+        bucket_refs = [[ref] for ref in bucket_refs]
+    stats = ray.get([refs[0] for refs in bucket_refs])
+    n_dup = sum(s["duplicates"] for s in stats)
+    example = next((s["example"] for s in stats if s["example"]), None)
     if n_dup and spec.id_column:
-        counts = pc.value_counts(ids)
-        repeated = counts.filter(pc.greater(counts.field("counts"), 1))
         raise InputError(
             f"{field}.id_column: {n_dup} repeated ids in {spec.id_column!r} "
-            f"(e.g. {repeated[0]['values'].as_py()!r} x{repeated[0]['counts'].as_py()})"
+            f"(e.g. {example[0]!r} x{example[1]})"
         )
-    if n_dup:
-        table = table.take(np.sort(first_index))
-    counts = {
+    first = previous.n if previous else 0
+    base = len(previous.parts) if previous else 0
+    write = ray.remote(write_part)
+    refs = []
+    for k, (counts, table, _) in enumerate(results):
+        dropped = sum(s["per_piece"][k] for s in stats)
+        refs.append(write.remote(store, side, base + k, first, table,
+                                 *[bucket_refs[h][1 + k] for h in range(buckets)]))  # fmt: skip
+        first += counts["rows"] - dropped
+    written = [w for w in ray.get(refs) if w["rows"]]
+    parts = [*(previous.parts if previous else ()), *(Part(**w) for w in written)]
+    if not parts:
+        raise InputError(f"{field}.text_column: every row of {spec.path} has an empty text")
+    dim = next(iter(dims), None)
+    columns = ["row", "id", "text", *spec.keep_columns, *([VECTOR] if spec.vector_column else [])]
+    index = {
+        "layout": LAYOUT,
+        "rows": parts[-1].stop,
+        "parts": [vars(p) for p in parts],
+        "columns": columns,
+        "dim": dim,
+        "files": files,
+        "format": source.fmt,
+        "spec": spec.model_dump(mode="json"),
+        "id_buckets": buckets,
+        "id_generation": int(generation.rsplit("-", 1)[1]),
+    }
+    store.write_json(f"data/{side}/{INDEX}", index)  # the commit point
+    _remove_leftovers(store, side, {p.name for p in parts}, generation)
+    return {
         "rows_read": rows_read,
         "empty_dropped": n_empty,
         "duplicates_dropped": n_dup,
-        "rows": table.num_rows,
-        "format": fmt,
-        "inputs": fingerprint(files),
+        "rows": parts[-1].stop,
+        "rows_added": parts[-1].stop - (previous.n if previous else 0),
+        "format": source.fmt,
+        "parts": len(parts),
+        "parts_written": len(written),
+        "files_read": len(source.files),
+        "appended": previous is not None,
+        "inputs": files,
+        "dim": dim,
     }
-    return table, counts
+
+
+def _caps(pieces: list[Piece], limit: int | None) -> list[int | None]:
+    """Rows each piece may read under `limit` (parquet pieces know their rows)."""
+    if limit is None:
+        return [None] * len(pieces)
+    caps, left = [], limit
+    for piece in pieces:
+        caps.append(max(0, min(left, piece.rows if piece.rows is not None else left)))
+        left -= caps[-1]
+    return caps
+
+
+def _remove_leftovers(store: Store, side: str, parts: set[str], generation: str) -> None:
+    """Parts and id generations the new index does not name (an earlier ingest's)."""
+    for name in store.list(f"data/{side}"):
+        if name.startswith("part-") and name not in parts:
+            store.delete(f"data/{side}/{name}")
+    keep = generation.rsplit("/", 1)[1]
+    for name in store.folders(f"data/{side}/_ids"):
+        if name != keep:
+            store.delete(f"data/{side}/_ids/{name}")

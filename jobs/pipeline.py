@@ -1,78 +1,57 @@
 """The pipeline: a list of stages, each with one job, run in order over one run folder.
 
-    ingest   candidates and targets -> data/<side>.parquet          (Ray Data read + clean)
-    embed    data/<side>.parquet -> embeddings/<side>/part-*.parquet (actor pool, resumable)
-    select   embeddings -> selection.parquet + selected.jsonl        (engine method)
-    finetune selected.jsonl -> finetune/model (LoRA adapter or model)  (Ray Train, resumable)
+    ingest   candidates and targets -> data/<side>/ parts + _index.json (Ray tasks per piece)
+    embed    data/<side>/ parts -> embeddings/<side>/<digest>/ chunks     (actor pool, resumable)
+    select   the partitioned pool -> selection.parquet + selected.jsonl  (per-part tasks, shards)
+    finetune selected.jsonl -> finetune/model (LoRA adapter or model)     (Ray Train, resumable)
 
 Each stage records status, rows and seconds in manifest.json. A finished stage whose inputs are
-unchanged is skipped on a rerun; embed resumes inside the stage, shard by shard.
+unchanged is skipped on a rerun; embed resumes inside the stage, chunk by chunk. The driver plans
+and merges: it reads the pool's index, never its rows.
 """
 
 from __future__ import annotations
 
-import os
+import errno
 from collections.abc import Callable
 from pathlib import Path
 
 from engine.embed import resolve_model_path
 from engine.lm import resolve_lm_path
-from jobs.cluster import TOKEN_HELP, check_ray_address, token_present
+from jobs.cluster import check_ray_address
 from jobs.config import Config, to_yaml
-from jobs.embed import SIDES, run_embed, shard_files
+from jobs.embed import SIDES, check_vectors_ready, embed_sides
 from jobs.errors import InputError
 from jobs.finetune import check_finetune, run_finetune
-from jobs.ingest import check_input, fingerprint, ingest_side, input_files
-from jobs.runfolder import Manifest, clean_leftovers, write_parquet, write_text
-from jobs.select import NEEDS_VECTORS, check_budget, run_select
-from jobs.storage import open_run
+from jobs.ingest import check_input, fingerprint, ingest_side
+from jobs.pool import INDEX, load_pool
+from jobs.runfolder import Manifest, clean_leftovers, write_text
+from jobs.runtime import start_ray
+from jobs.select import check_budget, needs_vectors, run_select
+from jobs.storage import Store, open_run
 
 STAGES = ("ingest", "embed", "select", "finetune")
-RAY_ENV = {"HF_HUB_OFFLINE": "1"}
 
 
-def start_ray(cfg: Config) -> None:
-    """Join `ray.address`, or the cluster this process was submitted to (`ray job submit` sets
-    RAY_ADDRESS for the driver), or start a local cluster; reuse the one this process has."""
-    import ray
-
-    os.environ.update(RAY_ENV)
-    if not ray.is_initialized():
-        kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
-        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        if not in_job:  # a submitted job has its runtime env already; adding one conflicts
-            kwargs["runtime_env"] = {"env_vars": RAY_ENV}
-        address = cfg.ray.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
-        if address:
-            check_ray_address(address)  # a dead address fails in seconds, not minutes
-            try:
-                ray.init(address=address, **kwargs)
-            except ConnectionError as exc:
-                hint = "" if token_present() else f"; no Ray auth token found: {TOKEN_HELP}"
-                raise InputError(f"ray.address: {address}: {exc}{hint}") from None
-        else:
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
-    configure_data()
-
-
-def configure_data() -> None:
-    """Ray Data settings every raysift driver uses."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # ingest keeps input order; `limit` takes the head
-    # Raise the UDF's own exception (an InputError stays an InputError -> exit 2), not a wrapper.
-    ctx.raise_original_map_exception = True
-
-
-def run_ingest(cfg: Config, run_dir: Path) -> dict:
+def run_ingest(cfg: Config, run_dir: Path, append: bool = False) -> dict:
+    store = Store.for_run(run_dir)
     info = {}
     for side in SIDES:
         spec = getattr(cfg, side)
-        table, counts = ingest_side(spec, side)
-        write_parquet(run_dir / "data" / f"{side}.parquet", table)
+        counts = ingest_side(spec, side, store, side, cfg.ingest, append)
         info[side] = {**counts, "spec": spec.model_dump(mode="json")}
+    dims = {side: info[side]["dim"] for side in SIDES}
+    if dims["candidates"] != dims["targets"]:
+        raise InputError(
+            f"candidates.vector_column: {cfg.candidates.vector_column!r} in {cfg.candidates.path} "
+            f"has dimension {dims['candidates']}, targets.vector_column "
+            f"{cfg.targets.vector_column!r} in {cfg.targets.path} has {dims['targets']}"
+        )
     return info
+
+
+def run_embed(cfg: Config, run_dir: Path) -> dict:
+    return embed_sides(Store.for_run(run_dir), SIDES, cfg.embed)
 
 
 def ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
@@ -80,15 +59,15 @@ def ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
     entry = manifest.stage("ingest")
     if entry.get("status") != "done":
         return False
+    store = Store.for_run(run_dir)
     for side in SIDES:
         spec = getattr(cfg, side)
-        if not (run_dir / "data" / f"{side}.parquet").is_file():
+        if not store.is_file(f"data/{side}/{INDEX}"):
             return False
-        _, files = input_files(spec, side)  # preflight has checked the schemas already
         previous = entry.get(side, {})
         if previous.get("spec") != spec.model_dump(mode="json"):
             return False
-        if previous.get("inputs") != fingerprint(files):
+        if previous.get("inputs") != fingerprint(check_input(spec, side)):
             return False
     return True
 
@@ -99,13 +78,31 @@ RUNNERS: dict[str, Callable[[Config, Path], dict]] = {
     "select": run_select,
     "finetune": run_finetune,
 }
-NEEDS_RAY = {"ingest", "embed"}
+NEEDS_RAY = {"ingest", "embed", "select"}  # finetune starts Ray after its own checks
 
 
-def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
+def check_layout(store: Store) -> None:
+    """A run folder of the layout before partitioned pools is refused with what to do."""
+    for side in SIDES:
+        if store.is_file(f"data/{side}.parquet"):
+            load_pool(store, side)  # raises the one-line explanation
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """The run folder exists or can be made: else one line naming output_dir (before any work)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output_dir: {run_dir} exists and is not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = exc.strerror or errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        raise InputError(f"output_dir: cannot create {run_dir} ({why})") from None
+
+
+def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None = None) -> None:
     """Every check that needs no cluster, before one starts: a typo fails in a second."""
     check_ray_address(cfg.ray.address)
-    if "embed" in stages:
+    if "embed" in stages and not cfg.candidates.vector_column:
         try:
             resolve_model_path(cfg.embed.model)
         except FileNotFoundError as exc:
@@ -124,28 +121,34 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path) -> None:
     if "ingest" in stages:
         for side in SIDES:
             check_input(getattr(cfg, side), side)
-        return
-    if stages == ["finetune"]:
+    check_output_dir(run_dir)
+    store = data or Store.for_run(run_dir)
+    check_layout(store)
+    if "ingest" in stages or stages == ["finetune"]:
         return
     for side in SIDES:
-        if not (run_dir / "data" / f"{side}.parquet").is_file():
-            raise InputError(f"{run_dir}: no data/{side}.parquet; run the ingest stage first")
+        load_pool(store, side)  # the index exists (run the ingest stage first, else)
     if "select" in stages:
-        check_budget(cfg, run_dir)
-        if "embed" not in stages and cfg.select.method in NEEDS_VECTORS:
+        check_budget(cfg, load_pool(store, "candidates"))
+        if "embed" not in stages and needs_vectors(cfg.select.method):
             for side in SIDES:
-                if not shard_files(run_dir / "embeddings" / side):
-                    raise InputError(f"{run_dir}: no embeddings/{side}; run the embed stage first")
+                check_vectors_ready(store, side, cfg.embed)
 
 
-def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
-    """Run `stages` (default: the config's) in pipeline order; returns the run folder."""
+def run(
+    cfg: Config,
+    stages: list[str] | None = None,
+    log: Callable[[str], None] = print,
+    data: Store | None = None,
+    append: bool = False,
+) -> Path:
+    """Run `stages` (default: the config's) in pipeline order; returns the run folder. `data`:
+    where the ingested pool lives when it is not this run folder (`raysift evaluate`'s runs
+    select and fine-tune from the shared one; only select and finetune run then). `append`:
+    ingest only new input files, after the pool's rows (`raysift curate`)."""
     stages = [s for s in STAGES if s in (stages or cfg.stages)]
     run_dir, remote = open_run(cfg.output_dir)  # a URI: a local mirror, synced as files land
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"output_dir: {run_dir} exists and is not a folder")
-    preflight(cfg, stages, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    preflight(cfg, stages, run_dir, data)
     clean_leftovers(run_dir)
     write_text(run_dir / "config.yaml", to_yaml(cfg))
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
@@ -154,12 +157,17 @@ def run(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None]
         if stage == "ingest" and ingest_is_current(cfg, run_dir, manifest):
             log("ingest: inputs unchanged since the last run, reusing data/")
             continue
-        if stage in NEEDS_RAY:  # select and finetune start Ray themselves, after their checks
+        if stage in NEEDS_RAY:
             start_ray(cfg)
         log(f"{stage}: running")
         t0 = manifest.start(stage)
         try:
-            info = RUNNERS[stage](cfg, run_dir)
+            if stage == "select":
+                info = run_select(cfg, run_dir, data, log)
+            elif stage == "ingest":
+                info = run_ingest(cfg, run_dir, append)
+            else:
+                info = RUNNERS[stage](cfg, run_dir)
         except BaseException as exc:
             manifest.fail(stage, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
             if remote is not None:

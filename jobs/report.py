@@ -10,23 +10,32 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from actors.partitions import column_counts
+from jobs.pool import load_pool
+from jobs.storage import Store
 
-def composition(run_dir: Path, column: str = "source") -> list[tuple[str, int, int]]:
-    """(value, rows in the pool, rows selected) for each value of `column`, most selected first."""
-    pool = pq.read_table(run_dir / "data" / "candidates.parquet", columns=[column])
-    chosen = pq.read_table(run_dir / "selection.parquet", columns=[column])
 
-    def counts(table) -> dict[str, int]:
-        vc = pc.value_counts(table.column(column).combine_chunks())
-        return {str(v["values"]): v["counts"] for v in vc.to_pylist()}
+def pool_counts(run_dir: Path, column: str) -> dict[str, int] | None:
+    """{value: rows in the pool} of a candidate column (per-part tasks; None when the pool has no
+    such column). Needs Ray up."""
+    pool = load_pool(Store.for_run(run_dir), "candidates")
+    if column not in pool.columns:
+        return None
+    return column_counts(pool, column)
 
-    in_pool, in_sel = counts(pool), counts(chosen)
-    rows = [(k, n, in_sel.get(k, 0)) for k, n in in_pool.items()]
+
+def selection_counts(selection: Path, column: str) -> dict[str, int]:
+    chosen = pq.read_table(selection, columns=[column]).column(column).combine_chunks()
+    return {str(v["values"]): v["counts"] for v in pc.value_counts(chosen).to_pylist()}
+
+
+def composition(in_pool: dict, in_sel: dict) -> list[tuple[str, int, int]]:
+    """(value, rows in the pool, rows selected) for each value, most selected first."""
+    rows = [(str(k), n, in_sel.get(str(k), 0)) for k, n in in_pool.items()]
     return sorted(rows, key=lambda r: (-r[2], -r[1], r[0]))
 
 
-def _table(run_dir: Path, column: str, title: str, top: int | None = None) -> Table:
-    rows = composition(run_dir, column)
+def _table(rows: list[tuple[str, int, int]], column: str, title: str, top: int | None = None):
     n_pool = sum(r[1] for r in rows)
     n_sel = sum(r[2] for r in rows)
     table = Table(title=title)
@@ -46,20 +55,23 @@ def _table(run_dir: Path, column: str, title: str, top: int | None = None) -> Ta
 def source_table(run_dir: Path, console: Console | None = None) -> None:
     """Where the selection came from, by `source` (all) and `label` (top 8), next to the pool."""
     console = console or Console()
-    schema = pq.read_schema(run_dir / "selection.parquet")
+    selection = run_dir / "selection.parquet"
+    schema = pq.read_schema(selection)
     method = json.loads((run_dir / "manifest.json").read_text())["config"]["select"]["method"]
-    n_sel = pq.ParquetFile(run_dir / "selection.parquet").metadata.num_rows
+    n_sel = pq.ParquetFile(selection).metadata.num_rows
     if "source" in schema.names:
+        rows = composition(pool_counts(run_dir, "source"), selection_counts(selection, "source"))
         title = f"Where the {n_sel} selected rows came from ({method}), next to the pool"
-        console.print(_table(run_dir, "source", title))
+        console.print(_table(rows, "source", title))
     else:
         console.print(
             "(no 'source' column carried into the selection: add it to "
             "candidates.keep_columns for a breakdown)"
         )
     if "label" in schema.names:
-        console.print(_table(run_dir, "label", "Most selected labels", top=8))
-    console.print(f"selection:         {run_dir / 'selection.parquet'}", soft_wrap=True)
+        rows = composition(pool_counts(run_dir, "label"), selection_counts(selection, "label"))
+        console.print(_table(rows, "label", "Most selected labels", top=8))
+    console.print(f"selection:         {selection}", soft_wrap=True)
     console.print(f"rows for training: {run_dir / 'selected.jsonl'}", soft_wrap=True)
 
 

@@ -1,68 +1,149 @@
-"""Select stage: embeddings + method -> `selection.parquet` and `selected.jsonl`.
+"""Select stage: the partitioned pool + a method -> `selection.parquet` and `selected.jsonl`.
 
-`selection.parquet` has the same columns for every method: id, rank (0 = best), score,
-probability (null where the method has none), count (null unless the method samples with
-replacement), then the carried source columns. `selected.jsonl` holds the selected rows with their
-text, in rank order, as the fine-tune stage reads them.
+Every method is one entry of `METHODS`: what it needs (vectors, texts, sources) and its `select`,
+which gets a `Context` -- a handle on the partitioned pool (its parts and row ranges, the run
+folder's filesystem), the targets and the options -- and returns a B-sized `Selection`. The work
+that grows with the pool runs where the pool is: per-part tasks whose best-first lists merge in a
+tree of tasks (random, knn, GradEx's rows), or shard actors that load their own row ranges from
+the run folder (TSDS's FAISS shards, GOT-D's Sinkhorn shards). The driver plans and merges; what
+it holds grows with the budget B and the targets M, never with the pool N.
+
+`selection.parquet` has the same columns for every method: id, row (the pool's dense row
+number), rank (0 = best), score, probability (null where the method has none), count (null
+unless the method samples with replacement), then the carried source columns. `selected.jsonl`
+holds the selected rows with their text, in rank order, as the fine-tune stage reads them; both
+are fetched by row number from the parts that hold them. TSDS also writes `probabilities/`: its
+support (the rows with p > 0), written by the shards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from engine.baselines import knn_select, random_select
+from actors.partitions import fetch_rows, map_parts, merge_ranked
+from engine.baselines import knn_scores, random_keys
 from engine.gotd import merge_smallest
 from engine.gotd import select as gotd_select
 from engine.knn import IndexParams, ShortResults
 from engine.sampling import sample
-from engine.selection import Selection
+from engine.selection import Ranked, Selection
 from engine.sinkhorn import coordinate
 from engine.tsds_search import TSDSParams, reference_index_params, select_compat, select_exact
 from jobs.config import Config
-from jobs.embed import read_embeddings
+from jobs.embed import check_vectors_ready
 from jobs.errors import InputError
+from jobs.pool import Part, Pool, as_strings, load_pool, read_part, read_vector_range, read_vectors
 from jobs.runfolder import write_jsonl, write_parquet
+from jobs.storage import Store
+
+GOTD_POTENTIAL = "gotd_potential.parquet"
+PROBABILITIES = "probabilities"
 
 
-def _random(cfg: Config, ids, candidates, targets) -> Selection:
-    return random_select(ids, cfg.select.budget, cfg.seed)
+@dataclass
+class Context:
+    """What a method gets: the partitioned pool, the targets, the options, where outputs go."""
+
+    cfg: Config
+    pool: Pool  # the candidates: parts read by tasks and actors, never by the driver
+    targets: Pool
+    run_dir: Path  # the driver's run folder (small files)
+    out: Store  # the run folder as workers reach it (bulk outputs)
+    log: Callable[[str], None] = print
+
+    @property
+    def budget(self) -> int:
+        return self.cfg.select.budget
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    def target_vectors(self) -> np.ndarray:
+        """The M target vectors (the driver may hold what grows with the targets)."""
+        return read_vector_range(self.targets, 0, self.targets.n)
 
 
-def _knn(cfg: Config, ids, candidates, targets) -> Selection:
-    return knn_select(candidates, targets, ids, cfg.select.budget, cfg.select.knn.mode)
+@dataclass(frozen=True)
+class Method:
+    select: Callable[[Context], Selection]
+    needs: frozenset[str]  # "vectors": committed embeddings; "sources": a source column
+    summary: str
 
 
-def _start_cluster(cfg: Config, gpu: str) -> bool:
-    """Start or join Ray for the shard actors (after the input checks); True when each shard
-    should take a GPU (`gpu: auto` and the cluster has GPUs)."""
+def start_cluster(cfg: Config, gpu: str) -> bool:
+    """Start or join Ray for shard actors; True when each shard should take a GPU (`gpu: auto`
+    and the cluster has GPUs)."""
     import ray
 
-    from jobs.pipeline import start_ray
+    from jobs.runtime import start_ray
 
     start_ray(cfg)
     return gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _tsds(cfg: Config, ids, candidates, targets) -> Selection:
-    from actors.index_shard import ray_fanout, start_shards, stop_shards
+# -- random and knn: per-part best-first lists, merged on the workers -----------------------------
 
-    t = cfg.select.tsds
-    use_gpu = _start_cluster(cfg, t.gpu)
+
+def _ids(pool: Pool, part: Part) -> np.ndarray:
+    return as_strings(read_part(pool, part, ["id"]).column("id"))
+
+
+def random_part(pool: Pool, part: Part, seed: int, k: int) -> Ranked:
+    """A part's k rows of smallest u = H(seed, id) (score 1 - u)."""
+    ids = _ids(pool, part)
+    u = random_keys(ids, seed)
+    return Ranked(-u, ids, part.first + np.arange(len(ids)), 1.0 - u).top(k)
+
+
+def _random(ctx: Context) -> Selection:
+    best = merge_ranked(map_parts(random_part, ctx.pool, ctx.seed, ctx.budget), ctx.budget)
+    return Selection(best.row, best.score, probability=np.full(ctx.budget, ctx.budget / ctx.pool.n))
+
+
+def knn_part(pool: Pool, part: Part, targets: np.ndarray, mode: str, k: int) -> Ranked:
+    """A part's k rows most similar to the targets (`engine.baselines.knn_scores`)."""
+    score = knn_scores(read_vectors(pool, part), targets, mode).astype(np.float64)
+    return Ranked(score, _ids(pool, part), part.first + np.arange(part.rows), score).top(k)
+
+
+def _knn(ctx: Context) -> Selection:
+    refs = map_parts(knn_part, ctx.pool, ctx.target_vectors(), ctx.cfg.select.knn.mode, ctx.budget)
+    best = merge_ranked(refs, ctx.budget)
+    return Selection(best.row, best.score)
+
+
+# -- TSDS: FAISS shard actors ----------------------------------------------------------------------
+
+
+def _tsds(ctx: Context) -> Selection:
+    from actors.fanout import ResilientFanout, stop
+    from actors.index_shard import start_shards
+
+    t = ctx.cfg.select.tsds
+    use_gpu = start_cluster(ctx.cfg, t.gpu)
     params = TSDSParams(
         alpha=t.alpha, C=t.C, sigma=t.sigma, max_K=t.max_K, kde_K=t.kde_K, mode=t.mode
     )
     index = reference_index_params() if t.mode == "compat" else IndexParams(**t.index.model_dump())
     actors = start_shards(
-        candidates, t.shards, index, use_gpu=use_gpu, cpus_per_shard=t.cpus_per_shard
+        ctx.pool, t.shards, index, use_gpu=use_gpu, cpus_per_shard=t.cpus_per_shard
     )
+    fanout = ResilientFanout(actors)
     try:
         run = select_compat if t.mode == "compat" else select_exact
-        sol, info = run(ray_fanout(actors), targets, len(candidates), params)
+        sol, info = run(fanout, ctx.target_vectors(), ctx.pool.n, params)
+        ids = np.empty(len(sol.rows), dtype=object)
+        for where, found in fanout("ids_of", sol.rows):
+            ids[where] = found
+        ids = ids.astype(str)
+        ctx.out.delete(PROBABILITIES)
+        fanout("write_probabilities", ctx.out, PROBABILITIES, sol.rows, sol.p)
     except ShortResults as exc:
         field = (
             "select.tsds.mode (compat uses the reference's IVF)"
@@ -73,36 +154,40 @@ def _tsds(cfg: Config, ids, candidates, targets) -> Selection:
     except ValueError as exc:  # e.g. a pool too small for compat mode's N // 10 lists
         raise InputError(f"select.tsds: {exc}") from None
     finally:
-        stop_shards(actors)
+        stop(actors)
     try:
-        chosen = sample(sol.p, ids, cfg.select.budget, t.sampling, cfg.seed)
+        chosen = sample(sol.p, ids, ctx.budget, t.sampling, ctx.seed)
     except ValueError as exc:
         raise InputError(f"select.tsds.sampling: {exc}") from None
-    chosen.info = {**info, "s": sol.s, "support": int(np.count_nonzero(sol.p))}
-    chosen.p = sol.p
+    chosen.indices = sol.rows[chosen.indices]
+    chosen.info = {**info, "s": sol.s, "support": len(sol.rows), "shards": t.shards,
+                   "recoveries": fanout.recoveries}  # fmt: skip
     return chosen
 
 
-def _gotd(cfg: Config, ids, candidates, targets) -> Selection:
-    from actors.ot_shard import ResilientFanout, start_ot_shards, stop_ot_shards
+# -- GOT-D: Sinkhorn shard actors ------------------------------------------------------------------
 
-    o = cfg.select.gotd
-    use_gpu = _start_cluster(cfg, o.gpu)
-    actors, keep = start_ot_shards(
-        candidates, targets, o.shards, epsilon=o.epsilon, cpus_per_shard=o.cpus_per_shard,
+
+def _gotd(ctx: Context) -> Selection:
+    from actors.fanout import stop
+    from actors.ot_shard import ot_fanout, start_ot_shards
+
+    o = ctx.cfg.select.gotd
+    use_gpu = start_cluster(ctx.cfg, o.gpu)
+    actors = start_ot_shards(
+        ctx.pool, ctx.targets, o.shards, epsilon=o.epsilon, cpus_per_shard=o.cpus_per_shard,
         use_gpu=use_gpu, cache_bytes=o.cache_mb << 20, block=o.block,
     )  # fmt: skip
+    fanout = ot_fanout(actors)
     try:
-        fanout = ResilientFanout(actors)
         f, n_iter, errors, converged = coordinate(
-            fanout, len(targets), epsilon=o.epsilon, threshold=o.threshold,
+            fanout, ctx.targets.n, epsilon=o.epsilon, threshold=o.threshold,
             momentum=o.momentum, max_iterations=o.max_iterations,
         )  # fmt: skip
-        g, rows = merge_smallest(fanout("smallest", cfg.select.budget), cfg.select.budget)
+        g, rows = merge_smallest(fanout("smallest", ctx.budget), ctx.budget)
     finally:
-        stop_ot_shards(actors)
-        del keep
-    chosen = gotd_select(g, rows, cfg.select.budget, len(candidates))
+        stop(actors)
+    chosen = gotd_select(g, rows, ctx.budget, ctx.pool.n)
     chosen.potential = f  # the target potential: what a grown pool's new rows are scored against
     chosen.info = {
         "iterations": n_iter,
@@ -114,115 +199,99 @@ def _gotd(cfg: Config, ids, candidates, targets) -> Selection:
     return chosen
 
 
-METHODS: dict[str, Callable[..., Selection]] = {
-    "random": _random,
-    "knn": _knn,
-    "tsds": _tsds,
-    "gotd": _gotd,
+def _gradex(ctx: Context) -> Selection:
+    from jobs.gradex import gradex_select
+
+    return gradex_select(ctx)
+
+
+METHODS: dict[str, Method] = {
+    "random": Method(_random, frozenset(), "seeded hash rank, uniform over the pool"),
+    "knn": Method(_knn, frozenset({"vectors"}), "most similar to the targets"),
+    "tsds": Method(_tsds, frozenset({"vectors"}), "optimal transport + density (TSDS)"),
+    "gotd": Method(_gotd, frozenset({"vectors"}), "OT gradient to the targets (GOT-D)"),
+    "gradex": Method(_gradex, frozenset({"sources"}), "whole data sources chosen by GradEx"),
 }
-NEEDS_VECTORS = {"knn", "tsds", "gotd"}
 
 
-def check_vectors(candidates: np.ndarray, targets: np.ndarray, run_dir: Path) -> None:
-    """What every vector method needs: equal dimensions, finite values."""
-    if candidates.shape[1] != targets.shape[1]:
+def needs_vectors(method: str) -> bool:
+    return "vectors" in METHODS[method].needs
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+
+def check_budget(cfg: Config, pool: Pool) -> int:
+    """The pool size, from the pool index; the budget must fit in it."""
+    if cfg.select.budget > pool.n:
         raise InputError(
-            f"{run_dir}/embeddings: targets have dimension {targets.shape[1]}, candidates "
-            f"{candidates.shape[1]}; embed both sides with the same model"
+            f"select.budget: {cfg.select.budget} is larger than the pool ({pool.n} candidates)"
         )
-    for side, x in (("candidates", candidates), ("targets", targets)):
-        bad = ~np.isfinite(x).all(axis=1)
-        if bad.any():
-            raise InputError(
-                f"{run_dir}/embeddings/{side}: {int(bad.sum())} vectors with NaN or inf "
-                f"(first at row {int(np.argmax(bad))})"
-            )
+    return pool.n
 
 
-def check_budget(cfg: Config, run_dir: Path) -> int:
-    """The pool size, from the ingested table's metadata; the budget must fit in it."""
-    n = pq.ParquetFile(run_dir / "data" / "candidates.parquet").metadata.num_rows
-    if cfg.select.budget > n:
+def check_dimensions(store: Store) -> None:
+    """Candidates and targets vectors must have one dimension (from one chunk's schema each)."""
+    dims = {}
+    for side in ("candidates", "targets"):
+        pool = load_pool(store, side)
+        part = pool.parts[0]
+        folder = pool.chunk_dir(part)
+        name = store.list(folder)[0]
+        dims[side] = store.parquet(f"{folder}/{name}").schema_arrow.field("vector").type.list_size
+    if dims["candidates"] != dims["targets"]:
         raise InputError(
-            f"select.budget: {cfg.select.budget} is larger than the pool ({n} candidates)"
+            f"{store.uri_of('embeddings')}: targets have dimension {dims['targets']}, candidates "
+            f"{dims['candidates']}; embed both sides with the same model"
         )
-    return n
 
 
-def aligned_vectors(run_dir: Path, side: str, ids: np.ndarray) -> np.ndarray:
-    """The vectors of `ids` in that order, from the committed shards; every id must be there."""
-    emb_ids, vectors = read_embeddings(run_dir / "embeddings" / side)
-    order = np.argsort(emb_ids, kind="stable")
-    pos = np.searchsorted(emb_ids[order], ids)
-    pos = np.minimum(pos, len(order) - 1) if len(order) else pos
-    found = len(order) > 0 and np.array_equal(emb_ids[order][pos], ids)
-    if not found:
-        raise InputError(f"{run_dir}/embeddings/{side}: vectors missing; run the embed stage first")
-    return vectors[order[pos]]
-
-
-def selection_table(sel: Selection, data: pa.Table, keep: list[str]) -> pa.Table:
-    n = len(sel.indices)
-    rows = pa.array(sel.indices)
-    cols = {
-        "id": data.column("id").take(rows),
-        "rank": pa.array(np.arange(n, dtype=np.int64)),
-        "score": pa.array(sel.score, pa.float64()),
-        "probability": pa.array(sel.probability, pa.float64())
-        if sel.probability is not None
-        else pa.nulls(n, pa.float64()),
-        "count": pa.array(sel.count, pa.int64())
-        if sel.count is not None
-        else pa.nulls(n, pa.int64()),
-    }
-    cols.update({c: data.column(c).take(rows) for c in keep})
-    return pa.table(cols)
-
-
-def run_select(cfg: Config, run_dir: Path) -> dict:
-    data = pq.read_table(run_dir / "data" / "candidates.parquet")
-    ids = np.asarray(data.column("id").to_numpy(zero_copy_only=False), dtype=str)
-    check_budget(cfg, run_dir)
-    candidates = targets = None
-    if cfg.select.method in NEEDS_VECTORS:
-        target_ids = pq.read_table(run_dir / "data" / "targets.parquet", columns=["id"])
-        if target_ids.num_rows == 0:
-            raise InputError(f"{run_dir}/data/targets.parquet: no target rows (empty target set)")
-        candidates = aligned_vectors(run_dir, "candidates", ids)
-        targets = aligned_vectors(
-            run_dir,
-            "targets",
-            np.asarray(target_ids.column("id").to_numpy(zero_copy_only=False), str),
-        )
-        check_vectors(candidates, targets, run_dir)
-    if cfg.select.method == "gradex":  # chooses whole data sources; needs no vectors
-        from jobs.gradex import gradex_selection
-
-        sel = gradex_selection(cfg, run_dir, ids)
-    else:
-        sel = METHODS[cfg.select.method](cfg, ids, candidates, targets)
+def run_select(
+    cfg: Config, run_dir: Path, data: Store | None = None, log: Callable[[str], None] = print
+) -> dict:
+    """Select with the configured method; `data` is where the pool lives (default: this run
+    folder; `raysift evaluate`'s runs select from the shared one)."""
+    out = Store.for_run(run_dir)
+    data = data or out
+    pool, targets = load_pool(data, "candidates"), load_pool(data, "targets")
+    check_budget(cfg, pool)
+    method = METHODS[cfg.select.method]
+    if "vectors" in method.needs:
+        for side in ("targets", "candidates"):
+            check_vectors_ready(data, side, cfg.embed)
+        check_dimensions(data)
+    ctx = Context(cfg, pool, targets, run_dir, out, log)
+    sel = method.select(ctx)
     if sel.potential is not None:
+        target_ids = fetch_rows(targets, np.arange(targets.n), ["id"]).column("id")
         write_parquet(
             run_dir / GOTD_POTENTIAL,
-            pa.table({"id": target_ids.column("id"), "f": pa.array(sel.potential, pa.float32())}),
+            pa.table({"id": target_ids, "f": pa.array(sel.potential, pa.float32())}),
         )
-    return write_selection(cfg, run_dir, sel, data)
+    return write_selection(ctx, sel)
 
 
-def write_selection(cfg: Config, run_dir: Path, sel: Selection, data: pa.Table) -> dict:
-    """selection.parquet, probabilities.parquet (methods with a distribution), selected.jsonl."""
-    ids = data.column("id")
-    keep = list(cfg.candidates.keep_columns)
-    table = selection_table(sel, data, keep)
-    if sel.p is not None:  # the whole distribution, not only the sampled rows
-        write_parquet(
-            run_dir / "probabilities.parquet",
-            pa.table({"id": ids, "probability": pa.array(sel.p)}),
-        )
-    write_parquet(run_dir / "selection.parquet", table)
-    rows = data.take(pa.array(sel.indices)).select(["id", "text", *keep])
-    write_jsonl(run_dir / "selected.jsonl", rows.append_column("rank", table.column("rank")))
-    return {"method": cfg.select.method, "rows": table.num_rows, "pool": len(ids), **sel.info}
-
-
-GOTD_POTENTIAL = "gotd_potential.parquet"
+def write_selection(ctx: Context, sel: Selection) -> dict:
+    """selection.parquet and selected.jsonl: the B chosen rows, fetched by row number."""
+    keep = list(ctx.cfg.candidates.keep_columns)
+    rows = fetch_rows(ctx.pool, sel.indices, ["id", "text", *keep])
+    n = len(sel.indices)
+    table = pa.table(
+        {
+            "id": rows.column("id"),
+            "row": pa.array(sel.indices, pa.int64()),
+            "rank": pa.array(np.arange(n, dtype=np.int64)),
+            "score": pa.array(sel.score, pa.float64()),
+            "probability": pa.array(sel.probability, pa.float64())
+            if sel.probability is not None
+            else pa.nulls(n, pa.float64()),
+            "count": pa.array(sel.count, pa.int64())
+            if sel.count is not None
+            else pa.nulls(n, pa.int64()),
+            **{c: rows.column(c) for c in keep},
+        }
+    )
+    write_parquet(ctx.run_dir / "selection.parquet", table)
+    selected = rows.select(["id", "text", *keep]).append_column("rank", table.column("rank"))
+    write_jsonl(ctx.run_dir / "selected.jsonl", selected)
+    return {"method": ctx.cfg.select.method, "rows": n, "pool": ctx.pool.n, **sel.info}

@@ -7,8 +7,11 @@ stage, every committed file (`jobs.runfolder.atomic_path`: each embedding shard,
 the selection) is uploaded the moment it is renamed into place, and each stage ends with a sync
 that also removes remote files the stage deleted. A driver on another machine -- a resubmitted job,
 a scheduled curation -- resumes from the remote folder and loses at most the shard in flight.
-Ray Train's checkpoints go straight to `<output_dir>/.../finetune/ray` (its workers write them,
-from whichever node they run on), so the mirror never uploads or deletes anything below that.
+The bulk of a run -- the ingested parts (`data/`), the vectors (`embeddings/`), TSDS's
+`probabilities/`, the fine-tune's tokens and Ray Train's checkpoints (`finetune/tokens`,
+`finetune/ray`) -- is written and read by the workers themselves, straight on the run folder's
+filesystem, through a `Store`; the mirror never pulls, uploads or deletes anything below those
+folders, so it holds only small files (config, manifest, selection, reports).
 
 Credentials come from the filesystem's usual chain (for S3: AWS_ACCESS_KEY_ID/..., AWS_PROFILE,
 ~/.aws, an instance profile; AWS_ENDPOINT_URL for an S3-compatible endpoint).
@@ -16,20 +19,34 @@ Credentials come from the filesystem's usual chain (for S3: AWS_ACCESS_KEY_ID/..
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from jobs.errors import InputError
 
-RAY_TRAIN_DIR = ("finetune", "ray")  # written by Ray Train itself, never mirrored
+# Folders of a run folder (at any depth: evaluate and GradEx sub-runs have their own) whose files
+# the workers write on the run folder's filesystem; the driver's mirror never holds them.
+BULK_DIRS = ("data", "embeddings", "probabilities")
+BULK_PAIRS = (("finetune", "ray"), ("finetune", "tokens"))
 _MIRRORS: dict[Path, Remote] = {}
 
 
+def is_bulk(rel: str) -> bool:
+    """Whether a run-folder-relative path lies in a folder the workers write (never mirrored)."""
+    parts = Path(rel).parts
+    if any(p in BULK_DIRS for p in parts):
+        return True
+    return any(pair == parts[i : i + 2] for pair in BULK_PAIRS for i in range(len(parts) - 1))
+
+
 def _mirrored(rel: str) -> bool:
-    """Whether the mirror keeps a run-folder-relative path (everything but Ray Train's dir)."""
-    return Path(rel).parts[: len(RAY_TRAIN_DIR)] != RAY_TRAIN_DIR
+    """Whether the mirror keeps a run-folder-relative path (every small file)."""
+    return not is_bulk(rel)
 
 
 def is_remote(uri: str) -> bool:
@@ -195,6 +212,138 @@ class Remote:
         for rel in sorted(set(self._remote_files()) - set(local)):
             self.fs.delete_file(self.remote_path(rel))
             self._pushed.pop(rel, None)
+
+
+class Store:
+    """A run folder's files as workers reach them: a pyarrow filesystem and the folder's path in
+    it. Picklable, so tasks and actors get one and read and write their own partitions on the
+    run folder's filesystem (a local path, `s3://`, `gs://`, ...), never through the driver.
+
+    Writes are atomic: a local or HDFS file is written under a `.tmp-*` name and renamed; an
+    object store shows an object only once its upload completed, so it is written in place.
+    """
+
+    def __init__(self, fs, root: str, uri: str | None = None) -> None:
+        self.fs, self.root = fs, str(root).rstrip("/")
+        self.uri = uri or self.root
+
+    @classmethod
+    def local(cls, folder: Path) -> Store:
+        import pyarrow.fs as pafs
+
+        folder = Path(folder).resolve()
+        return cls(pafs.LocalFileSystem(), folder.as_posix(), str(folder))
+
+    @classmethod
+    def for_run(cls, run_dir: Path) -> Store:
+        """The store of a run folder: the remote one when `run_dir` is a mirror, else local."""
+        remote = mirror_of(run_dir)
+        if remote is None:
+            return cls.local(run_dir)
+        rel = remote.relative(run_dir)
+        sub = remote.remote_path(rel if rel not in (None, ".") else "")
+        return cls(remote.fs, sub, f"{remote.uri}/{rel}" if rel not in (None, ".") else remote.uri)
+
+    def __reduce__(self):
+        return (Store, (self.fs, self.root, self.uri))
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri})"
+
+    def child(self, rel: str) -> Store:
+        return Store(self.fs, self.path(rel), f"{self.uri}/{rel}")
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def uri_of(self, rel: str) -> str:
+        """How a message names a file: the URI (or local path) the user knows."""
+        return f"{self.uri}/{rel}"
+
+    @property
+    def atomic_rename(self) -> bool:
+        return self.fs.type_name in ("local", "hdfs")
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def is_file(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+
+    def list(self, rel: str) -> list[str]:
+        """Names of the files directly in folder `rel` (sorted; none when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return sorted(
+            i.base_name
+            for i in self.fs.get_file_info(sel)
+            if i.type == pafs.FileType.File and not i.base_name.startswith(".tmp-")
+        )
+
+    def folders(self, rel: str) -> list[str]:
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return sorted(
+            i.base_name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.Directory
+        )
+
+    def delete(self, rel: str) -> None:
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(rel))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(rel))
+
+    def _write(self, rel: str, write) -> None:
+        final = self.path(rel)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        if not self.atomic_rename:
+            write(final)
+            return
+        head, name = final.rsplit("/", 1)
+        tmp = f"{head}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
+        try:
+            write(tmp)
+            self.fs.move(tmp, final)
+        finally:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
+
+    def write_parquet(self, rel: str, table, **options) -> None:
+        import pyarrow.parquet as pq
+
+        self._write(rel, lambda p: pq.write_table(table, p, filesystem=self.fs, **options))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        def write(p: str) -> None:
+            with self.fs.open_output_stream(p) as out:
+                out.write(data)
+
+        self._write(rel, write)
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=1) + "\n").encode())
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as src:
+            return src.read()
+
+    def read_json(self, rel: str):
+        return json.loads(self.read_bytes(rel))
+
+    def parquet(self, rel: str):
+        """A `pq.ParquetFile` of one file (metadata without reading the data)."""
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.fs.open_input_file(self.path(rel)))
 
 
 def open_run(output_dir: str) -> tuple[Path, Remote | None]:

@@ -21,7 +21,7 @@ SHARED = REPO.parent / "shared"
 def ray_cluster():
     import ray
 
-    from jobs.pipeline import RAY_ENV, configure_data
+    from jobs.runtime import RAY_ENV, configure_data
 
     ray.init(
         num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": RAY_ENV}
@@ -67,3 +67,37 @@ def build_tiny_lm(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
     return build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+def vector_pool(folder: Path, candidates, targets, parts: int = 1):
+    """(candidates Pool, targets Pool) of a run folder in `folder` holding the given float32
+    arrays as an ingested pool with its vectors committed: the real ingest and embed stages, the
+    vectors given (not normalised), `parts` input files. Row i is candidates[i]."""
+    import numpy as np
+    import pyarrow as pa
+
+    from jobs.config import validate
+    from jobs.pipeline import run
+    from jobs.pool import load_pool
+    from jobs.storage import Store
+
+    def table(x, prefix):
+        x = np.ascontiguousarray(x, np.float32)
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+        return pa.table({"text": [f"{prefix} {i}" for i in range(len(x))], "vector": vec})
+
+    (folder / "pool").mkdir(parents=True)
+    edges = np.linspace(0, len(candidates), parts + 1).astype(int)
+    for k in range(parts):
+        pq.write_table(table(candidates, "c").slice(edges[k], edges[k + 1] - edges[k]),
+                       folder / "pool" / f"p{k:03d}.parquet")  # fmt: skip
+    pq.write_table(table(targets, "t"), folder / "targets.parquet")
+    cfg = validate({
+        "output_dir": str(folder / "run"),
+        "candidates": {"path": str(folder / "pool"), "vector_column": "vector"},
+        "targets": {"path": str(folder / "targets.parquet"), "vector_column": "vector"},
+        "embed": {"normalize": False},
+    })  # fmt: skip
+    run(cfg, ["ingest", "embed"], log=lambda _: None)
+    store = Store.local(folder / "run")
+    return load_pool(store, "candidates"), load_pool(store, "targets")

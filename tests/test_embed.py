@@ -15,9 +15,24 @@ import torch
 
 from engine.embed import DEFAULT_MODEL, resolve_model_path
 from jobs.cli import main
-from jobs.embed import committed_ids, read_embeddings, shard_files
+from jobs.pool import load_pool, read_rows, read_vector_range
+from jobs.storage import Store
 
 from .conftest import DEMO_POOL, DEMO_TARGETS, write_config
+
+
+def chunk_files(run, side="candidates"):
+    """The committed embedding chunks of a side (every digest folder)."""
+    folder = run / "embeddings" / side
+    return sorted(p for p in folder.glob("*/rows-*.parquet") if not p.name.startswith(".tmp-"))
+
+
+def read_embeddings(run, side="candidates"):
+    """(ids, vectors) of a side, in row order, through the pool's readers."""
+    pool = load_pool(Store.local(run), side)
+    ids = read_rows(pool, 0, pool.n, ["id"]).column("id").to_pylist()
+    return ids, read_vector_range(pool, 0, pool.n)
+
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -39,30 +54,34 @@ def direct_forward(texts, max_length=128):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("precision", "tol"), [("fp32", 1e-5), ("bf16", 2e-2)])
-def test_actor_matches_a_direct_forward_pass(demo_rows, precision, tol):
-    import ray
+def test_actor_matches_a_direct_forward_pass(tmp_path, demo_rows, precision, tol):
+    """The chunk actor reads its rows from the run folder, embeds them and commits the chunk."""
     import ray.data
 
-    from actors.embedder import Embedder
+    from actors.embedder import ChunkEmbedder
+    from jobs.config import IngestConfig, InputSpec
+    from jobs.ingest import ingest_side
 
     rows = demo_rows.slice(0, 24).select(["id", "text"])  # mixed lengths, code included
-    ds = ray.data.from_arrow(rows).map_batches(
-        Embedder,
-        fn_constructor_kwargs={
-            "model": DEFAULT_MODEL,
-            "max_length": 128,
-            "batch_size": 5,
-            "precision": precision,
-            "torch_threads": 1,
-        },
-        batch_size=10,
-        batch_format="pyarrow",
-        num_cpus=0.5,
+    pq.write_table(rows, tmp_path / "in.parquet")
+    store = Store.local(tmp_path / "run")
+    spec = InputSpec(path=str(tmp_path / "in.parquet"), id_column="id")
+    ingest_side(spec, "candidates", store, "candidates", IngestConfig())
+    part = load_pool(store, "candidates").parts[0]
+    chunks = [{"side": "candidates", "part": part.name, "digest": part.digest, "a": a, "b": b}
+              for a, b in ((0, 10), (10, 24))]  # fmt: skip
+    ds = ray.data.from_items(chunks, override_num_blocks=2).map_batches(
+        ChunkEmbedder,
+        fn_constructor_kwargs={"store": store, "model": DEFAULT_MODEL, "max_length": 128,
+                               "batch_size": 5, "precision": precision, "torch_threads": 1},
+        batch_size=1, batch_format="pyarrow", num_cpus=0.5,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
-    )
-    got = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    )  # fmt: skip
+    done = ds.take_all()
+    assert sorted((d["a"], d["b"], d["rows"]) for d in done) == [(0, 10, 10), (10, 24, 14)]
+    assert {d["precision"] for d in done} == {precision}
+    got = pa.concat_tables(pq.read_table(p) for p in chunk_files(tmp_path / "run"))
     assert got["id"].to_pylist() == rows["id"].to_pylist()
-    assert set(got["precision"].to_pylist()) == {precision}
     vec = got["vector"].combine_chunks()
     assert vec.type.list_size == 384 and vec.type.value_type == pa.float32()
     vectors = vec.values.to_numpy().reshape(-1, 384)
@@ -79,7 +98,7 @@ def resume_config(tmp_path, n_rows):
         targets={"path": str(DEMO_TARGETS), "limit": 50},
         ray={"num_cpus": 2},
         # fp32 and small shards: slow enough to be killed in the middle, many commit points
-        embed={"precision": "fp32", "shard_rows": 100, "rows_per_call": 100},
+        embed={"precision": "fp32", "shard_rows": 100},
         stages=["ingest", "embed"],
     )
 
@@ -88,7 +107,7 @@ def resume_config(tmp_path, n_rows):
 def test_a_killed_embed_resumes_without_redoing_committed_shards(tmp_path):
     n_rows = 400
     cfg = resume_config(tmp_path, n_rows)
-    folder = tmp_path / "run" / "embeddings" / "candidates"
+    run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "run", str(cfg)],
         stdout=subprocess.DEVNULL,
@@ -98,7 +117,7 @@ def test_a_killed_embed_resumes_without_redoing_committed_shards(tmp_path):
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
-            if folder.is_dir() and len(shard_files(folder)) >= 2:
+            if len(chunk_files(run)) >= 2:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished or died before it could be killed"
@@ -108,32 +127,30 @@ def test_a_killed_embed_resumes_without_redoing_committed_shards(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
 
-    before = {p.name: p.read_bytes() for p in shard_files(folder)}
-    committed = len(committed_ids(folder))
+    before = {p: p.read_bytes() for p in chunk_files(run)}
+    committed = sum(pq.read_table(p).num_rows for p in before)
     assert 100 <= committed < n_rows, committed
-    for name in before:  # every file that looks committed is a whole, readable shard
-        assert 0 < pq.read_table(folder / name).num_rows <= 100
+    for p in before:  # every file that looks committed is a whole, readable chunk
+        assert pq.read_table(p).num_rows == 100
 
     assert main(["embed", str(cfg)]) == 0
-    stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["embed"]
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["embed"]
     assert stage["status"] == "done"
     assert stage["candidates"]["rows_reused"] == committed
     assert stage["candidates"]["rows_embedded"] == n_rows - committed
+    assert stage["candidates"]["chunks_embedded"] == (n_rows - committed) // 100
     assert stage["candidates"]["precision"] == ["fp32"]
-    for name, data in before.items():  # committed shards were not rewritten
-        assert (folder / name).read_bytes() == data
-    ids, vectors = read_embeddings(folder)
-    assert len(ids) == len(set(ids)) == n_rows
+    for p, data in before.items():  # committed chunks were not rewritten
+        assert p.read_bytes() == data
+    ids, vectors = read_embeddings(run)
     pool = pq.read_table(DEMO_POOL).slice(0, n_rows)
-    assert set(ids) == set(pool["id"].to_pylist())
+    assert ids == pool["id"].to_pylist()  # in row order, every row once
     sample = [int(i) for i in np.linspace(0, n_rows - 1, 6)]
-    row_of = {k: i for i, k in enumerate(ids)}
     expected = direct_forward([pool["text"][i].as_py() for i in sample])
-    got = vectors[[row_of[pool["id"][i].as_py()] for i in sample]]
-    assert np.abs(got - expected).max() < 1e-5
+    assert np.abs(vectors[sample] - expected).max() < 1e-5
 
     assert main(["embed", str(cfg)]) == 0  # nothing left to do
-    stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["embed"]
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["embed"]
     assert stage["candidates"]["rows_embedded"] == 0
 
 
@@ -141,8 +158,7 @@ def test_a_killed_embed_resumes_without_redoing_committed_shards(tmp_path):
 def test_changing_the_model_discards_committed_vectors(tmp_path):
     cfg = resume_config(tmp_path, 40)
     assert main(["run", str(cfg)]) == 0
-    folder = tmp_path / "run" / "embeddings" / "targets"
-    assert shard_files(folder)
+    assert chunk_files(tmp_path / "run", "targets")
     assert main(["embed", str(cfg), "--set", "embed.max_length=32"]) == 0
     stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["embed"]
     assert stage["targets"]["shards_discarded"] >= 1

@@ -1,16 +1,26 @@
-"""Index shard actors on the local Ray cluster: sharded == unsharded, and == in-process."""
+"""Index shard actors on the local Ray cluster: each loads its row range from the run folder;
+sharded == unsharded == in-process, and a killed shard reloads and changes nothing."""
 
 import numpy as np
 import pytest
+import ray
 
-from actors.index_shard import ray_fanout, start_shards, stop_shards
+from actors.fanout import ResilientFanout, stop
+from actors.index_shard import start_shards
 from engine.fanout import local_fanout
 from engine.knn import IndexParams, IndexShard, shard_bounds
 from engine.tsds_search import TSDSParams, select_exact
 
+from .conftest import vector_pool
 from .test_tsds_search import Q, X
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("ray_cluster")]
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("ray_cluster")]
+PARAMS = TSDSParams(max_K=100)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return vector_pool(tmp_path_factory.mktemp("index"), X, Q, parts=3)[0]
 
 
 def test_shard_bounds_cover_the_pool():
@@ -18,17 +28,38 @@ def test_shard_bounds_cover_the_pool():
     assert shard_bounds(2, 4) == [(0, 1), (1, 2)]
 
 
-def test_one_and_four_shard_actors_give_identical_p():
-    params = TSDSParams(max_K=100)
-    results = []
-    for shards in (1, 4):
-        actors = start_shards(X, shards, IndexParams(), use_gpu=False, cpus_per_shard=0.25)
-        try:
-            results.append(select_exact(ray_fanout(actors), Q, len(X), params))
-        finally:
-            stop_shards(actors)
-    (one, info1), (four, info4) = results
+def solve(pool, shards, kill_before=None):
+    """TSDS exact over shard actors; `kill_before`: kill shard 1 before that fan-out call."""
+    actors = start_shards(pool, shards, IndexParams(), use_gpu=False, cpus_per_shard=0.25)
+    fanout = ResilientFanout(actors)
+    calls = []
+
+    def call(method, *args):
+        calls.append(method)
+        if len(calls) == kill_before:
+            ray.kill(actors[1], no_restart=False)  # a reclaimed node: Ray restarts the actor
+        return fanout(method, *args)
+
+    try:
+        return (*select_exact(call, Q, pool.n, PARAMS), fanout.recoveries, calls)
+    finally:
+        stop(actors)
+
+
+def test_one_and_four_shard_actors_give_identical_p(pool):
+    one, info1, _, _ = solve(pool, 1)
+    four, info4, _, _ = solve(pool, 4)
+    np.testing.assert_array_equal(one.rows, four.rows)
     np.testing.assert_array_equal(one.p, four.p)
     assert info1 == info4
-    in_process, _ = select_exact(local_fanout([IndexShard(X, 0, IndexParams())]), Q, len(X), params)
+    in_process, _ = select_exact(local_fanout([IndexShard(X, 0, IndexParams())]), Q, len(X), PARAMS)
     np.testing.assert_array_equal(one.p, in_process.p)
+
+
+def test_a_killed_shard_reloads_from_storage_and_the_result_is_unchanged(pool):
+    clean, _, _, calls = solve(pool, 3)
+    density = calls.index("density") + 1  # killed between the kNN search and the density
+    sol, _, recoveries, _ = solve(pool, 3, kill_before=density)
+    assert [r["shard"] for r in recoveries] == [1]
+    np.testing.assert_array_equal(sol.rows, clean.rows)
+    np.testing.assert_array_equal(sol.p, clean.p)

@@ -36,9 +36,9 @@ def test_parity_with_the_reference(fixture, mode):
     z = load_fixture(fixture)
     sol = run(z, mode)
     tol = 1e-12 if mode == "compat" else 1e-8
-    assert np.abs(sol.p - z["p_official"]).max() <= tol
+    assert np.abs(sol.dense() - z["p_official"]).max() <= tol
     assert sol.events == int(z["official_heap_pops"])
-    assert abs(sol.p.sum() - 1) < 1e-12
+    assert abs(sol.dense().sum() - 1) < 1e-12
 
 
 D = np.array(
@@ -94,14 +94,14 @@ def test_hand_made_vectors(mode, alpha, C, s, last, p):
     sol = solve(D, IDX, RHO, alpha=alpha, C=C, n_candidates=10, mode=mode)
     assert sol.s == pytest.approx(s, abs=1e-9)
     assert list(sol.last) == last
-    assert np.allclose(sol.p, p, atol=1e-10)
+    assert np.allclose(sol.dense(), p, atol=1e-10)
 
 
 def test_exhausted_lists_compat_dumps_exact_asks_for_more():
     sol = solve(D, IDX, RHO, alpha=0.5, C=5, n_candidates=10, mode="compat")
     assert sol.exhausted and sol.s == pytest.approx(4) and list(sol.last) == [4, 4]
     assert np.allclose(
-        sol.p,
+        sol.dense(),
         [
             0.125,
             0.0833333333,
@@ -129,12 +129,12 @@ def test_exhausted_lists_compat_dumps_exact_asks_for_more():
 )
 def test_knn_uniform_closed_form(alpha, K, p):
     sol = knn_uniform(D, IDX, alpha=alpha, C=1, n_candidates=10)
-    assert sol.s == K and np.allclose(sol.p, p)
+    assert sol.s == K and np.allclose(sol.dense(), p)
     # equals the general solver with rho = 1, as floats (exact) and as the reference's int ones
     ones = np.ones_like(IDX)
     for mode, rho in (("exact", ones.astype(np.float32)), ("compat", ones)):
         general = solve(D, IDX, rho, alpha=alpha, C=1, n_candidates=10, mode=mode)
-        assert np.allclose(general.p, sol.p, atol=1e-12)
+        assert np.allclose(general.dense(), sol.dense(), atol=1e-12)
 
 
 def test_knn_uniform_matches_general_solver_on_random_lists():
@@ -151,7 +151,7 @@ def test_knn_uniform_matches_general_solver_on_random_lists():
                 solve(d, idx, np.ones((M, L)), alpha=alpha, C=C, n_candidates=N, mode="exact")
             continue
         general = solve(d, idx, np.ones((M, L)), alpha=alpha, C=C, n_candidates=N, mode="exact")
-        assert np.allclose(general.p, closed.p, atol=1e-12)
+        assert np.allclose(general.dense(), closed.dense(), atol=1e-12)
 
 
 def test_level_below_a_first_breakpoint_compat_raises_exact_fixes():
@@ -162,8 +162,8 @@ def test_level_below_a_first_breakpoint_compat_raises_exact_fixes():
     with pytest.raises(ValueError, match="reference assertion"):
         solve(d, idx, rho, alpha=0.99, C=1, n_candidates=6, mode="compat")
     sol = solve(d, idx, rho, alpha=0.99, C=1, n_candidates=6, mode="exact")
-    assert sol.last[1] == -1 and sol.p[3] == pytest.approx(0.5)
-    assert sol.p.sum() == pytest.approx(1)
+    assert sol.last[1] == -1 and sol.dense()[3] == pytest.approx(0.5)
+    assert sol.dense().sum() == pytest.approx(1)
     assert objective(sol, d, rho, alpha=0.99, C=1) == pytest.approx(
         lp_optimum(d, rho, 0.99, 1), rel=1e-9
     )
@@ -210,7 +210,7 @@ def test_exact_mode_is_optimal_against_an_lp():
             sol = solve(d, order, rho, alpha=alpha, C=C, n_candidates=N, mode="exact")
         except NeighboursExhausted:
             continue
-        assert sol.p.sum() == pytest.approx(1, abs=1e-12)
+        assert sol.dense().sum() == pytest.approx(1, abs=1e-12)
         got = objective(sol, d, rho, alpha=alpha, C=C)
         assert got == pytest.approx(lp_optimum(d, rho, alpha, C), rel=1e-9)
         checked += 1

@@ -41,7 +41,7 @@ def test_lazy_density_gives_the_same_p_and_asks_for_less(fixture, mode):
     full = solve(z["knn_dist"], z["knn_idx"], z["rho"], mode=mode, **kw)
     density, asked = fixture_density(z)
     lazy, computed = solve_lazy(z["knn_dist"], z["knn_idx"], density, mode=mode, first=16, **kw)
-    np.testing.assert_array_equal(lazy.p, full.p)
+    np.testing.assert_array_equal(lazy.dense(), full.dense())
     assert lazy.s == full.s and lazy.events == full.events
     np.testing.assert_array_equal(lazy.last, full.last)
     assert computed == sum(asked) < len(np.unique(z["knn_idx"]))
@@ -54,7 +54,7 @@ def test_end_to_end_compat_on_the_toy_data_matches_the_reference():
     params = TSDSParams(mode="compat", max_K=int(Z["max_K"]), kde_K=int(Z["kde_K"]))
     sol, info = select_compat(local_fanout([shard]), Q, len(X), params)
     assert info["neighbours"] == 100 and info["kde_K"] == 100
-    tv = 0.5 * np.abs(sol.p - Z["p_official"]).sum()
+    tv = 0.5 * np.abs(sol.dense() - Z["p_official"]).sum()
     assert tv <= 1e-6, tv
 
 
@@ -68,10 +68,10 @@ def test_exact_mode_is_the_same_for_any_number_of_shards(sigma):
     base, info = exact(1, sigma=sigma, max_K=100)
     for shards in (2, 4, 7):
         sol, _ = exact(shards, sigma=sigma, max_K=100)
-        np.testing.assert_array_equal(sol.p, base.p)
+        np.testing.assert_array_equal(sol.dense(), base.dense())
     batched, _ = exact(3, sigma=sigma, max_K=100, density_batch=7)  # density in many fan-outs
-    np.testing.assert_array_equal(batched.p, base.p)
-    assert abs(base.p.sum() - 1) < 1e-12
+    np.testing.assert_array_equal(batched.dense(), base.dense())
+    assert abs(base.dense().sum() - 1) < 1e-12
     if sigma:
         assert info["density_points"] < len(np.unique(Z["knn_idx"]))
 
@@ -83,7 +83,7 @@ def test_exact_mode_fetches_more_neighbours_instead_of_dumping_mass():
     long, long_info = exact(1, max_K=1000, C=40.0)
     assert info["fetches"] > 1 and long_info["fetches"] == 1
     assert info["neighbours"] > 4
-    np.testing.assert_allclose(short.p, long.p, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(short.dense(), long.dense(), rtol=0, atol=1e-15)
 
 
 def test_exact_mode_spreads_over_the_whole_pool_when_the_lists_hold_it():
@@ -93,4 +93,4 @@ def test_exact_mode_spreads_over_the_whole_pool_when_the_lists_hold_it():
     shard = IndexShard(small, 0, IndexParams())
     sol, _ = select_exact(local_fanout([shard]), Q[:3], 6, TSDSParams(C=1000.0, alpha=0.05))
     assert np.all(sol.last == 5)  # every neighbour of every query full
-    assert np.all(sol.p > 0) and abs(sol.p.sum() - 1) < 1e-12
+    assert np.all(sol.dense() > 0) and abs(sol.dense().sum() - 1) < 1e-12
