@@ -52,6 +52,7 @@ class ChunkEmbedder:
                                   ["id", "text"])  # fmt: skip
             vectors = encode(self.encoder, rows.column("text").to_pylist())
             commit_chunk(self.store, c["side"], c["digest"], c["a"], c["b"], rows["id"], vectors)
-            out.append({**c, "rows": rows.num_rows, "precision": self.encoder.precision,
+            out.append({**c, "rows": rows.num_rows, "dim": int(vectors.shape[1]),
+                        "precision": self.encoder.precision,
                         "seconds": time.perf_counter() - t0})  # fmt: skip
         return pa.Table.from_pylist(out)

@@ -21,28 +21,28 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pyarrow.parquet as pq
+from harness import DriverBytes, Poller
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_POOL = REPO.parent / "shared" / "data" / "pool.parquet"
 DEMO_POOL = REPO / "demo" / "pool.parquet"
-BATCH, MAX_LENGTH, ROWS_PER_CALL = 64, 128, 1024
+BATCH, MAX_LENGTH, SHARD_ROWS = 64, 128, 4096  # the stage embeds a chunk of SHARD_ROWS a call
 
 
-class PeakRSS:
+class PeakRSS(Poller):
     """Peak of the summed RSS of this process and all its descendants."""
 
     def __init__(self, interval: float = 0.25):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.peak = 0
 
-    def _sample(self) -> int:
+    def sample(self) -> None:
         me = psutil.Process()
         total = 0
         for p in [me, *me.children(recursive=True)]:
@@ -50,21 +50,7 @@ class PeakRSS:
                 total += p.memory_info().rss
             except psutil.Error:
                 pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._sample())
+        self.peak = max(self.peak, total)
 
 
 def sample_texts(n: int, out: Path) -> str:
@@ -88,8 +74,8 @@ def worker(mode: str, precision: str, data: Path) -> dict:
             enc = load_encoder(
                 max_length=MAX_LENGTH, batch_size=BATCH, precision=precision, num_threads=threads
             )
-            for i in range(0, len(texts), ROWS_PER_CALL):
-                encode(enc, texts[i : i + ROWS_PER_CALL])
+            for i in range(0, len(texts), SHARD_ROWS):
+                encode(enc, texts[i : i + SHARD_ROWS])
             result["seconds"] = time.perf_counter() - t0
     else:
         import ray
@@ -111,24 +97,25 @@ def worker(mode: str, precision: str, data: Path) -> dict:
         # coordinator); in the pipeline the ingest stage has paid this before embed runs.
         ray.data.range(8).materialize()
         result["ray_start_seconds"] = time.perf_counter() - t0
+        from jobs.config import IngestConfig, InputSpec
+        from jobs.ingest import ingest_side
+        from jobs.storage import Store
+
         cfg = EmbedConfig(
-            max_length=MAX_LENGTH,
-            batch_size=BATCH,
-            precision=precision,
-            num_actors=1,
-            cpus_per_actor=1,
-            rows_per_call=ROWS_PER_CALL,
-        )
+            max_length=MAX_LENGTH, batch_size=BATCH, precision=precision, num_actors=1,
+            cpus_per_actor=1, shard_rows=SHARD_ROWS,
+        )  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
-            run_dir = Path(tmp)
-            (run_dir / "data").mkdir()
-            os.symlink(data, run_dir / "data" / "candidates.parquet")
-            with PeakRSS() as rss:
+            store = Store.local(Path(tmp))  # ingested first (not timed): the stage's input
+            spec = InputSpec(path=str(data), id_column="id")
+            ingest_side(spec, "candidates", store, "candidates", IngestConfig())
+            with PeakRSS() as rss, DriverBytes() as received:
                 t0 = time.perf_counter()
-                info = embed_sides(run_dir, ("candidates",), cfg)["candidates"]
+                info = embed_sides(store, ("candidates",), cfg)["candidates"]
                 result["seconds"] = time.perf_counter() - t0
             assert info["rows_embedded"] == len(texts), info
             result["resolved_precision"] = info["precision"]
+            result["driver_bytes_received"] = received.bytes
         ray.shutdown()
     result["texts_per_s"] = len(texts) / result["seconds"]
     result["peak_rss_gb"] = rss.peak / 1e9
@@ -179,9 +166,10 @@ def main() -> None:
     )
     print(
         "| precision | raw loop texts/s | Ray stage texts/s | Ray / raw | raw peak RSS GB "
-        "| Ray peak RSS GB (all processes) | Ray cluster start + Ray Data warm-up s |"
+        "| Ray peak RSS GB (all processes) | Ray cluster start + Ray Data warm-up s "
+        "| driver bytes received per text |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for precision in args.precisions:
         raw = [r for r in results if r["mode"] == "raw" and r["precision"] == precision]
         ray_ = [r for r in results if r["mode"] == "ray" and r["precision"] == precision]
@@ -191,7 +179,8 @@ def main() -> None:
             f"| {precision} | {r_tps:.1f} | {y_tps:.1f} | {y_tps / r_tps:.2f} "
             f"| {max(r['peak_rss_gb'] for r in raw):.2f} "
             f"| {max(r['peak_rss_gb'] for r in ray_):.2f} "
-            f"| {np.median([r['ray_start_seconds'] for r in ray_]):.1f} |"
+            f"| {np.median([r['ray_start_seconds'] for r in ray_]):.1f} "
+            f"| {max(r['driver_bytes_received'] / r['texts'] for r in ray_):.2f} |"
         )
 
 

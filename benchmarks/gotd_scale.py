@@ -14,14 +14,16 @@ the column pass. The selection (top 1%) is compared across shard counts.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
-from harness import actor_peak_rss_gb, peak_rss_gb
+from harness import actor_peak_rss_gb, peak_rss_gb, stored_pool
 
-from actors.ot_shard import ResilientFanout, start_ot_shards, stop_ot_shards
+from actors.fanout import stop
+from actors.ot_shard import ot_fanout, start_ot_shards
 from engine.gotd import merge_smallest
 from engine.sinkhorn import coordinate
 
@@ -37,40 +39,38 @@ def main() -> None:
     m = len(Q)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tops = {}
-    for shards in args.shards:
-        X = np.load(args.data / "candidates.npy")
-        n = len(X)
-        top = n // 100
-        t0 = time.time()
-        actors, keep = start_ot_shards(
-            X, Q, shards, epsilon=0.1, cpus_per_shard=2 / shards, cache_bytes=args.cache_mb << 20
-        )
-        del X
-        start = time.time() - t0
-        cached = ray.get(
-            [a.__ray_call__.remote(lambda self: self.cost is not None) for a in actors]
-        )
-        fanout = ResilientFanout(actors)
-        t0 = time.time()
-        f, n_iter, errors, _ = coordinate(fanout, m, epsilon=0.1, threshold=args.threshold)
-        _, rows = merge_smallest(fanout("smallest", top), top)
-        solve = time.time() - t0
-        shard_rss = [actor_peak_rss_gb(a) for a in actors]
-        stop_ot_shards(actors)
-        del keep
-        tops[shards] = rows
-        up = shards * (m + 1) * 4
-        down = shards * 2 * m * 4  # f to every shard for the row pass and the column pass
-        overlap = len(np.intersect1d(rows, tops[args.shards[0]])) / top
-        print(
-            f"shards {shards}: start {start:.1f} s, solve {solve:.1f} s ({n_iter} iterations, "
-            f"final error {errors[-1]:.3g}), driver peak RSS "
-            f"{peak_rss_gb():.2f} GB, shard peak RSS "
-            f"{', '.join(f'{r:.2f}' for r in shard_rss)} GB, cost cached {cached}, bytes per "
-            f"iteration {up} up + {down} down, top-1% overlap with {args.shards[0]} shard(s) "
-            f"{overlap:.4f}",
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory() as tmp:  # the pool as ingested parts: shards read them
+        pool, targets = stored_pool(Path(tmp), np.load(args.data / "candidates.npy"), Q)
+        top = pool.n // 100
+        for shards in args.shards:
+            t0 = time.time()
+            actors = start_ot_shards(pool, targets, shards, epsilon=0.1,
+                                     cpus_per_shard=2 / shards,
+                                     cache_bytes=args.cache_mb << 20)  # fmt: skip
+            start = time.time() - t0
+            cached = ray.get(
+                [a.__ray_call__.remote(lambda self: self.cost is not None) for a in actors]
+            )
+            fanout = ot_fanout(actors)
+            t0 = time.time()
+            f, n_iter, errors, _ = coordinate(fanout, m, epsilon=0.1, threshold=args.threshold)
+            _, rows = merge_smallest(fanout("smallest", top), top)
+            solve = time.time() - t0
+            shard_rss = [actor_peak_rss_gb(a) for a in actors]
+            stop(actors)
+            tops[shards] = rows
+            up = shards * (m + 1) * 4
+            down = shards * 2 * m * 4  # f to every shard for the row pass and the column pass
+            overlap = len(np.intersect1d(rows, tops[args.shards[0]])) / top
+            print(
+                f"shards {shards}: start {start:.1f} s, solve {solve:.1f} s ({n_iter} "
+                f"iterations, final error {errors[-1]:.3g}), driver peak RSS "
+                f"{peak_rss_gb():.2f} GB, shard peak RSS "
+                f"{', '.join(f'{r:.2f}' for r in shard_rss)} GB, cost cached {cached}, bytes per "
+                f"iteration {up} up + {down} down, top-1% overlap with {args.shards[0]} "
+                f"shard(s) {overlap:.4f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

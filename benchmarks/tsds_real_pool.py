@@ -112,11 +112,11 @@ def main() -> None:
         }
         for label, params in variants.items():
             sol, info = select_exact(local_fanout([shard]), Q, len(X), params)
-            support = int(np.count_nonzero(sol.p))
+            support = len(sol.rows)  # p is kept on its support only
             how = "without_replacement" if support >= args.budget else "multinomial"
-            methods[f"{label} ({how}, support {support})"] = sample(
-                sol.p, ids, args.budget, how, 0
-            ).indices
+            methods[f"{label} ({how}, support {support})"] = sol.rows[
+                sample(sol.p, ids[sol.rows], args.budget, how, 0).indices
+            ]
         for threshold in (0.1, 1e-4):
             ot = sinkhorn_solve(Q, X, threshold=threshold)
             ranked = np.lexsort((np.arange(len(ot.g)), ot.g))

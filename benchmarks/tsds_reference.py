@@ -35,7 +35,7 @@ def ours(data: Path, out: Path) -> None:
     Q = np.load(data / "query_examples.npy")
     shard = IndexShard(X, 0, reference_index_params())
     sol, info = select_compat(local_fanout([shard]), Q, len(X), TSDSParams(mode="compat"))
-    np.save(out, sol.p)
+    np.save(out, sol.dense())
     print(info)
 
 

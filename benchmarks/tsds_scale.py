@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from harness import actor_peak_rss_gb, ensure_synth, peak_rss_gb
+from harness import actor_peak_rss_gb, ensure_synth, peak_rss_gb, stored_pool
 
-from actors.index_shard import ray_fanout, start_shards, stop_shards
+from actors.fanout import ResilientFanout, stop
+from actors.index_shard import start_shards
 from engine.knn import IndexParams, IndexShard, merge_topk
 from engine.tsds_search import TSDSParams, gather_vectors, select_exact
 
@@ -67,6 +68,7 @@ def main() -> None:
     params = TSDSParams()  # exact mode, alpha .5, C 5, sigma .75, max_K 5000, no kde_K cap
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"{len(Q)} queries, exact mode, {params}", flush=True)
+    pool, _ = stored_pool(data / "pool", np.load(data / "candidates.npy"), Q)  # the shards' rows
     for shards in args.shards:
         index = IndexParams(
             kind="ivf",
@@ -77,13 +79,11 @@ def main() -> None:
             train_points_per_list=64,
             niter=10,
         )
-        X = np.load(data / "candidates.npy")
-        n = len(X)
+        n = pool.n
         t0 = time.time()
-        actors = start_shards(X, shards, index, use_gpu=False, cpus_per_shard=2 / shards)
+        actors = start_shards(pool, shards, index, use_gpu=False, cpus_per_shard=2 / shards)
         build = time.time() - t0
-        del X  # the shards hold their rows now
-        fan = ray_fanout(actors)
+        fan = ResilientFanout(actors)
         t0 = time.time()
         sol, info = select_exact(fan, Q, n, params)
         select = time.time() - t0
@@ -94,7 +94,7 @@ def main() -> None:
         vectors = gather_vectors(fan, points, Q.shape[1])
         found = sum(len(h[0]) for h in fan("within", vectors, params.sigma**2))
         actor_rss = [actor_peak_rss_gb(a) for a in actors]
-        stop_shards(actors)
+        stop(actors)
         driver = peak_rss_gb()
         print(
             f"shards {shards} (ivf nlist {index.nlist}, nprobe {index.nprobe}, density nprobe "

@@ -99,7 +99,7 @@ def main() -> None:
             t0 = time.process_time()
             sol = solve(d, idx, rho, alpha=alpha, C=C, n_candidates=n, mode=mode)
             times.append(time.process_time() - t0)
-            dps.append(np.abs(sol.p - p_heap).max())
+            dps.append(np.abs(sol.dense() - p_heap).max())
         print(
             f"| {name} | {t_heap:.1f} | {times[0]:.2f} | {times[1]:.2f} | "
             f"{t_heap / times[0]:.1f}x | {dps[0]:.1e}, {dps[1]:.1e} |"

@@ -220,10 +220,11 @@ def _input_error(exc: BaseException) -> InputError | None:
     """The InputError behind `exc`, also when Ray wrapped it in a task error."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, InputError):
-            return exc
         seen.add(id(exc))
-        exc = getattr(exc, "cause", None) or exc.__cause__
+        cause = getattr(exc, "cause", None)  # a RayTaskError (it subclasses the task's error)
+        if isinstance(exc, InputError) and not isinstance(cause, BaseException):
+            return exc
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
     return None
 
 

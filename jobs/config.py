@@ -97,7 +97,6 @@ class EmbedConfig(Strict):
     torch_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
         None, description="intra-op threads per actor (null: cpus of this machine / num_actors)"
     )
-    rows_per_call: Annotated[int, Field(ge=1)] = 1024
     shard_rows: Annotated[int, Field(ge=1)] = Field(
         4096, description="rows per committed embedding shard: the unit a killed run loses"
     )

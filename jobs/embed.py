@@ -25,7 +25,6 @@ import os
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from jobs.config import EmbedConfig
@@ -52,7 +51,7 @@ def check_settings(store: Store, folder: str, wanted: dict) -> int:
         existing = None
     discarded = 0
     if existing is not None and existing != wanted:
-        names = store.folders(folder) + [n for n in store.list(folder) if n != "_settings.json"]
+        names = store.folders(folder) + [n for n in store.list(folder) if not n.startswith("_")]
         for name in names:
             store.delete(f"{folder}/{name}")
             discarded += 1
@@ -182,20 +181,47 @@ def embed_sides(store: Store, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[
             info = infos[row["side"]]
             info["rows_embedded"] += row["rows"]
             info["chunks_embedded"] += 1
+            info["dim"] = row["dim"]
             if row["precision"] not in info["precision"]:
                 info["precision"].append(row["precision"])
         for side in sides:
             infos[side]["gpus_per_actor"] = gpus
     for side, pool in pools.items():
-        missing = plan(pool, committed(store, side), cfg.shard_rows)
+        listing = committed(store, side)
+        missing = plan(pool, listing, cfg.shard_rows)
         if missing:
             raise RuntimeError(
                 f"embed {side}: {sum(b - a for _, a, b in missing)} rows have no committed "
                 "vector after the stage"
             )
-        infos[side]["chunks"] = sum(len(v) for v in committed(store, side).values())
+        infos[side]["chunks"] = sum(len(v) for v in listing.values())
         infos[side]["seconds_embedding"] = round(time.perf_counter() - t0, 3)
+        infos[side]["dim"] = infos[side].get("dim") or pool.dim or _dim(store, side, pool)
+        write_summary(store, side, infos[side]["dim"], pool.n, infos[side]["source"])
     return infos
+
+
+def write_summary(store: Store, side: str, dim: int, rows: int, source: str) -> None:
+    store.write_json(f"embeddings/{side}/{SUMMARY}", {"dim": dim, "rows": rows, "source": source})
+
+
+SUMMARY = "_summary.json"  # what select checks: the vectors' dimension, rows, where they came from
+
+
+def _dim(store: Store, side: str, pool: Pool) -> int:
+    """The dimension of the committed vectors: the summary of the run that embedded them, else
+    one chunk's schema (metadata only)."""
+    try:
+        return int(store.read_json(f"embeddings/{side}/{SUMMARY}")["dim"])
+    except (OSError, ValueError, KeyError):
+        folder = pool.chunk_dir(pool.parts[0])
+        chunk = store.parquet(f"{folder}/{store.list(folder)[0]}")
+        return chunk.schema_arrow.field("vector").type.list_size
+
+
+def vector_dim(store: Store, side: str) -> int:
+    """The dimension the embed stage recorded for a side."""
+    return int(store.read_json(f"embeddings/{side}/{SUMMARY}")["dim"])
 
 
 def check_vectors_ready(store: Store, side: str, cfg: EmbedConfig) -> None:
@@ -207,14 +233,9 @@ def check_vectors_ready(store: Store, side: str, cfg: EmbedConfig) -> None:
         existing = store.read_json(f"embeddings/{side}/_settings.json")
     except (OSError, ValueError):
         existing = None
-    if existing != settings(pool, cfg) or plan(pool, committed(store, side), cfg.shard_rows):
+    ready = existing == settings(pool, cfg) and store.is_file(f"embeddings/{side}/{SUMMARY}")
+    if not ready or plan(pool, committed(store, side), cfg.shard_rows):
         raise InputError(
             f"{store.uri_of(f'embeddings/{side}')}: vectors missing or made with other settings; "
             "run the embed stage first"
         )
-
-
-def vectors_table(ids: pa.Array, vectors: np.ndarray) -> pa.Table:
-    from jobs.pool import vectors_to_arrow
-
-    return pa.table({"id": ids, "vector": vectors_to_arrow(vectors)})

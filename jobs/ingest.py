@@ -187,21 +187,27 @@ def _schema(source: Source, file: InputFile) -> pa.Schema | list[str]:
         if fmt == "hf":
             with fs.open_input_stream(file.path) as fh:
                 return pa.ipc.open_stream(fh).schema
-        with fs.open_input_stream(file.path) as raw:
-            head = raw.read(1 << 20)
         if fmt == "csv":
-            first = head.decode("utf-8").splitlines()[:1]
+            with fs.open_input_stream(file.path) as raw:
+                first = raw.read(1 << 16).decode("utf-8", errors="ignore").splitlines()[:1]
             return next(csv.reader(first), []) if first else []
-        for line in head.decode("utf-8", errors="strict").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("first record is not a JSON object")
-                return list(record)
-        return []
+        return list(_first_record(source, file))
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise InputError(f"{file.uri}: not a readable {fmt} file ({reason})") from None
+
+
+def _first_record(source: Source, file: InputFile) -> dict:
+    """The first JSON object of a JSON-lines file ({} when it has none), read line by line."""
+    with source.fs.open_input_stream(file.path) as raw:
+        buffered = io.BufferedReader(raw, 1 << 16)
+        for line in buffered:
+            if line.strip():
+                record = json.loads(line.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("first record is not a JSON object")
+                return record
+    return {}
 
 
 def check_input(spec: InputSpec, field: str) -> Source:
@@ -258,12 +264,10 @@ def _keep_types(source: Source, spec: InputSpec) -> dict[str, pa.DataType]:
     first = source.files[0]
     if source.fmt in ("parquet", "hf"):
         schema = _schema(source, first)
-    else:
-        with source.fs.open_input_stream(first.path) as raw:
-            head = raw.read(1 << 20)
-        head = head[: head.rfind(b"\n") + 1] or head
-        schema = _read_json_bytes(head, first, 0).schema
-    kinds = {c: schema.field(c).type for c in spec.keep_columns}
+        kinds = {c: schema.field(c).type for c in spec.keep_columns}
+    else:  # JSON lines: the first record's values (no rows are read on the driver)
+        record = _first_record(source, first)
+        kinds = {c: pa.array([record.get(c)]).type for c in spec.keep_columns}
     return {c: pa.string() if pa.types.is_null(t) else t for c, t in kinds.items()}
 
 
@@ -714,14 +718,17 @@ def ingest_side(
     staged = sum(c["rows"] for c, _, _ in results)
     if not previous and staged == 0:
         raise InputError(f"{field}.text_column: every row of {spec.path} has an empty text")
-    dims = {c["dim"] for c, _, _ in results if c["dim"] is not None}
+    found = zip(results, pieces, strict=False)  # fewer results when a limit stopped early
+    dims = [(c["dim"], source.files[p.file].uri) for (c, _, _), p in found if c["dim"] is not None]
     if previous is not None and previous.dim is not None:
-        dims.add(previous.dim)
-    if len(dims) > 1:
-        raise InputError(
-            f"{field}.vector_column: {spec.vector_column!r} has vectors of dimensions "
-            f"{sorted(dims)} in {spec.path}; every row needs the same"
-        )
+        dims.insert(0, (previous.dim, "the pool's earlier files"))
+    for dim, where in dims[1:]:
+        if dim != dims[0][0]:
+            raise InputError(
+                f"{where}: column {spec.vector_column!r} ({field}.vector_column) has dimension "
+                f"{dim}, {dims[0][1]} has {dims[0][0]}; every row needs the same"
+            )
+    dims = {d for d, _ in dims}
     generation = f"data/{side}/_ids/gen-{(previous.info['id_generation'] + 1) if previous else 0}"
     old_ids = (
         f"data/{side}/_ids/gen-{previous.info['id_generation']}" if previous is not None else None
@@ -763,21 +770,7 @@ def ingest_side(
     if not parts:
         raise InputError(f"{field}.text_column: every row of {spec.path} has an empty text")
     dim = next(iter(dims), None)
-    columns = ["row", "id", "text", *spec.keep_columns, *([VECTOR] if spec.vector_column else [])]
-    index = {
-        "layout": LAYOUT,
-        "rows": parts[-1].stop,
-        "parts": [vars(p) for p in parts],
-        "columns": columns,
-        "dim": dim,
-        "files": files,
-        "format": source.fmt,
-        "spec": spec.model_dump(mode="json"),
-        "id_buckets": buckets,
-        "id_generation": int(generation.rsplit("-", 1)[1]),
-    }
-    store.write_json(f"data/{side}/{INDEX}", index)  # the commit point
-    _remove_leftovers(store, side, {p.name for p in parts}, generation)
+    commit_index(store, side, parts, spec, files, source.fmt, dim, buckets, generation)
     return {
         "rows_read": rows_read,
         "empty_dropped": n_empty,
@@ -792,6 +785,36 @@ def ingest_side(
         "inputs": files,
         "dim": dim,
     }
+
+
+def commit_index(
+    store: Store,
+    side: str,
+    parts: list[Part],
+    spec: InputSpec,
+    files: list,
+    fmt: str,
+    dim: int | None,
+    buckets: int,
+    generation: str,
+) -> None:
+    """Write `data/<side>/_index.json` (the commit point of an ingest), then remove the parts and
+    id generations it does not name."""
+    columns = ["row", "id", "text", *spec.keep_columns, *([VECTOR] if spec.vector_column else [])]
+    index = {
+        "layout": LAYOUT,
+        "rows": parts[-1].stop if parts else 0,
+        "parts": [vars(p) for p in parts],
+        "columns": columns,
+        "dim": dim,
+        "files": files,
+        "format": fmt,
+        "spec": spec.model_dump(mode="json"),
+        "id_buckets": buckets,
+        "id_generation": int(generation.rsplit("-", 1)[1]),
+    }
+    store.write_json(f"data/{side}/{INDEX}", index)
+    _remove_leftovers(store, side, {p.name for p in parts}, generation)
 
 
 def _caps(pieces: list[Piece], limit: int | None) -> list[int | None]:
@@ -814,3 +837,27 @@ def _remove_leftovers(store: Store, side: str, parts: set[str], generation: str)
     for name in store.folders(f"data/{side}/_ids"):
         if name != keep:
             store.delete(f"data/{side}/_ids/{name}")
+
+
+def write_vector_inputs(folder, candidates, targets, parts: int = 1) -> tuple:
+    """Input files for given float32 arrays (text "c <i>" / "t <i>", a `vector` column):
+    `folder/pool/pNNN.parquet` in `parts` files (row i = candidates[i]) and
+    `folder/targets.parquet`; returns their two paths. For tests and benchmarks that start
+    from arrays: ingest them with `vector_column: vector`."""
+    from pathlib import Path
+
+    from jobs.pool import vectors_to_arrow
+
+    folder = Path(folder)
+    (folder / "pool").mkdir(parents=True, exist_ok=True)
+
+    def table(x, prefix, first=0):
+        return pa.table({"text": [f"{prefix} {i}" for i in range(first, first + len(x))],
+                         "vector": vectors_to_arrow(x)})  # fmt: skip
+
+    edges = np.linspace(0, len(candidates), parts + 1).astype(int)
+    for k in range(parts):
+        rows = table(candidates[edges[k] : edges[k + 1]], "c", int(edges[k]))
+        pq.write_table(rows, folder / "pool" / f"p{k:03d}.parquet")
+    pq.write_table(table(targets, "t"), folder / "targets.parquet")
+    return folder / "pool", folder / "targets.parquet"

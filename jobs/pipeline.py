@@ -90,8 +90,6 @@ def check_layout(store: Store) -> None:
 
 def check_output_dir(run_dir: Path) -> None:
     """The run folder exists or can be made: else one line naming output_dir (before any work)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"output_dir: {run_dir} exists and is not a folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -101,6 +99,8 @@ def check_output_dir(run_dir: Path) -> None:
 
 def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None = None) -> None:
     """Every check that needs no cluster, before one starts: a typo fails in a second."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output_dir: {run_dir} exists and is not a folder")
     check_ray_address(cfg.ray.address)
     if "embed" in stages and not cfg.candidates.vector_column:
         try:
@@ -121,18 +121,17 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None 
     if "ingest" in stages:
         for side in SIDES:
             check_input(getattr(cfg, side), side)
-    check_output_dir(run_dir)
     store = data or Store.for_run(run_dir)
     check_layout(store)
-    if "ingest" in stages or stages == ["finetune"]:
-        return
-    for side in SIDES:
-        load_pool(store, side)  # the index exists (run the ingest stage first, else)
-    if "select" in stages:
-        check_budget(cfg, load_pool(store, "candidates"))
-        if "embed" not in stages and needs_vectors(cfg.select.method):
-            for side in SIDES:
-                check_vectors_ready(store, side, cfg.embed)
+    if "ingest" not in stages and stages != ["finetune"]:
+        for side in SIDES:
+            load_pool(store, side)  # the index exists (run the ingest stage first, else)
+        if "select" in stages:
+            check_budget(cfg, load_pool(store, "candidates"))
+            if "embed" not in stages and needs_vectors(cfg.select.method):
+                for side in SIDES:
+                    check_vectors_ready(store, side, cfg.embed)
+    check_output_dir(run_dir)  # last: a failed check leaves no folder behind
 
 
 def run(

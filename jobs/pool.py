@@ -107,7 +107,9 @@ def load_pool(store: Store, side: str) -> Pool:
                 "data/<side>/ folders: delete data/ and embeddings/ there (curate/ history is "
                 "kept) or use a new output_dir, then run again"
             )
-        raise InputError(f"{store.uri_of(f'data/{side}')}: no ingested data; run the ingest stage")
+        raise InputError(
+            f"{store.uri_of(f'data/{side}')}: no ingested data; run the ingest stage first"
+        )
     index = store.read_json(rel)
     parts = tuple(Part(**p) for p in index["parts"])
     return Pool(store, side, parts, tuple(index["columns"]), index.get("dim"), index)

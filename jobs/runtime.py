@@ -17,6 +17,9 @@ def start_ray(cfg: Config) -> None:
     import ray
 
     os.environ.update(RAY_ENV)
+    # A failed task's other return values (ingest's tables, a shard's partials) hold copies of the
+    # error raysift has already raised (exit 2, one line): Ray would print each again at exit.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if not ray.is_initialized():
         kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ

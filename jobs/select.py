@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from actors.fanout import ResilientFanout, stop
+from actors.index_shard import start_shards
+from actors.ot_shard import ot_fanout, start_ot_shards
 from actors.partitions import fetch_rows, map_parts, merge_ranked
 from engine.baselines import knn_scores, random_keys
 from engine.gotd import merge_smallest
@@ -35,10 +38,11 @@ from engine.selection import Ranked, Selection
 from engine.sinkhorn import coordinate
 from engine.tsds_search import TSDSParams, reference_index_params, select_compat, select_exact
 from jobs.config import Config
-from jobs.embed import check_vectors_ready
+from jobs.embed import check_vectors_ready, vector_dim
 from jobs.errors import InputError
 from jobs.pool import Part, Pool, as_strings, load_pool, read_part, read_vector_range, read_vectors
 from jobs.runfolder import write_jsonl, write_parquet
+from jobs.runtime import start_ray
 from jobs.storage import Store
 
 GOTD_POTENTIAL = "gotd_potential.parquet"
@@ -81,8 +85,6 @@ def start_cluster(cfg: Config, gpu: str) -> bool:
     and the cluster has GPUs)."""
     import ray
 
-    from jobs.runtime import start_ray
-
     start_ray(cfg)
     return gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
 
@@ -122,9 +124,6 @@ def _knn(ctx: Context) -> Selection:
 
 
 def _tsds(ctx: Context) -> Selection:
-    from actors.fanout import ResilientFanout, stop
-    from actors.index_shard import start_shards
-
     t = ctx.cfg.select.tsds
     use_gpu = start_cluster(ctx.cfg, t.gpu)
     params = TSDSParams(
@@ -169,9 +168,6 @@ def _tsds(ctx: Context) -> Selection:
 
 
 def _gotd(ctx: Context) -> Selection:
-    from actors.fanout import stop
-    from actors.ot_shard import ot_fanout, start_ot_shards
-
     o = ctx.cfg.select.gotd
     use_gpu = start_cluster(ctx.cfg, o.gpu)
     actors = start_ot_shards(
@@ -231,14 +227,8 @@ def check_budget(cfg: Config, pool: Pool) -> int:
 
 
 def check_dimensions(store: Store) -> None:
-    """Candidates and targets vectors must have one dimension (from one chunk's schema each)."""
-    dims = {}
-    for side in ("candidates", "targets"):
-        pool = load_pool(store, side)
-        part = pool.parts[0]
-        folder = pool.chunk_dir(part)
-        name = store.list(folder)[0]
-        dims[side] = store.parquet(f"{folder}/{name}").schema_arrow.field("vector").type.list_size
+    """Candidates and targets vectors must have one dimension (as the embed stage recorded)."""
+    dims = {side: vector_dim(store, side) for side in ("candidates", "targets")}
     if dims["candidates"] != dims["targets"]:
         raise InputError(
             f"{store.uri_of('embeddings')}: targets have dimension {dims['targets']}, candidates "
@@ -257,6 +247,8 @@ def run_select(
     check_budget(cfg, pool)
     method = METHODS[cfg.select.method]
     if "vectors" in method.needs:
+        if targets.n == 0:
+            raise InputError(f"{data.uri_of('data/targets')}: no target rows (empty target set)")
         for side in ("targets", "candidates"):
             check_vectors_ready(data, side, cfg.embed)
         check_dimensions(data)

@@ -73,31 +73,62 @@ def vector_pool(folder: Path, candidates, targets, parts: int = 1):
     """(candidates Pool, targets Pool) of a run folder in `folder` holding the given float32
     arrays as an ingested pool with its vectors committed: the real ingest and embed stages, the
     vectors given (not normalised), `parts` input files. Row i is candidates[i]."""
-    import numpy as np
-    import pyarrow as pa
-
     from jobs.config import validate
+    from jobs.ingest import write_vector_inputs
     from jobs.pipeline import run
     from jobs.pool import load_pool
     from jobs.storage import Store
 
-    def table(x, prefix):
-        x = np.ascontiguousarray(x, np.float32)
-        vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-        return pa.table({"text": [f"{prefix} {i}" for i in range(len(x))], "vector": vec})
-
-    (folder / "pool").mkdir(parents=True)
-    edges = np.linspace(0, len(candidates), parts + 1).astype(int)
-    for k in range(parts):
-        pq.write_table(table(candidates, "c").slice(edges[k], edges[k + 1] - edges[k]),
-                       folder / "pool" / f"p{k:03d}.parquet")  # fmt: skip
-    pq.write_table(table(targets, "t"), folder / "targets.parquet")
+    pool, targets_path = write_vector_inputs(folder, candidates, targets, parts)
     cfg = validate({
         "output_dir": str(folder / "run"),
-        "candidates": {"path": str(folder / "pool"), "vector_column": "vector"},
-        "targets": {"path": str(folder / "targets.parquet"), "vector_column": "vector"},
+        "candidates": {"path": str(pool), "vector_column": "vector"},
+        "targets": {"path": str(targets_path), "vector_column": "vector"},
         "embed": {"normalize": False},
     })  # fmt: skip
     run(cfg, ["ingest", "embed"], log=lambda _: None)
     store = Store.local(folder / "run")
     return load_pool(store, "candidates"), load_pool(store, "targets")
+
+
+def pool_table(run: Path, side: str = "candidates", columns: list[str] | None = None):
+    """Every row of an ingested side, in row order (tests read the parts back; the stages never
+    do on the driver)."""
+    from jobs.pool import load_pool, read_rows
+    from jobs.storage import Store
+
+    pool = load_pool(Store.local(run), side)
+    return read_rows(pool, 0, pool.n, columns or list(pool.columns))
+
+
+def fake_pool(run: Path, side: str, ids, texts, vectors=None, **columns) -> None:
+    """Write a side of a run folder as ingest (and, with `vectors`, the embed stage with a
+    `vector` column given) would leave it, without Ray: one part, its index, its chunk. For the
+    CLI's bad-input cases, which need a run folder in a given state."""
+    import numpy as np
+    import pyarrow as pa
+
+    from actors.embedder import commit_chunk
+    from jobs.config import EmbedConfig, InputSpec
+    from jobs.embed import check_settings, settings, write_summary
+    from jobs.ingest import commit_index, write_part
+    from jobs.pool import VECTOR, Part, load_pool
+    from jobs.storage import Store
+
+    store = Store.local(run)
+    cols = {"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()), **columns}
+    if vectors is not None:
+        x = np.ascontiguousarray(vectors, np.float32)
+        cols[VECTOR] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    written = write_part(store, side, 0, 0, pa.table(cols))
+    parts = [Part(**written)] if written["rows"] else []
+    spec = InputSpec(path=str(run / "input"), keep_columns=list(columns),
+                     vector_column="vector" if vectors is not None else None)  # fmt: skip
+    dim = x.shape[1] if vectors is not None else None
+    commit_index(store, side, parts, spec, [], "parquet", dim, 1, f"data/{side}/_ids/gen-0")
+    if vectors is not None:
+        wanted = settings(load_pool(store, side), EmbedConfig())
+        check_settings(store, f"embeddings/{side}", wanted)
+        for part in parts:
+            commit_chunk(store, side, part.digest, 0, part.rows, cols["id"], x)
+        write_summary(store, side, x.shape[1], len(x), wanted["source"])

@@ -11,7 +11,7 @@ import pytest
 
 from jobs import cli
 
-from .conftest import DEMO_POOL, DEMO_TARGETS, REPO, build_tiny_lm, write_config
+from .conftest import DEMO_POOL, DEMO_TARGETS, REPO, build_tiny_lm, fake_pool, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,24 +95,15 @@ def bad_jsonl(tmp_path):
 
 def ingested(tmp_path):
     """A run folder as ingest leaves it, two candidates and one target, without embeddings."""
-    data = tmp_path / "run" / "data"
-    data.mkdir(parents=True)
-    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), data / "candidates.parquet")
-    pq.write_table(pa.table({"id": ["t"], "text": ["z"]}), data / "targets.parquet")
+    fake_pool(tmp_path / "run", "candidates", ["a", "b"], ["x", "y"])
+    fake_pool(tmp_path / "run", "targets", ["t"], ["z"])
 
 
 def embedded(tmp_path, candidates, targets):
     """A run folder as the embed stage leaves it, with the given vectors."""
-    run = tmp_path / "run"
     for side, x in (("candidates", candidates), ("targets", targets)):
         ids = [f"{side[0]}{i}" for i in range(len(x))]
-        (run / "data").mkdir(parents=True, exist_ok=True)
-        texts = [f"text {i}" for i in ids]
-        pq.write_table(pa.table({"id": ids, "text": texts}), run / "data" / f"{side}.parquet")
-        (run / "embeddings" / side).mkdir(parents=True)
-        vec = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-        table = pa.table({"id": ids, "vector": vec})
-        pq.write_table(table, run / "embeddings" / side / "part-0.parquet")
+        fake_pool(tmp_path / "run", side, ids, [f"text {i}" for i in ids], x)
 
 
 def tsds_select(tmp_path, candidates, targets, budget=25, **tsds):
@@ -129,7 +120,44 @@ def dimension_mismatch(tmp_path):
 
 
 def nan_vectors(tmp_path):
-    return tsds_select(tmp_path, np.where(POOL > 2, np.nan, POOL), POOL[:2]), "NaN or inf"
+    """Given vectors with a NaN: the ingest's worker finds it and names file, column and row."""
+    x = np.where(POOL > 2, np.nan, POOL).astype(np.float32)
+    table = pa.table(
+        {
+            "text": [f"t{i}" for i in range(len(x))],
+            "emb": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 8),
+        }
+    )
+    pq.write_table(table, tmp_path / "pool.parquet")
+    pq.write_table(table.slice(0, 2).set_column(1, "emb", pa.array([[1.0] * 8] * 2)),
+                   tmp_path / "t.parquet")  # fmt: skip
+    cfg = good(
+        tmp_path,
+        candidates={"path": str(tmp_path / "pool.parquet"), "vector_column": "emb"},
+        targets={"path": str(tmp_path / "t.parquet"), "vector_column": "emb"},
+    )
+    first = int(np.flatnonzero(np.isnan(x).any(axis=1))[0])
+    column = "column 'emb' (candidates.vector_column)"
+    return ["run", cfg], f"pool.parquet: row {first}: {column} has NaN"
+
+
+def malformed_jsonl_line(tmp_path):
+    """A bad line found by an ingest worker: exit 2 naming the file and line (not exit 1 and a
+    RayTaskError)."""
+    lines = [f'{{"text": "row {i}"}}' for i in range(5)]
+    lines[2] = '{"text": "row 2"'
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    return ["run", good(tmp_path, targets__path=str(tmp_path / "t.jsonl"))], (
+        "t.jsonl: line 3 is not valid JSON"
+    )
+
+
+def output_dir_uncreatable(tmp_path):
+    """A folder that cannot be made (root ignores chmod: a path under /proc): exit 2 from the
+    checks, naming output_dir."""
+    return ["run", good(tmp_path, output_dir="/proc/raysift-forbidden/run")], (
+        "output_dir: cannot create /proc/raysift-forbidden/run"
+    )
 
 
 def empty_targets(tmp_path):
@@ -181,6 +209,18 @@ def select_before_embed(tmp_path):
     return ["select", good(tmp_path, select={"budget": 1})], "run the embed stage first"
 
 
+def old_layout_run_folder(tmp_path):
+    """A run folder written before partitioned pools: refused with what to do."""
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), data / "candidates.parquet")
+    pq.write_table(pa.table({"id": ["t"], "text": ["z"]}), data / "targets.parquet")
+    return ["select", good(tmp_path, select={"budget": 1})], (
+        "was written by an earlier raysift (one data/targets.parquet, embeddings keyed by id); "
+        "this release keeps partitioned data/<side>/ folders: delete data/ and embeddings/"
+    )
+
+
 def embed_before_ingest(tmp_path):
     return ["embed", good(tmp_path)], "run the ingest stage first"
 
@@ -203,7 +243,7 @@ def output_dir_is_a_file(tmp_path):
 
 
 def selected(tmp_path, lines: str):
-    ingested(tmp_path)
+    (tmp_path / "run").mkdir()
     (tmp_path / "run" / "selected.jsonl").write_text(lines)
 
 
@@ -214,7 +254,6 @@ def finetune_no_selected_rows(tmp_path):
 
 
 def finetune_before_select(tmp_path):
-    ingested(tmp_path)
     return ["finetune", good(tmp_path)], "no selected rows; run the select stage first"
 
 
@@ -304,8 +343,11 @@ CASES = [
     corrupt_parquet,
     unknown_format,
     bad_jsonl,
+    malformed_jsonl_line,
+    output_dir_uncreatable,
     budget_too_large,
     select_before_embed,
+    old_layout_run_folder,
     embed_before_ingest,
     model_not_local,
     unknown_command,
@@ -336,14 +378,27 @@ CASES = [
 MADE_A_RUN_FOLDER = {
     gradex_one_source,  # the ingest ran: the sources are counted in its output
     gradex_targets_without_texts,
-    budget_too_large,
+    budget_too_large,  # the case builds its run folder (fake_pool)
     select_before_embed,
-    *CASES[-20:-8],
+    old_layout_run_folder,  # the case builds the old folder
+    dimension_mismatch,
+    empty_targets,
+    alpha_outside,
+    c_not_positive,
+    sigma_negative,
+    compat_pool_too_small,
+    budget_over_support,
+    finetune_no_selected_rows,
+    finetune_model_missing,
+    finetune_rows_without_text,
+    nan_vectors,  # the ingest ran (a worker found the NaN)
+    malformed_jsonl_line,
     evaluate_budget_too_large,  # the ingest ran: the budget is checked against its row count
 }
 CHECKED_BEFORE_RAY = set(CASES) - {
     dimension_mismatch,
     nan_vectors,
+    malformed_jsonl_line,
     empty_targets,
     compat_pool_too_small,
     budget_over_support,

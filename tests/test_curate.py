@@ -15,7 +15,7 @@ import torch
 from jobs.config import load_config
 from jobs.curate import run_curate
 from jobs.pipeline import run
-from tests.conftest import DEMO_POOL, DEMO_TARGETS, write_config
+from tests.conftest import DEMO_POOL, DEMO_TARGETS, pool_table, write_config
 
 
 def _config(tmp_path, name, pool, method, **select):
@@ -42,6 +42,15 @@ def _pool(tmp_path, first: int, name: str):
     return rows, pool
 
 
+def embeddings(run_dir, side):
+    """(ids, vectors) of a side, in row order (read back by the test)."""
+    from jobs.pool import load_pool, read_vector_range
+    from jobs.storage import Store
+
+    pool = load_pool(Store.local(run_dir), side)
+    return pool_table(run_dir, side, ["id"])["id"].to_pylist(), read_vector_range(pool, 0, pool.n)
+
+
 def _table(path):
     return pq.read_table(path).select(["id", "rank", "score", "probability"])
 
@@ -63,6 +72,9 @@ def test_curate_embeds_only_new_rows_and_matches_a_run_on_the_union(ray_cluster,
     assert second["new_files"] == [str(pool / "2026-11-02.parquet")]
     assert second["rows_added"] == 60 and second["pool"] == 300
     assert second["rows_embedded"] == {"targets": 0, "candidates": 60}  # only the new rows
+    # what the second run opened: the new file (ingest), its one part (embed: one chunk)
+    assert second["appended"] and second["files_read"] == 1 and second["parts_written"] == 1
+    assert second["chunks_embedded"] == {"targets": 0, "candidates": 1}
     manifest = json.loads((tmp_path / "curated" / "manifest.json").read_text())
     assert manifest["stages"]["embed"]["candidates"]["rows_reused"] == 240
 
@@ -109,14 +121,13 @@ def test_gotd_c_transform_scores_new_rows_against_the_stored_potential(ray_clust
     pq.write_table(rows.slice(200, 100), pool / "b.parquet")
     second = run_curate(cfg, log=lambda m: None)
     assert second["select"]["incremental"] and second["rows_embedded"]["candidates"] == 100
+    assert second["select"]["parts_read"] == 1  # only the new part's vectors were read
     v1 = pq.read_table(run_dir / "curate/v0001/selection.parquet")
     v2 = pq.read_table(run_dir / "curate/v0002/selection.parquet")
 
     # Independently: g_j = eps log(1/N) - eps LSE_i((f_i - C_ij)/eps) with C = squared distance.
-    from jobs.embed import read_embeddings
-
-    ids, vecs = read_embeddings(run_dir / "embeddings" / "candidates")
-    t_ids, t_vecs = read_embeddings(run_dir / "embeddings" / "targets")
+    ids, vecs = embeddings(run_dir, "candidates")
+    t_ids, t_vecs = embeddings(run_dir, "targets")
     order = pq.read_table(run_dir / "gotd_potential.parquet").column("id").to_pylist()
     y = t_vecs[[list(t_ids).index(i) for i in order]].astype(np.float64)
     vec = dict(zip(ids, vecs.astype(np.float64), strict=True))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from jobs.report import composition
+from jobs.report import composition, pool_counts, selection_counts
 
 from .conftest import DEMO_POOL
 
@@ -72,16 +72,19 @@ def test_demo_slice_end_to_end(tmp_path, slice_run):
     assert (run / "config.yaml").is_file()
 
     for side, n in (("candidates", 400), ("targets", 40)):
-        tables = [
-            pq.read_table(p) for p in sorted((run / "embeddings" / side).glob("part-*.parquet"))
-        ]
+        chunks = sorted((run / "embeddings" / side).glob("*/rows-*.parquet"))
+        tables = [pq.read_table(p) for p in chunks]
         table = pa.concat_tables(tables)
         assert table.num_rows == n and table.column_names == ["id", "vector"]
         assert table.schema.field("vector").type == pa.list_(pa.float32(), 384)
 
     sel = pq.read_table(run / "selection.parquet")
-    assert sel.column_names == ["id", "rank", "score", "probability", "count", "source", "label"]
+    assert sel.column_names == [
+        "id", "row", "rank", "score", "probability", "count", "source", "label"
+    ]  # fmt: skip
     assert sel["rank"].to_pylist() == list(range(40))
+    pool = pq.read_table(DEMO_POOL, columns=["id"])["id"].to_pylist()
+    assert [pool[r] for r in sel["row"].to_pylist()] == sel["id"].to_pylist()  # dense rows
     scores = sel["score"].to_pylist()
     assert scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1
     pool_ids = set(pq.read_table(DEMO_POOL, columns=["id"])["id"].to_pylist()[:400])
@@ -93,7 +96,9 @@ def test_demo_slice_end_to_end(tmp_path, slice_run):
 
     # The targets are Debian "science" descriptions: the nearest neighbours must lean to debian_pkg
     # far above its share of the pool (17%).
-    rows = dict((name, picked) for name, _, picked in composition(run))
+    counts = composition(pool_counts(run, "source"), selection_counts(run / "selection.parquet",
+                                                                      "source"))  # fmt: skip
+    rows = dict((name, picked) for name, _, picked in counts)
     assert rows.get("debian_pkg", 0) / 40 > 0.5
 
     # A rerun with nothing changed redoes nothing and selects the same rows.
@@ -108,12 +113,11 @@ def test_demo_slice_end_to_end(tmp_path, slice_run):
         tmp_path,
         "b",
         "embed.shard_rows=37",
-        "embed.rows_per_call=53",
         "embed.num_actors=2",
         "embed.cpus_per_actor=0.5",
         "embed.batch_size=16",
     )
-    assert manifest(other)["stages"]["embed"]["candidates"]["shards"] == 11
+    assert manifest(other)["stages"]["embed"]["candidates"]["chunks"] == 11
     assert pq.read_table(other / "selection.parquet")["id"].equals(sel["id"])
 
 
@@ -137,16 +141,16 @@ def test_tsds_and_gotd_are_seeded_and_independent_of_shards(tmp_path, slice_run)
     run = demo(tmp_path, copy_of(slice_run[0], tmp_path, "t"), *tsds)
     assert manifest(run)["stages"]["embed"]["candidates"]["rows_reused"] == 400  # the copy's
     sel = pq.read_table(run / "selection.parquet")
-    assert sel.column_names == ["id", "rank", "score", "probability", "count", "source", "label"]
     assert sel.num_rows == 40 and sel["count"].null_count == 40  # without replacement
-    p = pq.read_table(run / "probabilities.parquet")
-    assert p.num_rows == 400 and abs(sum(p["probability"].to_pylist()) - 1) < 1e-12
+    info = manifest(run)["stages"]["select"]
+    assert info["method"] == "tsds" and info["support"] >= 40 and info["fetches"] >= 1
+    p = pq.read_table(run / "probabilities")  # the support only, written by the shards
+    assert p.column_names == ["row", "id", "probability"]
+    assert p.num_rows == info["support"] and abs(sum(p["probability"].to_pylist()) - 1) < 1e-12
     chosen = dict(zip(p["id"].to_pylist(), p["probability"].to_pylist(), strict=True))
     assert all(chosen[i] > 0 for i in sel["id"].to_pylist())
     want = [chosen[i] for i in sel["id"].to_pylist()]
     assert sel["probability"].to_pylist() == pytest.approx(want, rel=1e-12)
-    info = manifest(run)["stages"]["select"]
-    assert info["method"] == "tsds" and info["support"] >= 40 and info["fetches"] >= 1
 
     # Same run folder, two shard actors: embeddings reused, the same selection.
     again = demo(tmp_path, "t", *tsds, "select.tsds.shards=2", "select.tsds.cpus_per_shard=0.5")

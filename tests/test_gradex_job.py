@@ -15,11 +15,10 @@ from engine import gradex as gx
 from engine import lm
 from engine.baselines import random_select
 from jobs.config import load_config
-from jobs.embed import shard_files
-from jobs.gradex import load_target, load_train, run_estimate
+from jobs.gradex import load_target, load_train, run_estimate, shard_files
 from jobs.pipeline import run
 
-from .conftest import DEMO_POOL, DEMO_TARGETS, write_config
+from .conftest import DEMO_POOL, DEMO_TARGETS, pool_table, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PER_SOURCE = 4
@@ -77,7 +76,7 @@ def test_estimate_writes_gradients_estimates_and_choice(estimated):
     _, tok = lm.load_lm(cfg.finetune.model)
     texts = [json.loads(x)["text"] for x in DEMO_TARGETS.read_text().splitlines()[:TARGET_TEXTS]]
     tokens = sum(len(lm.encode_text(tok, t, 24).input_ids) - 1 for t in texts)
-    targets = pq.read_table(run_dir / "data" / "targets.parquet").column("id").to_pylist()
+    targets = pool_table(run_dir, "targets", ["id"]).column("id").to_pylist()
     target = load_target(g, targets[:TARGET_TEXTS])
     assert len(target.f0) == tokens
     # the stored estimates are the engine's offset estimates from the stored gradients
@@ -187,9 +186,7 @@ def test_select_stage_takes_the_chosen_sources_rows(estimated, tmp_path, tiny_lm
     assert pq.read_table(tmp_path / "run" / "selection.parquet").column("id").to_pylist() == first
     # the all-sources baseline at a budget is the random baseline: the same seeded id-hash order
     run(_config(tmp_path, tiny_lm, strategy="all"), ["select"], log=lambda m: None)
-    ids = np.asarray(
-        pq.read_table(tmp_path / "run" / "data" / "candidates.parquet").column("id").to_pylist()
-    )
+    ids = np.asarray(pool_table(tmp_path / "run", "candidates", ["id"]).column("id").to_pylist())
     expected = ids[random_select(ids, 40, cfg.seed).indices].tolist()
     assert (
         pq.read_table(tmp_path / "run" / "selection.parquet").column("id").to_pylist() == expected
@@ -222,7 +219,7 @@ def test_evaluate_compares_gradex_with_random_sources(tmp_path, tiny_lm, ray_clu
     run_dir = run_evaluate(cfg, log=lambda m: None)
     result = json.loads((run_dir / "evaluation.json").read_text())
     assert [r["method"] for r in result["runs"]] == ["gradex", "gradex-random"]
-    pool = pq.read_table(run_dir / "data" / "candidates.parquet", columns=["source"])
+    pool = pool_table(run_dir, "candidates", ["source"])
     n_sources = len(set(pool.column("source").to_pylist()))
     for r in result["runs"]:
         sel = pq.read_table(run_dir / r["folder"] / "selection.parquet")

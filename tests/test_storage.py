@@ -107,21 +107,30 @@ def test_mirror_uploads_each_commit_syncs_deletions_and_pulls_elsewhere(s3_env, 
     remote.probe()
     remote.pull()
     storage._MIRRORS[remote.local.resolve()] = remote
+    bulk = [
+        "data/candidates/part-00000-x.parquet",
+        "embeddings/candidates/d/rows-0-1.parquet",
+        "evaluate/knn-seed0/finetune/ray/ckpt",
+        "finetune/tokens/part-00000.parquet",
+    ]
     try:
         write_json(remote.local / "manifest.json", {"x": 1})
-        write_parquet(remote.local / "embeddings" / "part-1.parquet", pa.table({"id": ["a"]}))
+        write_parquet(remote.local / "selection.parquet", pa.table({"id": ["a"]}))
         # uploaded at the atomic rename, before any sync
-        assert set(_remote_files(uri)) == {"manifest.json", "embeddings/part-1.parquet"}
-        (remote.local / "embeddings" / "part-1.parquet").unlink()
-        (remote.local / "finetune" / "ray").mkdir(parents=True)
-        (remote.local / "finetune" / "ray" / "ckpt").write_text("Ray Train's own")
+        assert set(_remote_files(uri)) == {"manifest.json", "selection.parquet"}
+        store = storage.Store.for_run(remote.local)  # what workers write straight to S3
+        for rel in bulk:
+            store.write_bytes(rel, b"a worker's")
+        (remote.local / "selection.parquet").unlink()
         remote.sync()
-        assert set(_remote_files(uri)) == {"manifest.json"}  # deletion synced, ray/ untouched
+        # the deletion synced; the workers' files, which the mirror never held, untouched
+        assert set(_remote_files(uri)) == {"manifest.json", *bulk}
     finally:
         storage._MIRRORS.clear()
     other = storage.Remote(uri, local=tmp_path / "b")  # another machine's driver
-    assert other.pull() == 1
+    assert other.pull() == 1  # the manifest: the mirror keeps small files only
     assert json.loads((other.local / "manifest.json").read_text()) == {"x": 1}
+    assert not (other.local / "data").exists() and not (other.local / "embeddings").exists()
     assert other.pull() == 0  # nothing new
 
 
@@ -173,8 +182,10 @@ def test_pipeline_on_s3_resumes_from_another_drivers_mirror(s3_env, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     assert f"run folder: {uri}" in first.stdout
     files = _remote_files(uri)
-    shards = [f for f in files if f.startswith("embeddings/candidates/part-")]
-    assert len(shards) == 4  # 200 rows / 64 per shard
+    chunks = [f for f in files if f.startswith("embeddings/candidates/") and "/rows-" in f]
+    assert len(chunks) == 4  # 200 rows / 64 per chunk, written by the actors
+    assert any(f.startswith("data/candidates/part-") for f in files)  # by the ingest tasks
+    assert not list((tmp_path / "cache1").rglob("part-*.parquet"))  # never on the driver
     assert {"manifest.json", "selection.parquet", "selected.jsonl", "config.yaml"} <= set(files)
     fs, root = pafs.FileSystem.from_uri(uri)
     with fs.open_input_file(f"{root}/manifest.json") as fh:
@@ -191,3 +202,52 @@ def test_pipeline_on_s3_resumes_from_another_drivers_mirror(s3_env, tmp_path):
     assert embed["rows_reused"] == 200 and embed["rows_embedded"] == 0
     with fs.open_input_file(f"{root}/selection.parquet") as fh:
         assert pq.read_table(fh).equals(selection)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_inputs_on_s3_are_read_by_the_workers_and_fingerprinted(s3_env, tmp_path):
+    """candidates.path and targets.path on S3: listed and fingerprinted there (size, mtime),
+    read by the ingest tasks; an unchanged input skips the ingest, a new file is appended."""
+    import boto3
+
+    client = boto3.client("s3", region_name="us-east-1")
+    pool = pq.read_table(DEMO_POOL).slice(0, 120).select(["id", "text", "source"])
+    for name, part in (("a.parquet", pool.slice(0, 80)), ("c.parquet", pool.slice(80, 20))):
+        pq.write_table(part, tmp_path / name)
+        client.upload_file(str(tmp_path / name), BUCKET, f"inputs/pool/{name}")
+    client.upload_file(str(DEMO_TARGETS), BUCKET, "inputs/targets.jsonl")
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        output_dir=str(tmp_path / "run"),
+        candidates={"path": f"s3://{BUCKET}/inputs/pool", "id_column": "id",
+                    "keep_columns": ["source"]},
+        targets={"path": f"s3://{BUCKET}/inputs/targets.jsonl", "limit": 20},
+        select={"method": "random", "budget": 10},
+        stages=["ingest", "select"],
+        ray={"num_cpus": 2},
+    )  # fmt: skip
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *args, str(cfg)],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    first = run("run")
+    assert first.returncode == 0, first.stderr[-2000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    ingest = manifest["stages"]["ingest"]["candidates"]
+    assert ingest["rows"] == 100 and ingest["files_read"] == 2
+    assert [f[0] for f in ingest["inputs"]] == [
+        f"s3://{BUCKET}/inputs/pool/a.parquet", f"s3://{BUCKET}/inputs/pool/c.parquet"
+    ] and all(f[1] > 0 and f[2] > 0 for f in ingest["inputs"])  # fmt: skip
+    again = run("run")
+    assert "inputs unchanged since the last run" in again.stderr
+    pq.write_table(pool.slice(100, 20), tmp_path / "b.parquet")
+    client.upload_file(str(tmp_path / "b.parquet"), BUCKET, "inputs/pool/b.parquet")
+    third = run("curate")
+    assert third.returncode == 0, third.stderr[-2000:]
+    info = json.loads(third.stdout.strip().splitlines()[-1])
+    assert info["appended"] and info["files_read"] == 1 and info["rows_added"] == 20
+    assert info["version"] == 1 and len(info["new_files"]) == 3  # the first curated version

@@ -180,20 +180,20 @@ def test_worker_node_dies_mid_embed_and_resubmission_resumes(cluster, tmp_path):
         assert time.monotonic() < deadline, "second worker node did not join"
         time.sleep(1)
     run = tmp_path / "killed"
-    shards = run / "embeddings" / "candidates"
+    shards = run / "embeddings" / "candidates"  # <digest>/rows-A-B.parquet chunks
     rows = 800  # 8 shards of 100: the kill lands after 2 and before the last
     sets = ["--set", f"output_dir={run}", "--set", f"candidates.limit={rows}",
-            "--set", "embed.shard_rows=100", "--set", "embed.rows_per_call=50",
+            "--set", "embed.shard_rows=100",
             "--set", "embed.num_actors=2", "--set", "embed.cpus_per_actor=1",
             "--set", "stages=[ingest, embed]"]  # fmt: skip
     res = _cli("submit", str(DEMO), "--address", cluster["address"], "--no-wait", *sets, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     job_id = _job_id(res.stdout)
     deadline = time.monotonic() + 300
-    while len(list(shards.glob("part-*.parquet"))) < 2:
+    while len(list(shards.glob("*/rows-*.parquet"))) < 2:
         assert time.monotonic() < deadline, "no shard committed in 300 s"
         time.sleep(0.5)
-    before = {p.name: p.stat().st_mtime_ns for p in shards.glob("part-*.parquet")}
+    before = {p: p.stat().st_mtime_ns for p in shards.glob("*/rows-*.parquet")}
     extra.kill()  # SIGKILL the node's raylet, object store and workers
     assert len(before) < rows // 100, "the embedding had finished before the kill"
     status, log = jobs_api(cluster, job_id)
@@ -205,8 +205,8 @@ def test_worker_node_dies_mid_embed_and_resubmission_resumes(cluster, tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     embed = _manifest(run)["stages"]["embed"]["candidates"]
     assert embed["rows"] == rows
-    for name, mtime in before.items():  # committed before the kill: kept, not redone
-        assert (shards / name).stat().st_mtime_ns == mtime
+    for path, mtime in before.items():  # committed before the kill: kept, not redone
+        assert path.stat().st_mtime_ns == mtime
     assert embed["rows_reused"] >= 100 * len(before)
     assert embed["rows_reused"] + embed["rows_embedded"] == rows
     print(f"first job: {status}; resubmission reused {embed['rows_reused']} rows")
