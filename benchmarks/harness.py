@@ -66,10 +66,10 @@ class Poller:
 def payload_bytes(value) -> int:
     """What a value weighs on the wire: its pickle-5 frame plus its out-of-band buffers (numpy
     and arrow buffers are counted without being copied)."""
-    import pickle
+    from ray import cloudpickle  # what Ray itself serialises with (closures included)
 
     buffers: list = []
-    frame = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    frame = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     return len(frame) + sum(b.raw().nbytes for b in buffers)
 
 

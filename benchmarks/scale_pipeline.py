@@ -51,7 +51,7 @@ METHODS = {
     "tsds": {
         "method": "tsds",
         "tsds": {
-            "mode": "exact", "shards": 2, "cpus_per_shard": 1,
+            "mode": "exact", "shards": 2, "cpus_per_shard": 1, "sampling": "multinomial",
             # the exact kNN scan; density through an IVF index (recall 1.000 at 1M, BENCHMARKS.md)
             "index": {"kind": "ivf", "brute_force_knn": True, "density_nprobe": 8},
         },
@@ -117,14 +117,17 @@ class Cluster:
                  pythonpath: Path | None = None):  # fmt: skip
         # the workers import what the raylets' environment points at: the old code's cluster
         # gets its worktree on PYTHONPATH (else the editable install's new modules would load)
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token"}
         if pythonpath is not None:
             self.env["PYTHONPATH"] = str(pythonpath)
+        ray = str(Path(sys.executable).parent / "ray")
+        if not (Path.home() / ".ray" / "auth_token").is_file():  # token auth, as on a cluster
+            subprocess.run([ray, "get-auth-token", "--generate"], env=self.env, check=True,
+                           capture_output=True)  # fmt: skip
         self.port = 6390
         self.address = f"127.0.0.1:{self.port}"
-        temp = base / "ray-tmp"
+        temp = base.resolve() / "ray-tmp"  # ray start wants an absolute path
         temp.mkdir(parents=True, exist_ok=True)
-        ray = str(Path(sys.executable).parent / "ray")
         common = ["--disable-usage-stats", f"--temp-dir={temp}"]
         subprocess.run([ray, "start", "--head", f"--port={self.port}", "--num-cpus=0",
                         f"--object-store-memory={int(head_store_gb * 1e9)}",
@@ -161,11 +164,13 @@ class Sampler(Poller):
                 continue
 
 
-def driver(args: list[str], cwd: Path, out: Path, pythonpath: Path = ROOT) -> dict:
+def driver(
+    args: list[str], cwd: Path, out: Path, cluster: Cluster, pythonpath: Path = ROOT
+) -> dict:
     """Run one stage as a `raysift` process; its wall time, peak RSS and accounting."""
     probe = out.with_suffix(".probe.json")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PROBE_OUT": str(probe),
-           "PYTHONPATH": str(pythonpath), "HARNESS": str(ROOT / "benchmarks")}  # fmt: skip
+    env = {**cluster.env, "PROBE_OUT": str(probe), "PYTHONPATH": str(pythonpath),
+           "HARNESS": str(ROOT / "benchmarks")}  # fmt: skip
     t0 = time.perf_counter()
     with Sampler() as sampler:
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-c", PROBE, *args],
@@ -199,18 +204,18 @@ def config(path: Path, pool: Path, run: Path, address: str, select: dict | None 
     return path
 
 
-def new_code(base: Path, n: int, methods: list[str], address: str) -> dict:
+def new_code(base: Path, n: int, methods: list[str], cluster: Cluster) -> dict:
     pool = write_pool(base / "input" / str(n), n)
     run, out = base / "runs" / str(n), base / "results" / str(n)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config(out / "config.yaml", pool, run, address)
+    cfg = config(out / "config.yaml", pool, run, cluster.address)
     rows = {}
     for stage in ("ingest", "embed"):
-        rows[stage] = driver([stage, str(cfg)], ROOT, out / stage)
+        rows[stage] = driver([stage, str(cfg)], ROOT, out / stage, cluster)
         print(n, stage, rows[stage], flush=True)
     for method in methods:
-        cfg_m = config(out / f"{method}.yaml", pool, run, address, METHODS[method])
-        rows[f"select {method}"] = driver(["select", str(cfg_m)], ROOT, out / method)
+        cfg_m = config(out / f"{method}.yaml", pool, run, cluster.address, METHODS[method])
+        rows[f"select {method}"] = driver(["select", str(cfg_m)], ROOT, out / method, cluster)
         print(n, method, rows[f"select {method}"], flush=True)
     return rows
 
@@ -239,7 +244,7 @@ def old_layout(new_run: Path, old_run: Path) -> None:
         writer.close()
 
 
-def old_code(base: Path, n: int, methods: list[str], address: str, worktree: Path) -> dict:
+def old_code(base: Path, n: int, methods: list[str], cluster: Cluster, worktree: Path) -> dict:
     pool = base / "input" / str(n)
     new_run, old_run = base / "runs" / str(n), base / "old-runs" / str(n)
     out = base / "results" / f"old-{n}"
@@ -247,15 +252,18 @@ def old_code(base: Path, n: int, methods: list[str], address: str, worktree: Pat
     if not (old_run / "data" / "candidates.parquet").is_file():
         old_layout(new_run, old_run)
     rows = {}
-    ingest_cfg = config(out / "ingest.yaml", pool, base / "old-ingest" / str(n), address)
+    ingest_cfg = config(out / "ingest.yaml", pool, base / "old-ingest" / str(n), cluster.address)
     text = ingest_cfg.read_text().replace("  vector_column: vector\n", "")  # it has no such key
     ingest_cfg.write_text(text)
-    rows["ingest"] = driver(["ingest", str(ingest_cfg)], worktree, out / "ingest", worktree)
+    rows["ingest"] = driver(
+        ["ingest", str(ingest_cfg)], worktree, out / "ingest", cluster, worktree
+    )
     print("old", n, "ingest", rows["ingest"], flush=True)
     for method in methods:
-        cfg = config(out / f"{method}.yaml", pool, old_run, address, METHODS[method])
+        cfg = config(out / f"{method}.yaml", pool, old_run, cluster.address, METHODS[method])
         cfg.write_text(cfg.read_text().replace("  vector_column: vector\n", ""))
-        rows[f"select {method}"] = driver(["select", str(cfg)], worktree, out / method, worktree)
+        rows[f"select {method}"] = driver(["select", str(cfg)], worktree, out / method, cluster,
+                                          worktree)  # fmt: skip
         print("old", n, method, rows[f"select {method}"], flush=True)
     return rows
 
@@ -272,7 +280,12 @@ def report(results: dict) -> str:
     ]
     for n in sizes:
         for stage, row in runs[str(n)].items():
-            worker = max(row["worker_peak_rss_mb"].items(), key=lambda kv: kv[1], default=("-", 0))
+            ours = {
+                k: v
+                for k, v in row["worker_peak_rss_mb"].items()
+                if not k.startswith(("ray::IDLE", "ray::_", "ray::Dashboard", "ray::Runtime"))
+            }
+            worker = max(ours.items(), key=lambda kv: kv[1], default=("-", 0))
             lines.append(
                 f"| {n:,} | {stage} | {row['wall_s']} | {row['driver_peak_rss_mb']:.0f} "
                 f"| {row['driver_received_mb']:.3f} | {row['driver_sent_mb']:.3f} "
@@ -324,6 +337,7 @@ def main() -> None:
     if args.report:
         print(report(json.loads((args.out / "results.json").read_text())))
         return
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results: dict = {"machine": f"{os.uname().nodename}, {os.cpu_count()} cores",
@@ -337,7 +351,7 @@ def main() -> None:
     try:
         for n in sorted(plan):
             if str(n) not in results["runs"]:
-                results["runs"][str(n)] = new_code(args.out, n, plan[n], cluster.address)
+                results["runs"][str(n)] = new_code(args.out, n, plan[n], cluster)
                 results_path.write_text(json.dumps(results, indent=1))
     finally:
         cluster.stop()
@@ -352,7 +366,7 @@ def main() -> None:
         try:
             for n, methods in sorted(small.items()):
                 if f"old {n}" not in results["runs"]:
-                    results["runs"][f"old {n}"] = old_code(args.out, n, methods, cluster.address,
+                    results["runs"][f"old {n}"] = old_code(args.out, n, methods, cluster,
                                                            worktree)  # fmt: skip
                     results_path.write_text(json.dumps(results, indent=1))
         finally:

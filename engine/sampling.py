@@ -25,13 +25,22 @@ from engine.selection import Selection, check_budget, top_k
 SAMPLERS = ("multinomial", "without_replacement", "top")
 
 
-def sample(p: np.ndarray, ids: np.ndarray, budget: int, how: str, seed: int) -> Selection:
+def sample(
+    p: np.ndarray,
+    ids: np.ndarray,
+    budget: int,
+    how: str,
+    seed: int,
+    n_candidates: int | None = None,
+) -> Selection:
+    """`budget` rows from p over `ids` (p may be given on its support only: then
+    `n_candidates` is the pool's size, which the budget must not exceed)."""
     p = np.asarray(p, dtype=np.float64)
     if len(p) != len(ids):
         raise ValueError(f"p has {len(p)} rows, ids has {len(ids)}")
     if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
         raise ValueError("p must be finite, >= 0, and not all zero")
-    check_budget(budget, len(p))
+    check_budget(budget, n_candidates or len(p))
     p = p / p.sum()
     support = int(np.count_nonzero(p))
     if how in ("top", "without_replacement") and budget > support:

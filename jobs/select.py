@@ -155,7 +155,7 @@ def _tsds(ctx: Context) -> Selection:
     finally:
         stop(actors)
     try:
-        chosen = sample(sol.p, ids, ctx.budget, t.sampling, ctx.seed)
+        chosen = sample(sol.p, ids, ctx.budget, t.sampling, ctx.seed, ctx.pool.n)
     except ValueError as exc:
         raise InputError(f"select.tsds.sampling: {exc}") from None
     chosen.indices = sol.rows[chosen.indices]

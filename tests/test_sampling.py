@@ -67,3 +67,23 @@ def test_errors():
         sample(np.full(20, np.nan), ids, 2, "top", 0)
     with pytest.raises(ValueError, match="sampling must be"):
         sample(p, ids, 2, "magic", 0)
+
+
+def test_p_on_its_support_draws_like_p_over_the_pool():
+    """TSDS keeps p on its support only: the same draws, and a budget checked against the pool
+    (multinomial) or the support (without replacement, top)."""
+    rng = np.random.default_rng(3)
+    n = 400
+    p = np.zeros(n)
+    support = np.sort(rng.choice(n, 30, replace=False))
+    p[support] = rng.random(30)
+    ids = np.array([f"id{i:04d}" for i in range(n)])
+    for how in ("multinomial", "without_replacement", "top"):
+        whole = sample(p, ids, 12, how, seed=5)
+        sparse = sample(p[support], ids[support], 12, how, seed=5, n_candidates=n)
+        np.testing.assert_array_equal(support[sparse.indices], whole.indices)
+        np.testing.assert_allclose(sparse.probability, whole.probability, rtol=1e-12)
+    many = sample(p[support], ids[support], 100, "multinomial", seed=5, n_candidates=n)
+    assert many.count.sum() == 100  # with replacement: more draws than the support is fine
+    with pytest.raises(ValueError, match="larger than the 30 candidates with p > 0"):
+        sample(p[support], ids[support], 31, "top", seed=5, n_candidates=n)
