@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -144,15 +145,20 @@ class Cluster:
 
 
 class Sampler(Poller):
-    """Peak RSS of every `ray::` process (titles: actor classes and task functions)."""
+    """Peak RSS of every `ray::` process (titles: actor classes and task functions), and every
+    10th sample its USS: RSS also counts the object store's shared pages a worker has written
+    (its task's results), which stay mapped while the objects live; USS is its private memory."""
 
     def __init__(self) -> None:
         super().__init__(0.2)
         self.peaks: dict[str, int] = {}
+        self.uss: dict[str, int] = {}
+        self._n = 0
 
     def sample(self) -> None:
         import psutil
 
+        self._n += 1
         for proc in psutil.process_iter(["cmdline", "memory_info"]):
             try:
                 title = (proc.info["cmdline"] or [""])[0]
@@ -160,6 +166,9 @@ class Sampler(Poller):
                     name = title.split()[0]
                     rss = proc.info["memory_info"].rss
                     self.peaks[name] = max(self.peaks.get(name, 0), rss)
+                    if self._n % 10 == 1:
+                        uss = proc.memory_full_info().uss
+                        self.uss[name] = max(self.uss.get(name, 0), uss)
             except (psutil.Error, IndexError):
                 continue
 
@@ -186,6 +195,7 @@ def driver(
         "driver_sent_mb": round(accounting["put_bytes"] / 1e6, 3),
         "driver_file_reads_mb": round(accounting["read_chars"] / 1e6, 1),
         "worker_peak_rss_mb": {k: round(v / 1e6) for k, v in sorted(sampler.peaks.items())},
+        "worker_peak_uss_mb": {k: round(v / 1e6) for k, v in sorted(sampler.uss.items())},
     }
 
 
@@ -204,13 +214,15 @@ def config(path: Path, pool: Path, run: Path, address: str, select: dict | None 
     return path
 
 
-def new_code(base: Path, n: int, methods: list[str], cluster: Cluster) -> dict:
+def new_code(
+    base: Path, n: int, methods: list[str], cluster: Cluster, stages=("ingest", "embed")
+) -> dict:
     pool = write_pool(base / "input" / str(n), n)
     run, out = base / "runs" / str(n), base / "results" / str(n)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config(out / "config.yaml", pool, run, cluster.address)
     rows = {}
-    for stage in ("ingest", "embed"):
+    for stage in stages:
         rows[stage] = driver([stage, str(cfg)], ROOT, out / stage, cluster)
         print(n, stage, rows[stage], flush=True)
     for method in methods:
@@ -283,13 +295,16 @@ def report(results: dict) -> str:
             ours = {
                 k: v
                 for k, v in row["worker_peak_rss_mb"].items()
-                if not k.startswith(("ray::IDLE", "ray::_", "ray::Dashboard", "ray::Runtime"))
-            }
+                if not k.startswith(("ray::IDLE", "ray::_", "ray::Dashboard", "ray::Runtime",
+                                     "ray::DELETE", "ray::SPILL", "ray::RESTORE"))
+            }  # fmt: skip
             worker = max(ours.items(), key=lambda kv: kv[1], default=("-", 0))
+            uss = row.get("worker_peak_uss_mb", {}).get(worker[0])
             lines.append(
                 f"| {n:,} | {stage} | {row['wall_s']} | {row['driver_peak_rss_mb']:.0f} "
                 f"| {row['driver_received_mb']:.3f} | {row['driver_sent_mb']:.3f} "
-                f"| {row['driver_file_reads_mb']:.0f} | {worker[0]} {worker[1]:,} |"
+                f"| {row['driver_file_reads_mb']:.0f} | {worker[0]} {worker[1]:,}"
+                f"{f' (USS {uss:,})' if uss else ''} |"
             )
     lines += ["", "| stage | rows (small -> large) | driver peak RSS MB | limit 1.2 x small + 100 "
               "| within |", "|---|---|---|---|---|"]  # fmt: skip
@@ -333,6 +348,9 @@ def main() -> None:
     parser.add_argument("--old", action="store_true", help="also the code before the scale-out")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "scale")
     parser.add_argument("--report", action="store_true", help="print the tables of results.json")
+    parser.add_argument(
+        "--redo", nargs="+", default=None, help="measure these stages again (ingest, embed)"
+    )
     args = parser.parse_args()
     if args.report:
         print(report(json.loads((args.out / "results.json").read_text())))
@@ -349,6 +367,11 @@ def main() -> None:
         plan.setdefault(n, []).append("tsds")
     cluster = Cluster(args.out, args.workers, args.store_gb, args.head_store_gb)
     try:
+        for n in sorted(plan) if args.redo else []:  # again, into the results already there
+            shutil.rmtree(args.out / "runs" / str(n), ignore_errors=True)  # else: all reused
+            rows = new_code(args.out, n, [], cluster, stages=args.redo)
+            results["runs"].setdefault(str(n), {}).update(rows)
+            results_path.write_text(json.dumps(results, indent=1))
         for n in sorted(plan):
             if str(n) not in results["runs"]:
                 results["runs"][str(n)] = new_code(args.out, n, plan[n], cluster)

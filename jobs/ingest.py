@@ -7,13 +7,15 @@ a local path, `s3://`, `gs://`), their parquet footers, their sizes -- and never
               line belongs to the piece its first byte is in), one piece per CSV or `datasets`
               arrow file; pieces are in input order (files sorted by name)
     read      a task per piece reads and normalises its rows (id, text, keep columns, given
-              vectors); bad rows fail there, naming the file and line or row
+              vectors) and stages them in the run folder (`data/<side>/.staging/`); bad rows fail
+              there, naming the file and line or row
     dedup     its ids go, hashed into buckets, through the object store to one task per bucket,
               which keeps the first occurrence of every id -- the lowest (piece, position), i.e.
               the first in input order -- and reports the rest back per piece (a shuffle by id;
               with `id_column`, a repeat is an error instead)
-    write     a task per piece drops its duplicates, numbers its rows (`row`, dense from the
-              offset the driver computed from the pieces' counts) and writes its part
+    write     a task per piece reads its staged rows, drops its duplicates, numbers its rows
+              (`row`, dense from the offset the driver computed from the pieces' counts) and
+              writes its part; the staging folder is removed
     commit    the driver writes `data/<side>/_index.json` (the parts, the files, the counts)
 
 Policy for bad rows (README, "Input policy"):
@@ -31,6 +33,7 @@ ones (whatever their names sort as), and an id already in the pool is a duplicat
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -551,9 +554,11 @@ def bucket_of(ids: pa.Array, buckets: int) -> np.ndarray:
     )
 
 
-def read_piece(reader: Reader, piece: Piece, cap: int | None) -> tuple:
-    """A piece task: (counts, the normalised table, then per bucket the (id, pos) of its rows).
-    Reads at most `cap` rows (the limit's share of this piece)."""
+def read_piece(reader: Reader, piece: Piece, cap: int | None, store: Store, staged: str) -> tuple:
+    """A piece task: normalise its rows, stage them at `staged` in the run folder, and return
+    (counts, then per bucket the (id, pos) of its rows). Reads at most `cap` rows (the limit's
+    share of this piece). The rows wait for the dedup in the run folder, not in the object store:
+    a worker holds one piece at a time, whatever the pool's size."""
     tables, raw, empty, first_empty, dim = [], 0, 0, None, None
     for batch in raw_batches(reader.source, piece, reader.needed):
         if cap is not None and raw + batch.num_rows > cap:
@@ -576,9 +581,11 @@ def read_piece(reader: Reader, piece: Piece, cap: int | None) -> tuple:
         pa.table({"id": ids.filter(pa.array(bucket == h)), "pos": pos[bucket == h]})
         for h in range(reader.buckets)
     ]
-    counts = {"raw": raw, "empty": empty, "first_empty": first_empty,
-              "rows": len(ids), "dim": dim}  # fmt: skip
-    return (counts, table, *splits)
+    if table is not None:
+        store.write_parquet(staged, table)
+    counts = {"raw": raw, "empty": empty, "first_empty": first_empty, "rows": len(ids),
+              "dim": dim, "staged": staged if table is not None else None}  # fmt: skip
+    return (counts, *splits)
 
 
 # -- dedup by bucket, then write (workers) ---------------------------------------------------------
@@ -625,10 +632,11 @@ def dedup_bucket(
     return (counts, *drops)
 
 
-def write_part(store: Store, side: str, index: int, first: int, table, *drops) -> dict:
-    """A piece's rows without its duplicates, numbered from `first`, as part `index`."""
-    if table is None:
+def write_part(store: Store, side: str, index: int, first: int, staged, *drops) -> dict:
+    """A piece's staged rows without its duplicates, numbered from `first`, as part `index`."""
+    if staged is None:
         return {"rows": 0}
+    table = pq.read_table(store.path(staged), filesystem=store.fs)
     dropped = np.unique(np.concatenate(drops)) if drops else np.array([], np.int64)
     if len(dropped):
         mask = np.ones(table.num_rows, bool)
@@ -670,7 +678,19 @@ def _previous(store: Store, side: str, spec: InputSpec, source: Source) -> Pool 
 def ingest_side(
     spec: InputSpec, field: str, store: Store, side: str, cfg: IngestConfig, append: bool = False
 ) -> dict:
-    """Read and clean one side into `data/<side>/`; returns the counts for the manifest."""
+    """Read and clean one side into `data/<side>/`; returns the counts for the manifest. A
+    failed or interrupted ingest leaves no staged rows behind."""
+    try:
+        return _ingest_side(spec, field, store, side, cfg, append)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.delete(f"data/{side}/.staging")
+        raise
+
+
+def _ingest_side(
+    spec: InputSpec, field: str, store: Store, side: str, cfg: IngestConfig, append: bool
+) -> dict:
     import ray
 
     source = check_input(spec, field)
@@ -689,22 +709,29 @@ def ingest_side(
     pieces = plan(source, cfg, spec.limit)
     buckets = previous.info["id_buckets"] if previous else max(1, min(len(pieces), cfg.id_buckets))
     reader = Reader(source, spec, field, _keep_types(source, spec) if pieces else {}, buckets)
-    read = ray.remote(read_piece).options(num_returns=2 + buckets)
+    read = ray.remote(read_piece).options(num_returns=1 + buckets)
+    staging = f"data/{side}/.staging"
+    store.delete(staging)  # a killed ingest's leftovers
+
+    def stage(k: int) -> str:
+        return f"{staging}/piece-{k:05d}.parquet"
+
     results = []
     if spec.limit is not None and source.fmt != "parquet":  # caps are known only piece by piece
         left = spec.limit
-        for piece in pieces:
+        for k, piece in enumerate(pieces):
             if left <= 0:
                 break
-            refs = read.remote(reader, piece, left)
+            refs = read.remote(reader, piece, left, store, stage(k))
             counts = ray.get(refs[0])
             left -= counts["raw"]
-            results.append((counts, refs[1], refs[2:]))
+            results.append((counts, counts["staged"], refs[1:]))
     else:
         caps = _caps(pieces, spec.limit)
-        submitted = [read.remote(reader, p, c) for p, c in zip(pieces, caps, strict=True)]
+        submitted = [read.remote(reader, p, c, store, stage(k))
+                     for k, (p, c) in enumerate(zip(pieces, caps, strict=True))]  # fmt: skip
         counts = ray.get([refs[0] for refs in submitted])
-        results = [(c, refs[1], refs[2:]) for c, refs in zip(counts, submitted, strict=True)]
+        results = [(c, c["staged"], refs[1:]) for c, refs in zip(counts, submitted, strict=True)]
     rows_read = sum(c["raw"] for c, _, _ in results)
     n_empty = sum(c["empty"] for c, _, _ in results)
     if not previous and rows_read == 0:
@@ -760,9 +787,9 @@ def ingest_side(
     base = len(previous.parts) if previous else 0
     write = ray.remote(write_part)
     refs = []
-    for k, (counts, table, _) in enumerate(results):
+    for k, (counts, staged, _) in enumerate(results):
         dropped = sum(s["per_piece"][k] for s in stats)
-        refs.append(write.remote(store, side, base + k, first, table,
+        refs.append(write.remote(store, side, base + k, first, staged,
                                  *[bucket_refs[h][1 + k] for h in range(buckets)]))  # fmt: skip
         first += counts["rows"] - dropped
     written = [w for w in ray.get(refs) if w["rows"]]
@@ -771,6 +798,7 @@ def ingest_side(
         raise InputError(f"{field}.text_column: every row of {spec.path} has an empty text")
     dim = next(iter(dims), None)
     commit_index(store, side, parts, spec, files, source.fmt, dim, buckets, generation)
+    store.delete(staging)
     return {
         "rows_read": rows_read,
         "empty_dropped": n_empty,
