@@ -120,7 +120,10 @@ def fake_pool(run: Path, side: str, ids, texts, vectors=None, **columns) -> None
     if vectors is not None:
         x = np.ascontiguousarray(vectors, np.float32)
         cols[VECTOR] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-    written = write_part(store, side, 0, 0, pa.table(cols))
+    staged = f"data/{side}/.staging/piece-00000.parquet"
+    store.write_parquet(staged, pa.table(cols))
+    written = write_part(store, side, 0, 0, staged)
+    store.delete(f"data/{side}/.staging")
     parts = [Part(**written)] if written["rows"] else []
     spec = InputSpec(path=str(run / "input"), keep_columns=list(columns),
                      vector_column="vector" if vectors is not None else None)  # fmt: skip

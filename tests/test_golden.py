@@ -113,5 +113,8 @@ def test_selection_equals_the_previous_code(layout, name, capsys):
         want_p = pq.read_table(GOLDEN / f"{name}.p.parquet").sort_by("row")
         assert p["row"].to_pylist() == want_p["row"].to_pylist()
         assert p["id"].to_pylist() == want_p["id"].to_pylist()
-        tol = 1e-12 if "compat" not in name else 0.0
-        np.testing.assert_allclose(p["probability"], want_p["probability"], rtol=0, atol=tol)
+        # compat's p comes from FAISS's float32 distances: bit-equal on the machine that made the
+        # golden files (AMD, AVX2), within 1.1e-5 relative on one whose FAISS takes its AVX-512
+        # kernels (other summation order); the exact mode sums in float64 on every machine.
+        rtol, atol = (1e-4, 0.0) if "compat" in name else (0.0, 1e-12)
+        np.testing.assert_allclose(p["probability"], want_p["probability"], rtol=rtol, atol=atol)
