@@ -1,5 +1,4 @@
-"""The embedding stage's callable class, used as
-`Dataset.map_batches(ChunkEmbedder, compute=ActorPoolStrategy(...))` over a plan of chunks.
+"""The embedding stage's callable class, run by `actors.pool.map_actors` over a plan of chunks.
 
 Each actor loads the encoder once in `__init__` (device chosen there: the GPU Ray assigned it, or
 the CPU). A call gets one chunk -- rows [a, b) of one part of the pool -- reads its texts from the
@@ -43,16 +42,13 @@ class ChunkEmbedder:
             num_threads=torch_threads,
         )
 
-    def __call__(self, chunks: pa.Table) -> pa.Table:
-        """(side, part, digest, a, b) per chunk -> the same with rows, precision, seconds."""
-        out = []
-        for c in chunks.to_pylist():
-            t0 = time.perf_counter()
-            rows = read_part_rows(self.store, f"data/{c['side']}/{c['part']}", c["a"], c["b"],
-                                  ["id", "text"])  # fmt: skip
-            vectors = encode(self.encoder, rows.column("text").to_pylist())
-            commit_chunk(self.store, c["side"], c["digest"], c["a"], c["b"], rows["id"], vectors)
-            out.append({**c, "rows": rows.num_rows, "dim": int(vectors.shape[1]),
-                        "precision": self.encoder.precision,
-                        "seconds": time.perf_counter() - t0})  # fmt: skip
-        return pa.Table.from_pylist(out)
+    def __call__(self, c: dict) -> dict:
+        """(side, part, digest, a, b) of a chunk -> the same with rows, dim, precision, seconds."""
+        t0 = time.perf_counter()
+        rows = read_part_rows(self.store, f"data/{c['side']}/{c['part']}", c["a"], c["b"],
+                              ["id", "text"])  # fmt: skip
+        vectors = encode(self.encoder, rows.column("text").to_pylist())
+        commit_chunk(self.store, c["side"], c["digest"], c["a"], c["b"], rows["id"], vectors)
+        seconds = time.perf_counter() - t0
+        return {**c, "rows": rows.num_rows, "dim": int(vectors.shape[1]),
+                "precision": self.encoder.precision, "seconds": seconds}  # fmt: skip

@@ -1,5 +1,5 @@
-"""GradEx's gradient stage as a Ray Data callable class:
-`Dataset.map_batches(Gradients, compute=ActorPoolStrategy(...))`.
+"""GradEx's gradient stage as an actor callable class, run by `actors.pool.map_actors` over
+slices of the rows.
 
 Each actor loads the base model + the meta-initialisation adapter (theta*) once, on its GPU if Ray
 gave it one, and turns pyarrow batches of (id, text, ...) into

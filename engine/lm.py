@@ -179,8 +179,10 @@ def perplexity(
     *,
     batch_size: int = 16,
     precision: str = "fp32",
+    on_batch=None,
 ) -> dict:
     """exp(total NLL / total scored tokens) over `examples`, batched by length (dynamic padding).
+    `on_batch(texts done)` after each batch (progress).
 
     Returns {"perplexity", "loss" (mean token NLL), "tokens", "texts"}.
     """
@@ -194,6 +196,8 @@ def perplexity(
             nll, n = token_nll(model, {k: v.to(device) for k, v in batch.items()})
         total += float(nll)
         count += int(n)
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(order)))
     if count == 0:
         raise ValueError("no scored tokens: every evaluation text is empty after tokenising")
     loss = total / count

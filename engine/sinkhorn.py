@@ -156,10 +156,11 @@ def coordinate(
     momentum: float = 1.3,
     max_iterations: int = 2000,
     f: np.ndarray | None = None,
-    on_iteration: Callable[[int, np.ndarray], None] | None = None,
+    on_iteration: Callable[[int, np.ndarray, float], None] | None = None,
 ) -> tuple[np.ndarray, int, np.ndarray, bool]:
     """The coordinator's loop over shards reached by `fanout(method, *args)`; returns
-    (f, n_iter, errors, converged). The shards end holding their converged g."""
+    (f, n_iter, errors, converged). The shards end holding their converged g. `on_iteration(it,
+    f, err)` after each iteration (progress, tests)."""
     eps, w = float(epsilon), float(momentum)
     log_a = np.float32(eps * math.log(1.0 / m))
     f = np.zeros(m, np.float32) if f is None else np.asarray(f, np.float32)
@@ -173,7 +174,7 @@ def coordinate(
         err = float(np.sum(fanout("columns", f)))
         errors.append(err)
         if on_iteration:
-            on_iteration(it + 1, f)
+            on_iteration(it + 1, f, err)
         if err < threshold:
             return f, it + 1, np.asarray(errors, np.float32), True
     return f, max_iterations, np.asarray(errors, np.float32), False

@@ -1,5 +1,6 @@
 """`raysift` command line. Exit codes: 0 success, 2 bad input or config (one line on stderr),
-1 internal failure (one line on stderr; the traceback with RAYSIFT_DEBUG=1)."""
+1 internal failure (one line on stderr; the traceback with RAYSIFT_DEBUG=1), 130 / 143
+interrupted by SIGINT / SIGTERM (one line; what was committed is kept and a rerun resumes)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Annotated
 import click
 import typer
 
-from jobs.errors import InputError
+from jobs import console
+from jobs.errors import InputError, Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -35,8 +37,23 @@ def _load(config: Path, overrides: list[str] | None):
     return load_config(config, overrides or [])
 
 
-def _log(message: str) -> None:
-    typer.secho(f"raysift: {message}", err=True, fg="cyan")
+_log = console.say
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            envvar="RAYSIFT_VERBOSE",
+            help="also show Ray's own INFO lines, Ray Data's progress and library warnings",
+        ),
+    ] = False,
+) -> None:
+    """Select the candidate rows that will most help a target task, on Ray."""
+    console.configure(verbose)
 
 
 def _run(config: Path, overrides: list[str] | None, stages: list[str] | None) -> Path:
@@ -228,7 +245,39 @@ def _input_error(exc: BaseException) -> InputError | None:
     return None
 
 
+def _interrupted(exc: Interrupted) -> int:
+    where = f" during {exc.stage}" if exc.stage else ""
+    print(
+        f"raysift: interrupted by {exc.name}{where}; what was committed is kept: run the same "
+        "command again to resume",
+        file=sys.stderr,
+    )
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # the local cluster's processes go with it
+    except BaseException:  # noqa: BLE001 - a second signal while shutting down: exit anyway
+        pass
+    return exc.code
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    from jobs.runtime import handle_signals
+
+    before = handle_signals()
+    try:
+        return _main(argv)
+    finally:  # a caller in the same process (the tests) gets its own handlers back
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _main(argv: list[str] | None) -> int:
+    from jobs.runtime import interruption
+
     try:
         try:
             app(args=argv, standalone_mode=False, prog_name="raysift")
@@ -237,15 +286,21 @@ def main(argv: list[str] | None = None) -> int:
 
             sync_all()
         return 0
-    except _EXITS as exc:
+    except (Interrupted, KeyboardInterrupt) as exc:
+        return _interrupted(interruption(exc))
+    except (*_EXITS, *_ABORTS) as exc:
+        if interruption(exc) is not None:  # Typer turns a KeyboardInterrupt into Exit(130)
+            return _interrupted(interruption(exc))
+        if isinstance(exc, _ABORTS):
+            print("raysift: aborted", file=sys.stderr)
+            return 130
         return exc.exit_code
-    except _ABORTS:
-        print("raysift: aborted", file=sys.stderr)
-        return 130
     except _USAGE_ERRORS as exc:  # unknown command or option, missing argument
         print(f"raysift: error: {exc.format_message()}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if interruption(exc) is not None:  # a library wrapped our KeyboardInterrupt
+            return _interrupted(interruption(exc))
         bad = _input_error(exc)
         if bad is not None:
             print(f"raysift: error: {bad}", file=sys.stderr)

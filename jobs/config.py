@@ -532,3 +532,36 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# Settings that decide where and how fast work runs, never what it computes (the tests check the
+# results equal across them: shards, actors, threads). Reuse keys leave them out -- the fine-tune
+# fingerprint, curate's config key -- so changing one reuses finished results. A section's name
+# alone (None) means every field of it.
+EXECUTION_ONLY: dict[str, set[str] | None] = {
+    "ray": None,
+    "ingest": None,
+    "embed": {"num_actors", "cpus_per_actor", "torch_threads"},
+    "select.tsds": {"shards", "cpus_per_shard"},
+    "select.gotd": {"shards", "cpus_per_shard"},
+    "select.gradex": {"num_actors", "cpus_per_actor", "estimate_tasks", "validate_parallel"},
+    "finetune": {"cpus_per_worker", "torch_threads", "checkpoint_every", "num_to_keep"},
+}
+
+
+def result_settings(tree: dict) -> dict:
+    """A config tree (model_dump(mode="json"), whole or some sections) without EXECUTION_ONLY."""
+    out = copy.deepcopy(tree)
+    for dotted, fields in EXECUTION_ONLY.items():
+        *path, last = dotted.split(".")
+        node = out
+        for key in path:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if not isinstance(node, dict) or last not in node:
+            continue
+        if fields is None:
+            del node[last]
+        else:
+            for name in fields:
+                node[last].pop(name, None)
+    return out

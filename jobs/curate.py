@@ -29,7 +29,7 @@ from actors.partitions import map_parts, merge_ranked
 from engine.gotd import select as gotd_select
 from engine.selection import Ranked, Selection
 from engine.sinkhorn import SinkhornShard, c_transform
-from jobs.config import Config
+from jobs.config import Config, result_settings
 from jobs.embed import SIDES
 from jobs.ingest import check_input, fingerprint
 from jobs.pool import Part, Pool, load_pool, read_vector_range, read_vectors
@@ -40,9 +40,10 @@ LATEST = "latest.json"
 
 
 def _config_key(cfg: Config) -> str:
-    """What decides the selection besides the data: every field but paths of the run itself."""
-    tree = cfg.model_dump(mode="json")
-    for key in ("output_dir", "stages", "ray", "evaluate", "finetune"):
+    """What decides the selection besides the data: every field but paths of the run itself
+    and the execution-only settings (`config.EXECUTION_ONLY`)."""
+    tree = result_settings(cfg.model_dump(mode="json"))
+    for key in ("output_dir", "stages", "evaluate", "finetune"):
         tree.pop(key, None)
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -2,12 +2,12 @@
 
 The driver plans from the pool index and one listing of what is committed: every part is cut
 into chunks of `embed.shard_rows` rows, and only the ranges no committed chunk covers are planned.
-An actor pool (Ray Data, one model load per actor, a GPU each where the cluster has them) takes
-one chunk per call, reads its texts from the run folder, embeds them and commits the chunk itself
-(`actors.embedder`); the driver receives one small row per chunk. A killed run loses at most the
-chunks in flight: a rerun plans only what is missing. Chunks are keyed on the part's content
-digest and rows, never on Ray's block layout, so a re-ingested, unchanged part -- or a pool grown
-by new parts (curate) -- reuses every committed vector.
+An actor pool (`actors.pool.map_actors`: one model load per actor, a GPU each where the cluster
+has them) takes one chunk per call, reads its texts from the run folder, embeds them and commits
+the chunk itself (`actors.embedder`); the driver receives one small row per chunk. A killed run
+loses at most the chunks in flight: a rerun plans only what is missing. Chunks are keyed on the
+part's content digest and rows, never on Ray's block layout, so a re-ingested, unchanged part --
+or a pool grown by new parts (curate) -- reuses every committed vector.
 
 Given vectors (`candidates.vector_column` / `targets.vector_column`) take the same plan: a task
 per part copies the part's `_vector` column into its chunks (scaled to unit norm unless
@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from jobs.config import EmbedConfig
+from jobs.console import progress
 from jobs.pool import VECTOR, Part, Pool, chunks, load_pool, matrix, read_part, uncovered
 from jobs.storage import Store
 
@@ -81,6 +82,29 @@ def plan(pool: Pool, listing: dict[str, list[str]], shard_rows: int) -> list[tup
     return todo
 
 
+def embeddings_current(store: Store, cfg: EmbedConfig) -> dict | None:
+    """The stage's manifest entry when every row of both sides has a committed vector made with
+    these settings (one listing per side, as the stage's own plan), else None: nothing to do."""
+    infos = {}
+    for side in SIDES:
+        try:
+            pool = load_pool(store, side)
+            made = store.read_json(f"embeddings/{side}/_settings.json")
+            summary = store.read_json(f"embeddings/{side}/{SUMMARY}")
+        except (OSError, ValueError):
+            return None
+        if made != settings(pool, cfg) or summary.get("rows") != pool.n:
+            return None
+        listing = committed(store, side)
+        if plan(pool, listing, cfg.shard_rows):
+            return None
+        infos[side] = {"rows": pool.n, "rows_reused": pool.n, "rows_embedded": 0,
+                       "chunks_embedded": 0, "shards_discarded": 0, "source": made["source"],
+                       "precision": [], "chunks": sum(len(v) for v in listing.values()),
+                       "dim": summary["dim"], "seconds_embedding": 0.0}  # fmt: skip
+    return infos
+
+
 def resolve_gpus(cfg: EmbedConfig) -> float:
     import ray
 
@@ -121,7 +145,6 @@ def embed_sides(store: Store, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[
     All sides go through one actor pool (one model load per actor, not one per side).
     """
     import ray
-    import ray.data
 
     infos: dict[str, dict] = {}
     pools = {side: load_pool(store, side) for side in sides}
@@ -158,32 +181,24 @@ def embed_sides(store: Store, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[
             infos[done["side"]]["chunks_embedded"] += done["chunks"]
     if model_chunks:
         from actors.embedder import ChunkEmbedder
+        from actors.pool import map_actors
 
         gpus = resolve_gpus(cfg)
-        ds = ray.data.from_items(model_chunks, override_num_blocks=len(model_chunks))
-        ds = ds.map_batches(
-            ChunkEmbedder,
-            fn_constructor_kwargs={
-                "store": store,
-                "model": cfg.model,
-                "max_length": cfg.max_length,
-                "batch_size": cfg.batch_size,
-                "precision": cfg.precision,
-                "torch_threads": resolve_threads(cfg, gpus),
-            },
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=cfg.cpus_per_actor,
-            num_gpus=gpus,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
-        )
-        for row in ds.iter_rows():
-            info = infos[row["side"]]
-            info["rows_embedded"] += row["rows"]
-            info["chunks_embedded"] += 1
-            info["dim"] = row["dim"]
-            if row["precision"] not in info["precision"]:
-                info["precision"].append(row["precision"])
+        args = {"store": store, "model": cfg.model, "max_length": cfg.max_length,
+                "batch_size": cfg.batch_size, "precision": cfg.precision,
+                "torch_threads": resolve_threads(cfg, gpus)}  # fmt: skip
+        total = sum(c["b"] - c["a"] for c in model_chunks)
+        done = map_actors(ChunkEmbedder, args, model_chunks, cfg.num_actors,
+                          num_cpus=cfg.cpus_per_actor, num_gpus=gpus)  # fmt: skip
+        with progress("embed", total, "texts") as shown:
+            for row in done:
+                info = infos[row["side"]]
+                info["rows_embedded"] += row["rows"]
+                info["chunks_embedded"] += 1
+                info["dim"] = row["dim"]
+                if row["precision"] not in info["precision"]:
+                    info["precision"].append(row["precision"])
+                shown.advance(row["rows"])
         for side in sides:
             infos[side]["gpus_per_actor"] = gpus
     for side, pool in pools.items():

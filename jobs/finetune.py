@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.lm import resolve_lm_path
-from jobs.config import Config, FinetuneConfig
+from jobs.config import Config, FinetuneConfig, result_settings
 from jobs.errors import InputError
 from jobs.runfolder import atomic_path, write_json, write_text
 from jobs.storage import Store, shared_path
@@ -98,7 +98,7 @@ def check_finetune(cfg: Config, rows_path: Path) -> list[int]:
 
 
 class Tokenise:
-    """Ray Data callable: one range of the rows file -> `finetune/tokens/part-K.parquet`."""
+    """One range of the rows file -> finetune/tokens/part-K.parquet (run by a task per part)."""
 
     def __init__(self, store: Store, rows: str, f: dict) -> None:
         from engine import lm
@@ -107,52 +107,50 @@ class Tokenise:
         self.f = FinetuneConfig(**f)
         self.tokenizer = lm.load_tokenizer(self.f.model)
 
-    def __call__(self, ranges: pa.Table) -> pa.Table:
+    def __call__(self, r: dict) -> dict:
         from engine import lm
 
-        f, out = self.f, []
-        for r in ranges.to_pylist():
-            with self.store.fs.open_input_file(self.store.path(self.rows)) as fh:
-                fh.seek(r["a"])
-                lines = [x for x in fh.read(r["b"] - r["a"]).split(b"\n") if x.strip()]
-            examples = []
-            for line in lines:
-                row = json.loads(line)
-                examples.append(
-                    lm.encode_pair(
-                        self.tokenizer, row[f.prompt_column], row[f.response_column], f.max_length
-                    )  # fmt: skip
-                    if _is_pair(row, f)
-                    else lm.encode_text(self.tokenizer, row[f.text_column], f.max_length)
-                )
-            index = np.arange(r["first"], r["first"] + len(examples), dtype=np.int64)
-            table = pa.table({
-                "index": index,
-                "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int32())),
-                "labels": pa.array([e.labels for e in examples], pa.list_(pa.int32())),
-            })  # fmt: skip
-            self.store.write_parquet(f"{TOKENS}/part-{r['k']:05d}.parquet", table)
-            out.append({"k": r["k"], "rows": len(examples)})
-        return pa.Table.from_pylist(out)
+        f = self.f
+        with self.store.fs.open_input_file(self.store.path(self.rows)) as fh:
+            fh.seek(r["a"])
+            lines = [x for x in fh.read(r["b"] - r["a"]).split(b"\n") if x.strip()]
+        examples = []
+        for line in lines:
+            row = json.loads(line)
+            examples.append(
+                lm.encode_pair(
+                    self.tokenizer, row[f.prompt_column], row[f.response_column], f.max_length
+                )  # fmt: skip
+                if _is_pair(row, f)
+                else lm.encode_text(self.tokenizer, row[f.text_column], f.max_length)
+            )
+        index = np.arange(r["first"], r["first"] + len(examples), dtype=np.int64)
+        table = pa.table({
+            "index": index,
+            "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int32())),
+            "labels": pa.array([e.labels for e in examples], pa.list_(pa.int32())),
+        })  # fmt: skip
+        self.store.write_parquet(f"{TOKENS}/part-{r['k']:05d}.parquet", table)
+        return {"k": r["k"], "rows": len(examples)}
+
+
+def _tokenise(store: Store, rows: str, f: dict, r: dict) -> dict:
+    return Tokenise(store, rows, f)(r)
 
 
 def tokenise(store: Store, rows_rel: str, offsets: list[int], f: FinetuneConfig) -> int:
     """Tokenise the rows file once into `finetune/tokens/` (parts already there are kept: a
     killed run resumes); returns the number of rows."""
-    import ray.data
+    import ray
 
     have = set(store.list(TOKENS))
     todo = [{"k": k, "a": a, "b": b, "first": k * TOKEN_ROWS}
             for k, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True))
             if f"part-{k:05d}.parquet" not in have]  # fmt: skip
-    if todo:
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            Tokenise, fn_constructor_kwargs={"store": store, "rows": rows_rel,
-                                             "f": f.model_dump(mode="json")},
-            batch_size=1, batch_format="pyarrow", num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(8, max(1, len(todo) // 4))),
-        )  # fmt: skip
-        ds.materialize()
+    if todo:  # a task per part: tasks reuse Ray's warm worker processes (an actor would start
+        # one, ~5 s of imports, before the fine-tune's own workers start theirs)
+        task = ray.remote(num_cpus=1)(_tokenise)
+        ray.get([task.remote(store, rows_rel, f.model_dump(mode="json"), r) for r in todo])
     return sum(store.parquet(f"{TOKENS}/part-{k:05d}.parquet").metadata.num_rows
                for k in range(len(offsets) - 1))  # fmt: skip
 
@@ -176,11 +174,15 @@ def load_tokens(store: Store, wanted: np.ndarray) -> dict:
 
 
 def fingerprint(rows_path: Path, f: FinetuneConfig, seed: int) -> str:
+    """What the fine-tuned model depends on: the rows, the settings that change the result
+    (model, hyper-parameters, workers -- the global batch --, precision, device), the seed; not
+    the execution-only ones (`config.EXECUTION_ONLY`: threads, CPUs, checkpoint cadence)."""
     h = hashlib.sha256()
     with rows_path.open("rb") as fh:
         while block := fh.read(1 << 22):
             h.update(block)
-    h.update(json.dumps({"finetune": f.model_dump(mode="json"), "seed": seed}).encode())
+    settings = result_settings({"finetune": f.model_dump(mode="json")})["finetune"]
+    h.update(json.dumps({"finetune": settings, "seed": seed}).encode())
     if f.init_adapter:  # the starting weights, not only their path
         for p in sorted(Path(f.init_adapter).glob("adapter_*")):
             h.update(p.read_bytes())
@@ -241,7 +243,7 @@ def train_loop(c: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, losses = state["step"], state["losses"]
-    resumed_from = step
+    resumed_from = saved = step
     cpu0 = time.process_time() - (state.get("cpu_seconds", 0.0) if checkpoint else 0.0)
     net = prepare_model(model)  # DDP across workers; the device move
     net.train()
@@ -269,12 +271,16 @@ def train_loop(c: dict) -> None:
         opt.zero_grad(set_to_none=True)
         step += 1
         since.append(float(nll.detach()) / max(int(n), 1))
+        if rank == 0 and c.get("progress") is not None:
+            c["progress"].put.remote({"done": step, "loss": float(np.mean(since[-10:])),
+                                      "last_checkpoint": saved})  # fmt: skip
         if step % f.checkpoint_every and step < total:
             continue
+        saved = step
         losses.append([step, float(np.mean(since))])
         metrics = {"step": step, "total_steps": total, "loss": losses[-1][1],
-                   "losses": losses, "resumed_from": resumed_from, "epoch": epoch,
-                   "cpu_seconds": time.process_time() - cpu0}  # fmt: skip
+                   "losses": [list(x) for x in losses], "resumed_from": resumed_from,
+                   "epoch": epoch, "cpu_seconds": time.process_time() - cpu0}  # fmt: skip
         since = []
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
@@ -296,13 +302,39 @@ def train_loop(c: dict) -> None:
             )
 
 
+def _trainer_class():
+    """TorchTrainer whose Ctrl-C / SIGTERM aborts the run and raises `Interrupted` (Ray Train's
+    own handler logs a line and exits 1, which the manifest would record as a crash). The
+    checkpoints already reported stay: a rerun resumes from the last one."""
+    import signal
+
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    from jobs.runtime import _raise as interrupt
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:
+            def stop(signum, frame):
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:  # noqa: BLE001 - the controller may be gone already
+                    pass
+                interrupt(signum, frame)  # -> Interrupted at the pipeline
+
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, stop)
+
+    return Trainer
+
+
 def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> dict:
     """Fine-tune on `rows_path` (default: the run's selected.jsonl) into run_dir/finetune/."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from jobs.runtime import start_ray
+    from actors.progress import watch
+    from jobs.runtime import handle_signals, start_ray
 
     f = cfg.finetune
     rows_path = rows_path or run_dir / "selected.jsonl"
@@ -331,7 +363,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
     rel = Path(rows_path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
     n_rows = tokenise(store, rel, offsets, f)
     use_gpu = f.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop,
         train_loop_config={
             "finetune": f.model_dump(mode="json"), "seed": cfg.seed,
@@ -347,7 +379,13 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
         ),
     )  # fmt: skip
     t0 = time.perf_counter()
-    result = trainer.fit()
+    steps = plan(n_rows, f, f.num_workers)[1]
+    with watch("finetune", steps, "steps") as sink:
+        trainer.train_loop_config["progress"] = sink
+        try:
+            result = trainer.fit()
+        finally:
+            handle_signals()  # the trainer's own handlers end with the fit
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d, atomic_path(out / "model") as tmp:

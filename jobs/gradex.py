@@ -37,6 +37,7 @@ from engine import gradex as gx
 from engine.ids import hash_uniform
 from engine.selection import Ranked, Selection
 from jobs.config import Config, to_yaml
+from jobs.console import progress
 from jobs.embed import resolve_threads
 from jobs.errors import InputError
 from jobs.pool import Pool, as_strings, load_pool, read_part, read_rows
@@ -193,7 +194,9 @@ def _gradient_settings(cfg: Config, adapter: Path) -> dict:
 def compute_gradients(cfg: Config, gdir: Path, table: pa.Table, kind: str, adapter: Path) -> dict:
     """Gradients of `table`'s rows at theta* into gradients/<kind>/part-*.parquet: only the rows
     without a committed shard (a rerun after a kill loses at most the shards in flight)."""
-    import ray.data
+    import ray
+
+    from actors.pool import map_actors
 
     g = cfg.select.gradex
     folder = gdir / "gradients" / kind
@@ -208,25 +211,22 @@ def compute_gradients(cfg: Config, gdir: Path, table: pa.Table, kind: str, adapt
         # a target text yields one gradient per token: a call takes rows_per_call / 16 texts
         # (P's blocks are generated once per call, so calls should not be tiny either)
         per_call = g.rows_per_call if kind == "train" else max(1, g.rows_per_call // 16)
-        ds = ray.data.from_arrow(todo).repartition(target_num_rows_per_block=per_call)
         threads = resolve_threads(
             cfg.embed.model_copy(update={"num_actors": g.num_actors, "torch_threads": None}), gpus
         )
-        ds = ds.map_batches(
-            Gradients,
-            fn_constructor_kwargs={
-                "base": cfg.finetune.model, "adapter": str(adapter), "kind": kind,
+        args = {"base": cfg.finetune.model, "adapter": str(adapter), "kind": kind,
                 "k": g.projection_dim, "seed": cfg.seed, "max_length": g.max_length,
-                "chunk": g.chunk, "clip": g.clip_p, "torch_threads": threads,
-            },
-            batch_size=per_call, batch_format="pyarrow", num_cpus=g.cpus_per_actor,
-            num_gpus=gpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=g.num_actors),
-        )  # fmt: skip
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            shard = batch.combine_chunks()
-            ids = pc.unique(shard.column("id"))
-            name = hashlib.sha1("\n".join(ids.to_pylist()).encode()).hexdigest()[:16]
-            write_parquet(folder / f"part-{name}.parquet", shard)
+                "chunk": g.chunk, "clip": g.clip_p, "torch_threads": threads}  # fmt: skip
+        slices = [todo.slice(a, per_call) for a in range(0, todo.num_rows, per_call)]
+        done = map_actors(Gradients, args, slices, g.num_actors, num_cpus=g.cpus_per_actor,
+                          num_gpus=gpus)  # fmt: skip
+        with progress(f"gradex: {kind} gradients", todo.num_rows, "rows") as shown:
+            for shard in done:
+                shard = shard.combine_chunks()
+                ids = pc.unique(shard.column("id"))
+                name = hashlib.sha1("\n".join(ids.to_pylist()).encode()).hexdigest()[:16]
+                write_parquet(folder / f"part-{name}.parquet", shard)
+                shown.advance(len(ids))
     have = committed_ids(folder)
     missing = int(pc.sum(pc.invert(pc.is_in(table.column("id"), value_set=have))).as_py() or 0)
     if missing:

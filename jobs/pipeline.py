@@ -20,13 +20,14 @@ from engine.embed import resolve_model_path
 from engine.lm import resolve_lm_path
 from jobs.cluster import check_ray_address
 from jobs.config import Config, to_yaml
-from jobs.embed import SIDES, check_vectors_ready, embed_sides
+from jobs.console import attach, say
+from jobs.embed import SIDES, check_vectors_ready, embed_sides, embeddings_current
 from jobs.errors import InputError
 from jobs.finetune import check_finetune, run_finetune
 from jobs.ingest import check_input, fingerprint, ingest_side
 from jobs.pool import INDEX, load_pool
 from jobs.runfolder import Manifest, clean_leftovers, write_text
-from jobs.runtime import start_ray
+from jobs.runtime import interruption, start_ray
 from jobs.select import check_budget, needs_vectors, run_select
 from jobs.storage import Store, open_run
 
@@ -70,6 +71,14 @@ def ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
         if previous.get("inputs") != fingerprint(check_input(spec, side)):
             return False
     return True
+
+
+def embed_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> dict | None:
+    """The embed stage's manifest entry when the last embed finished and every row still has its
+    vector (nothing to embed), else None."""
+    if manifest.stage("embed").get("status") != "done":
+        return None
+    return embeddings_current(Store.for_run(run_dir), cfg.embed)
 
 
 RUNNERS: dict[str, Callable[[Config, Path], dict]] = {
@@ -137,7 +146,7 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None 
 def run(
     cfg: Config,
     stages: list[str] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
     data: Store | None = None,
     append: bool = False,
 ) -> Path:
@@ -149,12 +158,18 @@ def run(
     run_dir, remote = open_run(cfg.output_dir)  # a URI: a local mirror, synced as files land
     preflight(cfg, stages, run_dir, data)
     clean_leftovers(run_dir)
+    attach(run_dir)
     write_text(run_dir / "config.yaml", to_yaml(cfg))
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
     manifest.save()
     for stage in stages:
         if stage == "ingest" and ingest_is_current(cfg, run_dir, manifest):
             log("ingest: inputs unchanged since the last run, reusing data/")
+            continue
+        reused = stage == "embed" and embed_is_current(cfg, run_dir, manifest)
+        if reused:  # recorded as a finished stage that embedded nothing
+            manifest.finish(stage, manifest.start(stage), **reused)
+            log("embed: every row has its vector, reusing embeddings/")
             continue
         if stage in NEEDS_RAY:
             start_ray(cfg)
@@ -168,6 +183,13 @@ def run(
             else:
                 info = RUNNERS[stage](cfg, run_dir)
         except BaseException as exc:
+            stopped = interruption(exc)
+            if stopped is not None:
+                stopped.stage = stopped.stage or stage
+                manifest.interrupt(stage, stopped.name)
+                if remote is not None:
+                    remote.sync()
+                raise stopped from None
             manifest.fail(stage, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
             if remote is not None:
                 remote.sync()

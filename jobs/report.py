@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -38,7 +39,7 @@ def composition(in_pool: dict, in_sel: dict) -> list[tuple[str, int, int]]:
 def _table(rows: list[tuple[str, int, int]], column: str, title: str, top: int | None = None):
     n_pool = sum(r[1] for r in rows)
     n_sel = sum(r[2] for r in rows)
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
     for name in (column, "pool rows", "pool %", "selected", "selected %"):
         table.add_column(name, justify="left" if name == column else "right")
     for value, in_pool, in_sel in rows[:top]:
@@ -53,7 +54,7 @@ def _table(rows: list[tuple[str, int, int]], column: str, title: str, top: int |
 
 
 def source_table(run_dir: Path, console: Console | None = None) -> None:
-    """Where the selection came from, by `source` (all) and `label` (top 8), next to the pool."""
+    """Where the selection came from, by `source` (all) and `label` (top 5), next to the pool."""
     console = console or Console()
     selection = run_dir / "selection.parquet"
     schema = pq.read_schema(selection)
@@ -70,9 +71,8 @@ def source_table(run_dir: Path, console: Console | None = None) -> None:
         )
     if "label" in schema.names:
         rows = composition(pool_counts(run_dir, "label"), selection_counts(selection, "label"))
-        console.print(_table(rows, "label", "Most selected labels", top=8))
-    console.print(f"selection:         {selection}", soft_wrap=True)
-    console.print(f"rows for training: {run_dir / 'selected.jsonl'}", soft_wrap=True)
+        console.print(_table(rows, "label", "Most selected labels", top=5))
+    console.print(f"selection: {selection} (rows for training: selected.jsonl)", soft_wrap=True)
 
 
 def evaluation_table(run_dir: Path, console: Console | None = None) -> None:
@@ -83,7 +83,9 @@ def evaluation_table(run_dir: Path, console: Console | None = None) -> None:
     table = Table(
         title=f"Target perplexity after fine-tuning on {result['budget']} rows "
         f"({result['heldout']['texts']} held-out texts; no fine-tune: "
-        f"{result['base']['perplexity']:.2f})"
+        f"{result['base']['perplexity']:.2f})",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
     )
     for name in ("method", "perplexity", "vs random", "share from target", "seeds"):
         table.add_column(name, justify="left" if name == "method" else "right")

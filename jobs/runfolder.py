@@ -148,5 +148,11 @@ class Manifest:
         entry.update(status="failed", error=error)
         self.save()
 
+    def interrupt(self, name: str, signal_name: str) -> None:
+        """The stage stopped on a signal: what it committed stays, a rerun resumes it."""
+        entry = self.data["stages"].setdefault(name, {})
+        entry.update(status="interrupted", signal=signal_name)
+        self.save()
+
     def save(self) -> None:
         write_json(self.path, self.data)

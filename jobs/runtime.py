@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 from jobs.cluster import TOKEN_HELP, check_ray_address, token_present
 from jobs.config import Config
-from jobs.errors import InputError
+from jobs.errors import InputError, Interrupted
 
 RAY_ENV = {"HF_HUB_OFFLINE": "1"}
 
@@ -20,7 +22,10 @@ def start_ray(cfg: Config) -> None:
     # A failed task's other return values (ingest's tables, a shard's partials) hold copies of the
     # error raysift has already raised (exit 2, one line): Ray would print each again at exit.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    from jobs import console
+
     if not ray.is_initialized():
+        console.quiet_ray()  # before ray.init: its own lines at start-up go through the filters
         kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         if not in_job:  # a submitted job has its runtime env already; adding one conflicts
@@ -35,7 +40,44 @@ def start_ray(cfg: Config) -> None:
                 raise InputError(f"ray.address: {address}: {exc}{hint}") from None
         else:
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
+        handle_signals()  # ray.init installs its own SIGTERM handler (sys.exit)
     configure_data()
+    console.quiet_ray()
+
+
+_received: list[int] = []
+
+
+def _raise(signum, frame) -> None:
+    # KeyboardInterrupt, not Interrupted: Ray's blocking calls (ray.get, ray.wait) check signals
+    # in C and pass a KeyboardInterrupt through cleanly; any other exception comes out as a
+    # SystemError. `interruption` turns it into Interrupted with the signal that arrived.
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def interruption(exc: BaseException) -> Interrupted | None:
+    """The Interrupted that `exc` is or stems from (a KeyboardInterrupt raised by our handlers,
+    also when a library wrapped it), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, Interrupted):
+            return exc
+        if isinstance(exc, KeyboardInterrupt):
+            return Interrupted(_received[-1] if _received else signal.SIGINT)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def handle_signals() -> dict:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread: the pipeline records the stage
+    as interrupted and the CLI exits 130 / 143 with one line. Returns the handlers replaced."""
+    before = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            before[signum] = signal.signal(signum, _raise)
+    return before
 
 
 def configure_data() -> None:

@@ -38,6 +38,7 @@ from engine.selection import Ranked, Selection
 from engine.sinkhorn import coordinate
 from engine.tsds_search import TSDSParams, reference_index_params, select_compat, select_exact
 from jobs.config import Config
+from jobs.console import progress
 from jobs.embed import check_vectors_ready, vector_dim
 from jobs.errors import InputError
 from jobs.pool import Part, Pool, as_strings, load_pool, read_part, read_vector_range, read_vectors
@@ -175,11 +176,17 @@ def _gotd(ctx: Context) -> Selection:
         use_gpu=use_gpu, cache_bytes=o.cache_mb << 20, block=o.block,
     )  # fmt: skip
     fanout = ot_fanout(actors)
+    shown = progress("gotd: Sinkhorn", o.max_iterations, "iterations", eta=False)
+
+    def step(it: int, f: np.ndarray, err: float) -> None:
+        shown.update(it, error=err, threshold=o.threshold)
+
     try:
         f, n_iter, errors, converged = coordinate(
             fanout, ctx.targets.n, epsilon=o.epsilon, threshold=o.threshold,
-            momentum=o.momentum, max_iterations=o.max_iterations,
+            momentum=o.momentum, max_iterations=o.max_iterations, on_iteration=step,
         )  # fmt: skip
+        shown.close()
         g, rows = merge_smallest(fanout("smallest", ctx.budget), ctx.budget)
     finally:
         stop(actors)

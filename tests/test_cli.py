@@ -408,17 +408,22 @@ CHECKED_BEFORE_RAY = set(CASES) - {
 }
 
 
-# The cases checked before Ray run `cli.main` in this process (what the `raysift` script calls;
-# a process start with its imports costs ~2 s a case); these few and every case that gets as far as
-# Ray run the real `python -m jobs.cli` process, exit status and all.
-AS_A_PROCESS = {bad_yaml, unknown_command, missing_input, output_dir_is_a_file}
+# The cases run `cli.main` in this process (what the `raysift` script calls; a process start with
+# its imports costs ~2 s a case, one that starts its own Ray cluster ~10 s): those that get as far
+# as Ray on the tests' shared cluster. These few run the real `python -m jobs.cli` process, exit
+# status and all (a failed ingest task also makes Ray log to a stream pytest has closed).
+AS_A_PROCESS = {
+    bad_yaml, unknown_command, missing_input, output_dir_is_a_file, malformed_jsonl_line
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys):
+def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys, request):
     args, expected = case(tmp_path)
     capsys.readouterr()  # what building the case printed (the tiny model's save)
-    if case in CHECKED_BEFORE_RAY and case not in AS_A_PROCESS:
+    if case not in CHECKED_BEFORE_RAY:
+        request.getfixturevalue("ray_cluster")
+    if case not in AS_A_PROCESS:
         code, err = cli.main([str(a) for a in args]), capsys.readouterr().err
     else:
         result = raysift(*args)

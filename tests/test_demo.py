@@ -173,17 +173,5 @@ def test_tsds_and_gotd_are_seeded_and_independent_of_shards(tmp_path, slice_run)
     assert pq.read_table(two / "selection.parquet")["id"].equals(ranked["id"])
 
 
-def test_demo_whole_path_writes_the_report(tmp_path, tiny_lm, capsys, slice_run):
-    """`raysift demo` as shipped (evaluation on), on the slice and a tiny model: the report."""
-    out = tmp_path / copy_of(slice_run[0], tmp_path, "e")
-    sets = [*SLICE, f"finetune.model={tiny_lm}", "finetune.max_steps=2",
-            "evaluate.heldout.limit=10"]  # fmt: skip
-    assert main(["demo", "--output-dir", str(out), *sum((["--set", s] for s in sets), [])]) == 0
-    shown = capsys.readouterr().out
-    assert "Target perplexity after fine-tuning on 40 rows" in shown
-    assert f"report: {out / 'report.html'}" in shown
-    result = json.loads((out / "evaluation.json").read_text())
-    assert [r["method"] for r in result["runs"]] == ["random", "knn", "oracle"]
-    assert result["summary"]["oracle"]["share_from_target"] == 1.0  # it trains on the targets
-    assert all(r["steps"] == 2 for r in result["runs"])
-    assert "<svg" in (out / "report.html").read_text()
+# `raysift demo` with its evaluation (the report) is run, watched and interrupted as a user would
+# in test_watch.py.

@@ -56,9 +56,8 @@ def direct_forward(texts, max_length=128):
 @pytest.mark.parametrize(("precision", "tol"), [("fp32", 1e-5), ("bf16", 2e-2)])
 def test_actor_matches_a_direct_forward_pass(tmp_path, demo_rows, precision, tol):
     """The chunk actor reads its rows from the run folder, embeds them and commits the chunk."""
-    import ray.data
-
     from actors.embedder import ChunkEmbedder
+    from actors.pool import map_actors
     from jobs.config import IngestConfig, InputSpec
     from jobs.ingest import ingest_side
 
@@ -70,14 +69,9 @@ def test_actor_matches_a_direct_forward_pass(tmp_path, demo_rows, precision, tol
     part = load_pool(store, "candidates").parts[0]
     chunks = [{"side": "candidates", "part": part.name, "digest": part.digest, "a": a, "b": b}
               for a, b in ((0, 10), (10, 24))]  # fmt: skip
-    ds = ray.data.from_items(chunks, override_num_blocks=2).map_batches(
-        ChunkEmbedder,
-        fn_constructor_kwargs={"store": store, "model": DEFAULT_MODEL, "max_length": 128,
-                               "batch_size": 5, "precision": precision, "torch_threads": 1},
-        batch_size=1, batch_format="pyarrow", num_cpus=0.5,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
-    )  # fmt: skip
-    done = ds.take_all()
+    args = {"store": store, "model": DEFAULT_MODEL, "max_length": 128, "batch_size": 5,
+            "precision": precision, "torch_threads": 1}  # fmt: skip
+    done = list(map_actors(ChunkEmbedder, args, chunks, size=1, num_cpus=0.5))
     assert sorted((d["a"], d["b"], d["rows"]) for d in done) == [(0, 10, 10), (10, 24, 14)]
     assert {d["precision"] for d in done} == {precision}
     got = pa.concat_tables(pq.read_table(p) for p in chunk_files(tmp_path / "run"))

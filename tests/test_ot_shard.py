@@ -28,7 +28,7 @@ def sharded(pools, shards, kill_at=None):
     actors = start_ot_shards(pool, targets, shards, epsilon=0.1, cpus_per_shard=0.1)
     fanout = ot_fanout(actors)
 
-    def kill(iteration, f):
+    def kill(iteration, f, err):
         if iteration == kill_at:
             ray.kill(actors[1], no_restart=False)  # Ray restarts it; its g is gone
 
@@ -57,7 +57,9 @@ def test_a_killed_shard_replays_and_the_solve_is_unchanged(pools):
     clean_g, clean_top, clean_iter, _ = sharded(pools, 4)
     g, top, n_iter, recoveries = sharded(pools, 4, kill_at=10)
     assert len(recoveries) == 1 and recoveries[0]["shard"] == 1
-    assert recoveries[0]["replayed"] == 1 + 2 * 10  # the first column pass, then 10 iterations
+    # the first column pass and 10 iterations' two passes; ray.kill is asynchronous, so the next
+    # iteration's row pass may still reach the old actor and be replayed too
+    assert recoveries[0]["replayed"] in (1 + 2 * 10, 1 + 2 * 10 + 1)
     assert n_iter == clean_iter
     np.testing.assert_array_equal(g, clean_g)  # bit for bit: the same passes, replayed
     np.testing.assert_array_equal(top, clean_top)
