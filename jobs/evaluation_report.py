@@ -37,6 +37,21 @@ SCORE_MEANING = {
 W = 760  # chart width in px
 
 
+def luminance(colour: str) -> float:
+    """WCAG relative luminance of an sRGB hex colour."""
+    rgb = [int(colour[k : k + 2], 16) / 255 for k in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def _ink(colour: str) -> str:
+    """Text colour on a bar of `colour`: white or near-black, whichever contrasts more (WCAG)."""
+    lum = luminance(colour)
+    on_white = 1.05 / (lum + 0.05)
+    on_dark = (lum + 0.05) / (luminance("#222222") + 0.05)
+    return "#fff" if on_white >= on_dark else "#222"
+
+
 def _text(x, y, s, size=12, anchor="start", weight="normal", fill="#222") -> str:
     return (
         f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" '
@@ -157,7 +172,7 @@ def composition_chart(result: dict, run_dir: Path, column: str = "source") -> st
                             f"{100 * counts[v] / total:.0f}%",
                             10,
                             "middle",
-                            fill="#fff",
+                            fill=_ink(colour[v]),
                         )
                     )
             at += w

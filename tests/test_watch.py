@@ -37,14 +37,18 @@ def _lab(colour: str) -> np.ndarray:
 
 
 def test_source_colours_are_distinguishable_for_twenty_sources():
-    from jobs.evaluation_report import COLOURS
+    from jobs.evaluation_report import COLOURS, _ink, luminance
 
     assert len(COLOURS) >= 20 and len(set(COLOURS[:20])) == 20
     distance = min(
         float(np.linalg.norm(_lab(a) - _lab(b))) for a, b in itertools.combinations(COLOURS[:20], 2)
     )
     assert distance >= 30  # CIE76; the old palette's closest pair was 4.0 apart
-    # the pairs users could not tell apart are gone
+    # the pairs users could not tell apart are gone; a bar's percentage stays readable on it
+    for colour in COLOURS[:20]:
+        full = {"#fff": "#ffffff", "#222": "#222222"}[_ink(colour)]
+        lum, ink = luminance(colour), luminance(full)
+        assert (max(lum, ink) + 0.05) / (min(lum, ink) + 0.05) >= 3.0, colour  # WCAG large text
     assert not {"#76b7b2", "#86bcb6", "#edc948", "#f1ce63"} & set(COLOURS)
 
 
@@ -105,6 +109,15 @@ def test_progress_prints_plain_lines_off_a_terminal(capsys, monkeypatch):
     assert lines[0].startswith("raysift: embed: 100/300 texts (33%), ")
     assert "texts/s, ETA " in lines[0] and lines[0].endswith("loss 2.5")
     assert len(lines) == 2  # the last update is the stage's done line's business
+
+    monkeypatch.delenv("RAYSIFT_PROGRESS_SECONDS")  # the default cadence: 10 s, 30 s, 60 s, ...
+    shown = progress("finetune", 100, "steps")
+    gaps = []
+    for k in range(6):
+        shown.lines = k
+        gaps.append(shown.gap())
+    assert gaps == [10, 20, 30, 60, 60, 60]
+    shown.close()
 
 
 def test_sigterm_is_an_interruption_with_exit_code_143():
