@@ -276,16 +276,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from jobs.runtime import interruption
+    from jobs.runtime import interruption, received
 
     try:
         try:
-            app(args=argv, standalone_mode=False, prog_name="raysift")
+            # standalone_mode=False: a command's `typer.Exit(n)` comes back as n, not raised
+            code = app(args=argv, standalone_mode=False, prog_name="raysift")
         finally:  # a remote run folder gets what the command wrote, also when it failed
             from jobs.storage import sync_all
 
             sync_all()
-        return 0
+        if code == 130 and received():  # Typer turned our KeyboardInterrupt into Exit(130)
+            return _interrupted(Interrupted(received()[-1]))
+        return code if isinstance(code, int) else 0
     except (Interrupted, KeyboardInterrupt) as exc:
         return _interrupted(interruption(exc))
     except (*_EXITS, *_ABORTS) as exc:

@@ -464,3 +464,16 @@ def test_internal_failure_exits_1(tmp_path, monkeypatch, capsys):
         "raysift: internal error: RuntimeError: disk on fire "
         "(set RAYSIFT_DEBUG=1 for the traceback)"
     ]
+
+
+def test_a_failed_submitted_job_exits_1(tmp_path, monkeypatch, capsys):
+    """`raysift submit --wait` exits with the job's result (a command's typer.Exit(1) used to
+    come back from the app as a value, and the CLI exited 0)."""
+    from jobs import cluster
+
+    monkeypatch.setattr(cluster, "submit", lambda *a, **k: "raysubmit_1")
+    monkeypatch.setattr(cluster, "wait", lambda *a, **k: "FAILED")
+    monkeypatch.setattr(cluster, "logs", lambda *a, **k: "raysift: error: something\n")
+    assert cli.main(["submit", str(good(tmp_path)), "--address", "http://127.0.0.1:1"]) == 1
+    captured = capsys.readouterr()
+    assert "raysubmit_1: FAILED" in captured.out and "raysift: error: something" in captured.err

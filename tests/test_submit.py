@@ -110,7 +110,10 @@ def cluster(tmp_path_factory):
                 assert head.proc.poll() is None, (logs / "head.log").read_text()[-2000:]
                 assert time.monotonic() < deadline, "head did not come up"
                 time.sleep(0.5)
-        nodes.append(Node([f"--address={gcs}", "--num-cpus=2"], env, logs / "worker.log"))
+        # its own temp dir: two nodes on one machine would otherwise share the head's, and the
+        # worker node's agent re-extracts the job's working_dir there while the driver reads it
+        nodes.append(Node([f"--address={gcs}", "--num-cpus=2", f"--temp-dir={temp}w"], env,
+                          logs / "worker.log"))  # fmt: skip
         deadline = time.monotonic() + 90
         while _alive_nodes(env, gcs) < 2:
             assert time.monotonic() < deadline, "worker node did not join"
@@ -120,7 +123,7 @@ def cluster(tmp_path_factory):
     finally:
         for node in reversed(nodes):
             node.kill(signal.SIGTERM)
-        subprocess.run(["rm", "-rf", str(temp)], check=False)
+        subprocess.run(["rm", "-rf", str(temp), f"{temp}w"], check=False)
 
 
 def jobs_api(cluster, job_id: str, timeout_s: float = 400) -> tuple[str, str]:
@@ -158,8 +161,8 @@ def test_submit_demo_through_the_jobs_api_with_the_token(cluster, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     job_id = _job_id(res.stdout)
-    status, _ = jobs_api(cluster, job_id)  # the Jobs API itself, with the token
-    assert status == "SUCCEEDED"
+    status, log = jobs_api(cluster, job_id)  # the Jobs API itself, with the token
+    assert status == "SUCCEEDED", log[-3000:]
     stages = _manifest(run)["stages"]
     assert [stages[s]["status"] for s in ("ingest", "embed", "select")] == ["done"] * 3
     assert stages["embed"]["candidates"]["rows_embedded"] == 300
