@@ -252,14 +252,30 @@ def _interrupted(exc: Interrupted) -> int:
         "command again to resume",
         file=sys.stderr,
     )
-    try:
-        import ray
+    import threading
 
-        if ray.is_initialized():
-            ray.shutdown()  # the local cluster's processes go with it
-    except BaseException:  # noqa: BLE001 - a second signal while shutting down: exit anyway
+    def shutdown() -> None:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()  # the local cluster's processes go with it
+        except BaseException:  # noqa: BLE001, S110 - exiting anyway
+            pass
+
+    # In a thread with a deadline, then a hard exit. Measured: after a Ctrl-C inside a blocking
+    # Ray call the process sometimes never ended -- in ray.shutdown() or at interpreter exit
+    # (Ray's own atexit shutdown). The local cluster's processes share the driver's fate (Ray
+    # starts them so): exiting takes them down (the tests check none is left).
+    worker = threading.Thread(target=shutdown, daemon=True)
+    worker.start()
+    try:
+        worker.join(timeout=20)
+    except BaseException:  # noqa: BLE001 - a second signal: exit now
         pass
-    return exc.code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exc.code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
 """Index shard actors on the local Ray cluster: each loads its row range from the run folder;
 sharded == unsharded == in-process, and a killed shard reloads and changes nothing."""
 
+import os
+import time
+
 import numpy as np
 import pytest
-import ray
 
 from actors.fanout import ResilientFanout, stop
 from actors.index_shard import start_shards
@@ -37,7 +39,10 @@ def solve(pool, shards, kill_before=None):
     def call(method, *args):
         calls.append(method)
         if len(calls) == kill_before:
-            ray.kill(actors[1], no_restart=False)  # a reclaimed node: Ray restarts the actor
+            # The shard's process dies (as on a reclaimed node) with this call queued behind the
+            # exit: the call fails and Ray restarts the actor. (ray.kill is asynchronous: the
+            # call could still reach the old process, and nothing would be recovered.)
+            actors[1].__ray_call__.remote(lambda self: (time.sleep(0.5), os._exit(1)))
         return fanout(method, *args)
 
     try:

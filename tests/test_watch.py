@@ -152,6 +152,7 @@ class Watched:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.cli", *args], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, env=full, cwd=Path(__file__).parent.parent,
+            start_new_session=True,  # its own group: a stuck run is killed with its Ray processes
         )  # fmt: skip
         self.lines: list[str] = []
 
@@ -168,7 +169,12 @@ class Watched:
         raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-30:]))
 
     def finish(self, timeout: float = 600) -> int:
-        out, _ = self.proc.communicate(timeout=timeout)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # what it printed says where it stuck
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            out, _ = self.proc.communicate()
+            raise AssertionError("\n".join([*self.lines, *out.splitlines()][-40:])) from None
         self.lines += out.splitlines()
         return self.proc.returncode
 
