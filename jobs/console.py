@@ -193,7 +193,8 @@ class Progress:
             parts.append(f"{rate:.1f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{one}")
             if self.eta and self.done < self.total:
                 parts.append(f"ETA {_duration((self.total - self.done) / rate)}")
-        parts += [f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in self.fields.items()]
+        if self.fields:
+            parts.append(self.shown_fields())
         return ", ".join(parts)
 
     def update(self, done: int | None = None, **fields) -> None:
@@ -201,14 +202,17 @@ class Progress:
             self.done = int(done)
         self.fields.update(fields)
         if self.bar is not None:
-            extra = ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in self.fields.items())
-            self.bar.update(self.task, completed=self.done, extra=extra)
+            self.bar.update(self.task, completed=self.done, extra=self.shown_fields())
             return
         now = time.perf_counter()
         if now - self.last >= self.gap() and self.done < self.total:
             self.last = now
             self.lines += 1
             say(f"{self.label}: {self.text()}")
+
+    def shown_fields(self) -> str:
+        """The step's own fields, as `name value, ...` (a loss, an error vs a threshold)."""
+        return ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in self.fields.items())
 
     def gap(self) -> float:
         """Seconds between plain lines: the interval, then 2x, 3x, then 6x (default 10 s, 30 s,
