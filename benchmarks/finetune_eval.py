@@ -68,45 +68,87 @@ def build(per_source: int) -> None:
     pool[["id", "source", "label", "text"]].to_parquet(OUT / "pool.parquet")
 
 
-def config(name: str, budget: int, seeds: list[int]) -> Path:
+def config(
+    name: str,
+    budget: int,
+    seeds: list[int],
+    methods: list[str],
+    oracle: bool,
+    tag: str = "",
+    select: dict | None = None,
+) -> Path:
     source, labels = TARGETS[name]
     target_rows = {"source": [source], **({"label": sorted(labels)} if labels else {})}
     cfg = {
-        "output_dir": f"b{budget}",
+        "output_dir": f"b{budget}{tag}",
         "candidates": {"path": "../pool.parquet", "id_column": "id",
                        "keep_columns": ["source", "label"]},
         "targets": {"path": "queries.parquet", "keep_columns": ["label"]},
         "embed": {"max_length": 128, "batch_size": 64},
-        "select": {"budget": budget},
+        "select": {"budget": budget, **(select or {})},
         "finetune": {"max_length": 64, "batch_size": 8, "learning_rate": 5e-4},
         "evaluate": {"heldout": {"path": "heldout.parquet"}, "seeds": seeds,
-                     "methods": ["random", "knn", "tsds", "gotd"], "oracle": True,
+                     "methods": methods, "oracle": oracle,
                      "target_rows": target_rows, "max_length": 64},
     }  # fmt: skip
-    path = OUT / name / f"b{budget}.yaml"
+    path = OUT / name / f"b{budget}{tag}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
 def table() -> None:
     print("| target | budget | method | perplexity (mean ± sd) | seeds | vs random | share from "
-          "target | label TV | wall per fine-tune |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "target | label TV | selection (select stage) | wall per fine-tune |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in TARGETS:
         for path in sorted((OUT / name).glob("b*/evaluation.json")):
             r = json.loads(path.read_text())
+            tag = path.parent.name.partition("-")[2]
             print(f"| {name} | {r['budget']} | no fine-tune | {r['base']['perplexity']:.2f} "
-                  "| - | - | - | - | - |")  # fmt: skip
+                  "| - | - | - | - | - | - |")  # fmt: skip
             s = r["summary"]
             for m in sorted(s, key=lambda k: s[k]["perplexity_mean"]):
                 x = s[m]
+                label = f"{m} ({tag})" if tag and m != "random" else m
                 sd = f" ± {x['perplexity_std']:.2f}" if x["seeds"] > 1 else ""
                 vs = "" if x["vs_random"] is None else f"{x['vs_random']:+.2f}"
                 share = "" if x["share_from_target"] is None else f"{x['share_from_target']:.3f}"
                 tv = "" if x["label_tv"] is None else f"{x['label_tv']:.3f}"
                 wall = f"{x['train_seconds_mean']:.0f} s"
-                print(f"| {name} | {r['budget']} | {m} | {x['perplexity_mean']:.2f}{sd} | "
-                      f"{x['seeds']} | {vs} | {share} | {tv} | {wall} |")  # fmt: skip
+                cost = _select_seconds(path.parent, r, m)
+                print(f"| {name} | {r['budget']} | {label} | {x['perplexity_mean']:.2f}{sd} | "
+                      f"{x['seeds']} | {vs} | {share} | {tv} | {cost} | {wall} |")  # fmt: skip
+
+
+def _select_seconds(run_dir: Path, result: dict, method: str) -> str:
+    """Mean wall of the select stage over a method's runs (embedding not included)."""
+    seconds = []
+    for run in result["runs"]:
+        manifest = run_dir / run["folder"] / "manifest.json"
+        if run["method"] == method and manifest.is_file():
+            stage = json.loads(manifest.read_text())["stages"].get("select", {})
+            seconds += [stage["seconds"]] if "seconds" in stage else []
+    return f"{np.mean(seconds):.1f} s" if seconds else "-"
+
+
+def length_filter_table(thresholds: tuple[int, ...] = (100, 5)) -> None:
+    """Per target: the share of the pool's rows of the target's source (and section) that DSIR's
+    length filter removes, at each threshold (words as DSIR counts them)."""
+    from engine.dsir import Featurizer
+
+    pool = pq.read_table(OUT / "pool.parquet").to_pandas()
+    words = Featurizer(1, 2)(pool["text"].tolist()).lengths()
+    print("| target | pool rows of its source | " + " | ".join(
+        f"removed at {t} words" for t in thresholds) + " |")  # fmt: skip
+    print("|---|---|" + "---|" * len(thresholds))
+    for name, (source, labels) in TARGETS.items():
+        mask = (pool["source"] == source).to_numpy()
+        if labels:
+            mask &= pool["label"].isin(labels).to_numpy()
+        cells = " | ".join(f"{(words[mask] < t).mean():.3f}" for t in thresholds)
+        print(f"| {name} | {int(mask.sum())} | {cells} |")
+    print(f"| whole pool | {len(pool)} | " + " | ".join(
+        f"{(words < t).mean():.3f}" for t in thresholds) + " |")  # fmt: skip
 
 
 def main() -> None:
@@ -115,6 +157,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--per-source", type=int, default=1000)
+    ap.add_argument("--methods", nargs="+", default=["random", "knn", "tsds", "gotd"])
+    ap.add_argument("--no-oracle", action="store_true")
+    ap.add_argument("--tag", default="", help="run folder suffix, e.g. -dsir")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="select.FIELD=VALUE",
+        help="select-section overrides, e.g. dsir.min_example_length=5",
+    )
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if not args.table:
@@ -125,9 +177,18 @@ def main() -> None:
         for budget in args.budget:
             for name in args.targets:
                 t0 = time.time()
-                run_dir = run_evaluate(load_config(config(name, budget, args.seeds)))
+                select: dict = {}
+                for item in args.set:
+                    key, _, value = item.partition("=")
+                    section, _, field = key.partition(".")
+                    select.setdefault(section, {})[field] = yaml.safe_load(value)
+                path = config(name, budget, args.seeds, args.methods, not args.no_oracle,
+                              args.tag, select)  # fmt: skip
+                run_dir = run_evaluate(load_config(path))
                 print(f"{name} b{budget}: {time.time() - t0:.0f} s -> {run_dir}", flush=True)
     table()
+    if (OUT / "pool.parquet").is_file():
+        length_filter_table()
 
 
 if __name__ == "__main__":

@@ -269,13 +269,68 @@ class GradExConfig(Strict):
     )
 
 
+class DSIRConfig(Strict):
+    mode: Literal["default", "compat"] = Field(
+        "default",
+        description="compat = the reference's rules (fit on every pool row); default = fit on the "
+        "rows the length filter keeps (the distribution resampled from)",
+    )
+    ngrams: Annotated[int, Field(ge=1, le=5)] = Field(
+        2, description="n-gram order: 2 = unigrams and bigrams"
+    )
+    num_buckets: Annotated[int, Field(ge=1, le=2**24)] = Field(
+        10000, description="hashed feature buckets (sha256 mod num_buckets)"
+    )
+    min_example_length: Annotated[int, Field(ge=0)] = Field(
+        100, description="rows with fewer words are never selected (the manifest counts them)"
+    )
+    fit_tokens: Literal["all"] | Annotated[int, Field(ge=1)] = Field(
+        "all",
+        description="n-gram hits the pool's fit reads: all, or a number = a seeded sample of rows "
+        "by id hash of about that many hits (default mode only)",
+    )
+    sampling: Literal["gumbel", "top_k"] = Field(
+        "gumbel",
+        description="gumbel = sample without replacement proportional to the importance weight "
+        "(noise from seed and id); top_k = the largest weights",
+    )
+    target_column: str | None = Field(
+        None,
+        description="separate targets: a targets column whose values are target sets, each fit "
+        "alone and given its share of the budget (the reference's separate_targets)",
+    )
+    target_proportions: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        None,
+        description="separate targets: budget share per target_column value (null: by each "
+        "set's n-gram hits, as the reference)",
+    )
+    chunk_rows: Annotated[int, Field(ge=1)] = Field(
+        65536, description="rows per featurised chunk, cached in features/: the unit a rerun reuses"
+    )
+    num_actors: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        None, description="featurising actors (null: the cluster's CPUs)"
+    )
+
+    @model_validator(mode="after")
+    def _compat_fits_everything(self) -> DSIRConfig:
+        if self.mode == "compat" and self.fit_tokens != "all":
+            raise ValueError(
+                "fit_tokens: compat mode fits on every pool row (the reference's 'all'); a "
+                "sampled fit is a default-mode option"
+            )
+        if self.target_proportions is not None and self.target_column is None:
+            raise ValueError("target_proportions: needs target_column (the target sets)")
+        return self
+
+
 class SelectConfig(Strict):
-    method: Literal["random", "knn", "tsds", "gotd", "gradex"] = "knn"
+    method: Literal["random", "knn", "tsds", "gotd", "gradex", "dsir"] = "knn"
     budget: Annotated[int, Field(ge=1)] = 500
     knn: KnnConfig = Field(default_factory=KnnConfig)
     tsds: TSDSConfig = Field(default_factory=TSDSConfig)
     gotd: GOTDConfig = Field(default_factory=GOTDConfig)
     gradex: GradExConfig = Field(default_factory=GradExConfig)
+    dsir: DSIRConfig = Field(default_factory=DSIRConfig)
 
 
 class FinetuneConfig(Strict):
@@ -330,7 +385,11 @@ class EvaluateConfig(Strict):
         None, description="the target's held-out texts, scored for perplexity (never selected on)"
     )
     methods: Annotated[
-        list[Literal["random", "knn", "tsds", "gotd", "gradex", "gradex-random", "gradex-all"]],
+        list[
+            Literal[
+                "random", "knn", "tsds", "gotd", "gradex", "gradex-random", "gradex-all", "dsir"
+            ]
+        ],
         Field(min_length=1),
     ] = Field(default_factory=lambda: ["random", "knn", "tsds", "gotd"])
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(

@@ -104,7 +104,7 @@ def _incremental_gotd(cfg: Config, run_dir: Path, pool: Pool, targets: Pool, pre
 def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """One scheduled curation run; returns what it did (also in curate/vNNNN/info.json)."""
     from jobs.pipeline import run
-    from jobs.select import GOTD_POTENTIAL, Context, run_select, write_selection
+    from jobs.select import GOTD_POTENTIAL, Context, needs_vectors, run_select, write_selection
 
     inputs = _inputs(cfg)  # the input checks come first: a bad path writes nothing
     key = _config_key(cfg)
@@ -114,7 +114,8 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if latest and latest["inputs"] == inputs and latest["config"] == key:
         log(f"curate: nothing new since v{latest['version']:04d}")
         return {"version": latest["version"], "new_version": False}
-    run(cfg, ["ingest", "embed"], log, append=True)
+    run(cfg, ["ingest", "embed"] if needs_vectors(cfg.select.method) else ["ingest"], log,
+        append=True)  # fmt: skip
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
     ingested = manifest.stage("ingest").get("candidates", {})
     embedded = {side: manifest.stage("embed").get(side, {}) for side in SIDES}

@@ -72,14 +72,15 @@ def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
 def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     from jobs.pipeline import run
     from jobs.runtime import start_ray
-    from jobs.select import check_budget
+    from jobs.select import check_budget, needs_vectors
 
     e = cfg.evaluate
     seeds = e.seeds or [cfg.seed]
     check_evaluate(cfg)
     run_dir = run(cfg, ["ingest"], log)
     check_budget(cfg, load_pool(Store.for_run(run_dir), "candidates"))  # before the embedding
-    run(cfg, ["embed"], log)
+    if any(needs_vectors(m.partition("-")[0]) for m in e.methods):
+        run(cfg, ["embed"], log)
     start_ray(cfg)
     heldout = _heldout_texts(cfg, run_dir)
     log(f"evaluate: base model: running (perplexity of {len(heldout)} held-out texts)")
@@ -254,7 +255,7 @@ def summarise(runs: list[dict], base: dict) -> dict:
         out[method] = {
             "seeds": len(rs),
             "perplexity_mean": float(ppl.mean()),
-            "perplexity_std": float(ppl.std(ddof=1)) if len(ppl) > 1 else 0.0,
+            "perplexity_std": float(ppl.std(ddof=1)) if len(ppl) > 1 else None,  # one seed
             "perplexity_min": float(ppl.min()),
             "perplexity_max": float(ppl.max()),
             "vs_base": float(ppl.mean() - base["perplexity"]),

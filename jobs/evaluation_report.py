@@ -11,6 +11,7 @@ network), readable in any browser:
 from __future__ import annotations
 
 import html
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +34,10 @@ SCORE_MEANING = {
     "gradex": "minus the source's estimated target loss",
     "gradex-random": "none (random sources)",
     "gradex-all": "none (all sources)",
+    "dsir": "log importance weight",
 }
+SHOWN_TEXTS = 5  # selected texts shown per method
+SHOWN_CHARS = 160
 W = 760  # chart width in px
 
 
@@ -133,9 +137,23 @@ def run_folder(run_dir: Path, method: str, seed: int) -> Path:
     return run_dir / "evaluate" / f"{method}-seed{seed}"
 
 
-def composition_chart(result: dict, run_dir: Path, column: str = "source") -> str | None:
-    """Stacked bars: share of each `column` value in the pool and in each method's selection."""
-    in_pool = pool_counts(run_dir, column)  # per-part tasks, once for every method
+def colours_for(values: list) -> dict:
+    """A colour per value, in the order given (the pool's largest first)."""
+    return {v: COLOURS[i % len(COLOURS)] for i, v in enumerate(values)}
+
+
+def pool_colours(in_pool: dict | None) -> dict[str, str]:
+    """The composition chart's colour of each value (by its count in the pool, largest first)."""
+    counts = in_pool or {}
+    order = sorted(counts, key=lambda v: (-counts[v], str(v)))
+    return {str(v): c for v, c in colours_for(order).items()}
+
+
+def composition_chart(
+    result: dict, run_dir: Path, in_pool: dict | None, column: str = "source"
+) -> str | None:
+    """Stacked bars: share of each `column` value in the pool (`in_pool`: its counts) and in each
+    method's selection."""
     if in_pool is None:
         return None
     bars: list[tuple[str, Counter]] = []
@@ -149,7 +167,7 @@ def composition_chart(result: dict, run_dir: Path, column: str = "source") -> st
     if not bars:
         return None
     values = sorted(bars[0][1], key=lambda v: (-bars[0][1][v], str(v)))  # largest in the pool first
-    colour = {v: COLOURS[i % len(COLOURS)] for i, v in enumerate(values)}
+    colour = colours_for(values)
     left, right, row, top = 120, W - 30, 30, 10
     body = []
     for i, (name, counts) in enumerate(bars):
@@ -183,6 +201,43 @@ def composition_chart(result: dict, run_dir: Path, column: str = "source") -> st
         body.append(f'<rect x="{cx}" y="{cy}" width="12" height="12" fill="{colour[v]}"/>')
         body.append(_text(cx + 17, cy + 10, v, 11))
     return _svg(y + 18 * ((len(values) + 3) // 4) + 6, body)
+
+
+def first_selected(path: Path, k: int = SHOWN_TEXTS) -> list[dict]:
+    """The first k rows of a selected.jsonl (rank order), read line by line: never the file."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if len(rows) == k:
+                break
+            rows.append(json.loads(line))
+    return rows
+
+
+def _shorten(text: str, n: int = SHOWN_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1].rstrip() + "…"
+
+
+def chosen_texts(result: dict, run_dir: Path, colour: dict, column: str = "source") -> str:
+    """Per method (first seed): its first selected texts, shortened, tagged with their source in
+    the colour the source bars use (`colour`)."""
+    blocks = []
+    for m in result["summary"]:
+        path = run_folder(run_dir, m, result["seeds"][0]) / "selected.jsonl"
+        if not path.is_file():
+            continue
+        items = []
+        for row in first_selected(path):
+            value = row.get(column)
+            tag = ""
+            if value is not None:
+                c = colour.get(str(value), "#999")
+                tag = (f'<span class="tag" style="background:{c};color:{_ink(c)}">'
+                       f"{html.escape(str(value))}</span> ")  # fmt: skip
+            items.append(f"<li>{tag}{html.escape(_shorten(row.get('text', '')))}</li>")
+        blocks.append(f"<h3>{html.escape(m)}</h3><ol class='texts'>{''.join(items)}</ol>")
+    return "".join(blocks)
 
 
 def score_charts(result: dict, run_dir: Path) -> str:
@@ -247,6 +302,10 @@ body { font-family: Helvetica, Arial, sans-serif; max-width: 800px; margin: 24px
 h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; }
 .meta { color: #555; font-size: 13px; }
 .panel { display: inline-block; margin: 4px; border: 1px solid #eee; }
+h3 { font-size: 14px; margin: 14px 0 4px; }
+ol.texts { font-size: 12px; margin: 0; padding-left: 22px; color: #333; }
+ol.texts li { margin: 2px 0; }
+.tag { font-size: 10px; padding: 1px 5px; border-radius: 3px; white-space: nowrap; }
 table { border-collapse: collapse; font-size: 13px; margin-top: 8px; }
 th, td { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
@@ -255,7 +314,8 @@ th:first-child, td:first-child { text-align: left; }
 
 def render(result: dict, run_dir: Path) -> str:
     seeds = ", ".join(map(str, result["seeds"]))
-    composition = composition_chart(result, run_dir)
+    in_pool = pool_counts(run_dir, "source")  # per-part tasks, once for every method
+    composition = composition_chart(result, run_dir, in_pool)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>raysift evaluation</title>",
         f"<style>{STYLE}</style></head><body>",
@@ -271,6 +331,14 @@ def render(result: dict, run_dir: Path) -> str:
             "<h2>Where each selection came from</h2>",
             f"<p class='meta'>share of each source, seed {result['seeds'][0]} (hover: counts)</p>",
             composition,
+        ]
+    texts = chosen_texts(result, run_dir, pool_colours(in_pool))
+    if texts:
+        parts += [
+            "<h2>What each method chose</h2>",
+            f"<p class='meta'>the first {SHOWN_TEXTS} selected texts of each method, best first, "
+            f"seed {result['seeds'][0]}, shortened to {SHOWN_CHARS} characters</p>",
+            texts,
         ]
     parts += [
         "<h2>Selection scores</h2>",

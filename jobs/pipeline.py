@@ -163,6 +163,9 @@ def run(
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
     manifest.save()
     for stage in stages:
+        if stage == "embed" and "select" in stages and not needs_vectors(cfg.select.method):
+            log(f"embed: skipped, {cfg.select.method} needs no embeddings")
+            continue
         if stage == "ingest" and ingest_is_current(cfg, run_dir, manifest):
             log("ingest: inputs unchanged since the last run, reusing data/")
             continue

@@ -39,6 +39,7 @@ from engine.sinkhorn import coordinate
 from engine.tsds_search import TSDSParams, reference_index_params, select_compat, select_exact
 from jobs.config import Config
 from jobs.console import progress
+from jobs.dsir import dsir_select
 from jobs.embed import check_vectors_ready, vector_dim
 from jobs.errors import InputError
 from jobs.pool import Part, Pool, as_strings, load_pool, read_part, read_vector_range, read_vectors
@@ -77,7 +78,7 @@ class Context:
 @dataclass(frozen=True)
 class Method:
     select: Callable[[Context], Selection]
-    needs: frozenset[str]  # "vectors": committed embeddings; "sources": a source column
+    needs: frozenset[str]  # "vectors": committed embeddings; "texts"; "sources": a source column
     summary: str
 
 
@@ -202,6 +203,14 @@ def _gotd(ctx: Context) -> Selection:
     return chosen
 
 
+def _dsir(ctx: Context) -> Selection:
+    import ray
+
+    start_ray(ctx.cfg)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return dsir_select(ctx.pool, ctx.targets, ctx.cfg.select.dsir, ctx.budget, ctx.seed, cpus)
+
+
 def _gradex(ctx: Context) -> Selection:
     from jobs.gradex import gradex_select
 
@@ -214,6 +223,7 @@ METHODS: dict[str, Method] = {
     "tsds": Method(_tsds, frozenset({"vectors"}), "optimal transport + density (TSDS)"),
     "gotd": Method(_gotd, frozenset({"vectors"}), "OT gradient to the targets (GOT-D)"),
     "gradex": Method(_gradex, frozenset({"sources"}), "whole data sources chosen by GradEx"),
+    "dsir": Method(_dsir, frozenset({"texts"}), "hashed n-gram importance resampling (DSIR)"),
 }
 
 

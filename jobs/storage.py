@@ -31,7 +31,7 @@ from jobs.errors import InputError
 
 # Folders of a run folder (at any depth: evaluate and GradEx sub-runs have their own) whose files
 # the workers write on the run folder's filesystem; the driver's mirror never holds them.
-BULK_DIRS = ("data", "embeddings", "probabilities")
+BULK_DIRS = ("data", "embeddings", "probabilities", "features")
 BULK_PAIRS = (("finetune", "ray"), ("finetune", "tokens"))
 _MIRRORS: dict[Path, Remote] = {}
 

@@ -332,6 +332,26 @@ def gradex_targets_without_texts(tmp_path):
     return ["estimate", cfg], "targets.text_column: every row of"
 
 
+def dsir_too_few_long_rows(tmp_path):
+    """Both candidates are one word: none passes DSIR's 100-word filter."""
+    ingested(tmp_path)
+    return ["select", good(tmp_path, select={"method": "dsir", "budget": 1})], (
+        "select.dsir.min_example_length: 0 of 2 candidates have at least 100 words"
+    )
+
+
+def dsir_empty_targets(tmp_path):
+    fake_pool(tmp_path / "run", "candidates", ["a", "b"], ["x y", "y z"])
+    fake_pool(tmp_path / "run", "targets", [], [])
+    cfg = good(tmp_path, select={"method": "dsir", "budget": 1, "dsir": {"min_example_length": 1}})
+    return ["select", cfg], "no target rows (empty target set)"
+
+
+def dsir_buckets_not_positive(tmp_path):
+    cfg = good(tmp_path, select={"method": "dsir", "dsir": {"num_buckets": 0}})
+    return ["run", cfg], "select.dsir.num_buckets"
+
+
 CASES = [
     bad_yaml,
     missing_file,
@@ -374,8 +394,13 @@ CASES = [
     gradex_one_source,
     gradex_k_not_positive,
     gradex_targets_without_texts,
+    dsir_too_few_long_rows,
+    dsir_empty_targets,
+    dsir_buckets_not_positive,
 ]
 MADE_A_RUN_FOLDER = {
+    dsir_too_few_long_rows,  # the cases build their run folders (fake_pool)
+    dsir_empty_targets,
     gradex_one_source,  # the ingest ran: the sources are counted in its output
     gradex_targets_without_texts,
     budget_too_large,  # the case builds its run folder (fake_pool)
@@ -396,6 +421,8 @@ MADE_A_RUN_FOLDER = {
     evaluate_budget_too_large,  # the ingest ran: the budget is checked against its row count
 }
 CHECKED_BEFORE_RAY = set(CASES) - {
+    dsir_too_few_long_rows,
+    dsir_empty_targets,
     dimension_mismatch,
     nan_vectors,
     malformed_jsonl_line,

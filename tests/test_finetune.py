@@ -233,11 +233,11 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
             targets={"path": str(tmp_path / "targets.parquet"), "keep_columns": ["label"]},
             embed={"num_actors": 1, "cpus_per_actor": 0.5, "max_length": 64},
             ray={"num_cpus": 2},
-            select={"budget": 24},
+            select={"budget": 24, "dsir": {"min_example_length": 3}},
             finetune={"model": str(tiny_lm), "batch_size": 8, "max_length": 32,
                       "cpus_per_worker": 0.5},
             evaluate={"heldout": {"path": str(HELDOUT), "limit": 12},
-                      "methods": ["random", "knn"], "seeds": [1], "oracle": False,
+                      "methods": ["random", "knn", "dsir"], "seeds": [1], "oracle": False,
                       "target_rows": {"source": ["debian_pkg"]}, "max_length": 32},
         )
     )  # fmt: skip
@@ -245,7 +245,9 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
     result = json.loads((run_dir / "evaluation.json").read_text())
     # (the oracle run is covered by test_watch's demo run, the spread over seeds by
     # test_watch.py::test_summary_over_seeds: fine-tunes fewer here)
-    assert [(r["method"], r["seed"]) for r in result["runs"]] == [("random", 1), ("knn", 1)]
+    assert [(r["method"], r["seed"]) for r in result["runs"]] == [
+        ("random", 1), ("knn", 1), ("dsir", 1)
+    ]  # fmt: skip
     assert result["summary"]["random"]["seeds"] == 1
     knn = result["summary"]["knn"]
     assert knn["share_from_target"] > result["summary"]["random"]["share_from_target"]
@@ -259,6 +261,13 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
     )
     report = (run_dir / "report.html").read_text()
     assert report.count("<svg") >= 4 and "no fine-tune" in report and "knn" in report
+    assert "± 0.00" not in report and "<td>1</td><td>" in report  # one seed: no spread shown
+    chosen = report.split("What each method chose")[1]
+    for method in ("random", "knn", "dsir"):  # its first 5 texts, best first
+        block = chosen.split(f"<h3>{method}</h3>")[1].split("</ol>")[0]
+        first = json.loads((run_dir / "evaluate" / f"{method}-seed1" / "selected.jsonl")
+                           .read_text().splitlines()[0])  # fmt: skip
+        assert block.count("<li>") == 5 and first["source"] in block
 
     # A rerun reuses every fine-tune and perplexity: same numbers.
     again = json.loads((run_evaluate(cfg, log=lambda m: None) / "evaluation.json").read_text())
