@@ -33,6 +33,7 @@ from itertools import chain, repeat
 from operator import methodcaller
 
 import numpy as np
+import pandas as pd
 
 from engine.ids import hash_uniform
 
@@ -145,12 +146,15 @@ class Featurizer:
                         np.asarray(grams, np.int64), self.ngrams)  # fmt: skip
 
     def _word_ids(self, words: list[str]) -> np.ndarray:
+        # the batch's distinct words by a hash table in C; only those go through the dict
+        codes, distinct = pd.factorize(np.array(words, dtype=object))
+        distinct = distinct.tolist()
         ids = self.word_id
-        new = list(dict.fromkeys(w for w in words if w not in ids))  # first-seen order
+        new = [w for w in distinct if w not in ids]
         if new:
             first = self.bucket[0].extend(_buckets(new, self.num_buckets))
             ids.update(zip(new, range(first, first + len(new)), strict=True))
-        return np.fromiter(map(ids.__getitem__, words), np.int64, len(words))
+        return np.fromiter(map(ids.__getitem__, distinct), np.int64, len(distinct))[codes]
 
     def _gram_ids(
         self, k: int, prefix: np.ndarray, last: np.ndarray, at: np.ndarray, words: list[str]
@@ -159,11 +163,13 @@ class Featurizer:
         if not len(at):
             return np.zeros(0, np.int64)
         keys = (prefix << 32) | last  # word and gram ids stay below 2**31 (the memo is bounded)
-        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        inverse, unique = pd.factorize(keys)  # distinct keys in first-seen order, hashed in C
         memo = self.gram_id[k - 1]
         ids = np.fromiter(map(memo.get, unique.tolist(), repeat(-1)), np.int64, len(unique))
         missing = np.flatnonzero(ids == -1)
         if len(missing):
+            first = np.full(len(unique), len(inverse), np.int64)
+            np.minimum.at(first, inverse, np.arange(len(inverse)))  # where each key first occurs
             grams = [" ".join(words[p : p + k]) for p in at[first[missing]].tolist()]
             start = self.bucket[k - 1].extend(_buckets(grams, self.num_buckets))
             ids[missing] = np.arange(start, start + len(missing))
@@ -175,10 +181,10 @@ def _buckets(grams: list[str], num_buckets: int) -> np.ndarray:
     """`bucket_of` for many grams, the hot path of a cold memo: the digests are made by C-level
     maps, and the 256-bit integer mod num_buckets is Horner's rule over the digest bytes."""
     digests = map(methodcaller("digest"), map(hashlib.sha256, map(str.encode, grams)))
-    raw = np.frombuffer(b"".join(digests), np.uint8).reshape(len(grams), 32).astype(np.int64)
+    words = np.frombuffer(b"".join(digests), ">u4").reshape(len(grams), 8)
     value = np.zeros(len(grams), np.int64)
-    for byte in raw.T:  # exact: value < num_buckets < 2**54, so value * 256 + byte < 2**63
-        value = (value * 256 + byte) % num_buckets
+    for word in words.T:  # exact: value < num_buckets <= 2**24, so value * 2**32 + word < 2**63
+        value = (value * (1 << 32) + word.astype(np.int64)) % num_buckets
     return value
 
 

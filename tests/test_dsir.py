@@ -208,3 +208,74 @@ def test_gumbel_selection_is_the_same_for_any_partitioning(reference, tmp_path):
     assert other.column("id").to_pylist() != a.column("id").to_pylist()
     info = ma["stages"]["select"]
     assert info["fit_rows"] == info["eligible"] < raw.num_rows  # default: fit on the eligible
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("ray_cluster")
+def test_separate_targets_select_the_references_sets(texts, tmp_path):
+    """Two target sets (news and code), each fit alone with its share of the budget (by n-gram
+    hits, as the reference): compat + top_k selects the reference's set; and a seeded fit sample
+    of half the hits selects the same rows for 1 and 4 parts."""
+    from data_selection import HashedNgramDSIR
+
+    source = texts.column("source").to_numpy(zero_copy_only=False)
+    news = np.flatnonzero(source == "bbc_news")[:80]
+    code = np.flatnonzero(source == "python_code")[:80]
+    is_target = np.zeros(texts.num_rows, bool)
+    is_target[np.concatenate([news, code])] = True
+    raw = texts.filter(pa.array(~is_target))
+    target = texts.take(np.concatenate([news, code]))
+    target = target.append_column("set", pa.array(["news"] * 80 + ["code"] * 80))
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    paths = []
+    for name, table in (("raw", raw), ("news", target.slice(0, 80)), ("code", target.slice(80))):
+        paths.append(ref_dir / f"{name}.jsonl")
+        with open(paths[-1], "w") as f:
+            for text in table.column("text").to_pylist():
+                f.write(json.dumps({"text": text}) + "\n")
+    # the reference's target sets are in its list order; ours sorted by value: code, news
+    dsir = HashedNgramDSIR([str(paths[0])], [str(paths[2]), str(paths[1])],
+                           cache_dir=str(ref_dir / "cache"), num_proc=1,
+                           separate_targets=True)  # fmt: skip
+    dsir.fit_importance_estimator(num_tokens_to_fit="all")
+    dsir.compute_importance_weights()
+    dsir.resample(out_dir=str(ref_dir / "topk"), num_to_sample=200, top_k=True)
+    expected = [json.loads(line)["text"] for line in open(ref_dir / "topk" / "0.jsonl")]
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    pq.write_table(raw, pool / "p0.parquet")
+    pq.write_table(target.select(["text", "set"]), tmp_path / "targets.parquet")
+    from jobs.config import validate
+    from jobs.pipeline import run
+
+    def select(folder, pool_files, **dsir_options):
+        cfg = validate({
+            "output_dir": str(tmp_path / folder),
+            "candidates": {"path": str(pool_files), "id_column": "id"},
+            "targets": {"path": str(tmp_path / "targets.parquet"), "keep_columns": ["set"]},
+            "select": {"method": "dsir", "budget": 200, "dsir": dsir_options},
+            "ray": {"num_cpus": 2},
+        })  # fmt: skip
+        run(cfg, log=lambda _: None)
+        manifest = json.loads((tmp_path / folder / "manifest.json").read_text())
+        return pq.read_table(tmp_path / folder / "selection.parquet"), manifest["stages"]["select"]
+
+    sel, info = select("sep", pool, mode="compat", sampling="top_k", target_column="set")
+    share = dict(zip(["code", "news"], split_budget(200, dsir.target_proportions), strict=True))
+    assert info["budget_per_target"] == share
+    text_of = dict(zip(raw.column("id").to_pylist(), raw.column("text").to_pylist(), strict=True))
+    assert sorted(text_of[i] for i in sel.column("id").to_pylist()) == sorted(expected)
+
+    four = tmp_path / "pool4"
+    four.mkdir()
+    edges = np.linspace(0, raw.num_rows, 5).astype(int)
+    for k in range(4):
+        pq.write_table(raw.slice(edges[k], edges[k + 1] - edges[k]), four / f"p{k}.parquet")
+    full = select("full", pool, target_column="set")[1]["fit_grams"]
+    a, ia = select("half1", pool, target_column="set", fit_tokens=full // 2)
+    b, ib = select("half4", four, target_column="set", fit_tokens=full // 2, chunk_rows=400)
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    assert ia["fit_grams"] == ib["fit_grams"] and abs(ia["fit_grams"] / (full // 2) - 1) < 0.1
