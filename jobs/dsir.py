@@ -18,6 +18,8 @@ The driver holds count vectors (num_buckets) and the B chosen rows, never the po
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import ray
@@ -148,7 +150,13 @@ def _chunk_best(item: dict, options: dict, ld: np.ndarray, k: list[int], seed: i
 
 
 def dsir_select(
-    pool: Pool, targets: Pool, o: DSIRConfig, budget: int, seed: int, cpus: float
+    pool: Pool,
+    targets: Pool,
+    o: DSIRConfig,
+    budget: int,
+    seed: int,
+    cpus: float,
+    log: Callable[[str], None] = print,
 ) -> Selection:
     """The DSIR selection of `budget` rows of `pool` for `targets` (see the module docstring)."""
     if targets.n == 0:
@@ -188,6 +196,10 @@ def dsir_select(
             f"have at least {o.min_example_length} words, fewer than select.budget = {budget}; "
             "lower the threshold or the budget"
         )
+    log(
+        f"select: dsir: {stats['eligible']:,} of {stats['rows']:,} candidates have at least "
+        f"{o.min_example_length} words ({dropped:,} dropped, {dropped / max(stats['rows'], 1):.1%})"
+    )
     fit_rows = stats["rows"] if o.mode == "compat" else stats["eligible"]
     if o.fit_tokens != "all" and o.fit_tokens < fit_grams:
         q = o.fit_tokens / fit_grams

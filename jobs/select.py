@@ -208,7 +208,8 @@ def _dsir(ctx: Context) -> Selection:
 
     start_ray(ctx.cfg)
     cpus = ray.cluster_resources().get("CPU", 1)
-    return dsir_select(ctx.pool, ctx.targets, ctx.cfg.select.dsir, ctx.budget, ctx.seed, cpus)
+    o = ctx.cfg.select.dsir
+    return dsir_select(ctx.pool, ctx.targets, o, ctx.budget, ctx.seed, cpus, ctx.log)
 
 
 def _gradex(ctx: Context) -> Selection:

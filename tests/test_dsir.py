@@ -274,7 +274,9 @@ def test_separate_targets_select_the_references_sets(texts, tmp_path):
     edges = np.linspace(0, raw.num_rows, 5).astype(int)
     for k in range(4):
         pq.write_table(raw.slice(edges[k], edges[k + 1] - edges[k]), four / f"p{k}.parquet")
-    full = select("full", pool, target_column="set")[1]["fit_grams"]
+    featurize = Featurizer(2, N_BUCKETS)  # the default-mode fit's hits: the eligible rows'
+    eligible = featurize(raw.column("text").to_pylist())
+    full = int(eligible.grams[eligible.lengths() >= 100].sum())
     a, ia = select("half1", pool, target_column="set", fit_tokens=full // 2)
     b, ib = select("half4", four, target_column="set", fit_tokens=full // 2, chunk_rows=400)
     assert a.column("id").to_pylist() == b.column("id").to_pylist()
