@@ -142,9 +142,9 @@ def length_filter_table(thresholds: tuple[int, ...] = (100, 5)) -> None:
         f"removed at {t} words" for t in thresholds) + " |")  # fmt: skip
     print("|---|---|" + "---|" * len(thresholds))
     for name, (source, labels) in TARGETS.items():
-        mask = (pool["source"] == source).to_numpy()
+        mask = np.array(pool["source"] == source)
         if labels:
-            mask &= pool["label"].isin(labels).to_numpy()
+            mask &= np.array(pool["label"].isin(labels))
         cells = " | ".join(f"{(words[mask] < t).mean():.3f}" for t in thresholds)
         print(f"| {name} | {int(mask.sum())} | {cells} |")
     print(f"| whole pool | {len(pool)} | " + " | ".join(

@@ -42,6 +42,13 @@ def features_dir(pool: Pool, part: Part, o: DSIRConfig) -> str:
     return f"{FEATURES}/{pool.side}/n{o.ngrams}-b{o.num_buckets}/{part.digest}"
 
 
+def drop_stale(pool: Pool, o: DSIRConfig) -> None:
+    """Delete cached features of parts no longer in the pool (a re-ingested, changed input)."""
+    folder = f"{FEATURES}/{pool.side}/n{o.ngrams}-b{o.num_buckets}"
+    for digest in set(pool.store.folders(folder)) - {p.digest for p in pool.parts}:
+        pool.store.delete(f"{folder}/{digest}")
+
+
 def plan_chunks(pool: Pool, o: DSIRConfig, group_column: str | None = None) -> list[dict]:
     """Every part cut into chunks of `chunk_rows` rows (the cache's unit)."""
     return [
@@ -169,6 +176,8 @@ def dsir_select(
             f"targets.keep_columns); targets have {[c for c in targets.columns if c != 'row']}"
         )
     options = o.model_dump()
+    for side in (pool, targets):
+        drop_stale(side, o)
     items = plan_chunks(pool, o) + plan_chunks(targets, o, o.target_column)
     actors = o.num_actors or max(1, int(cpus))
     total = {"candidates": {}, "targets": {}}

@@ -289,7 +289,8 @@ def summary_table(result: dict) -> str:
     summary = result["summary"]
     for m in sorted(summary, key=lambda k: summary[k]["perplexity_mean"]):
         s = summary[m]
-        cells = (m, s["seeds"], _fmt(s["perplexity_mean"], ".2f"), _fmt(s["perplexity_std"], ".2f"),
+        std = s["perplexity_std"] if s["seeds"] > 1 else None  # one seed has no spread
+        cells = (m, s["seeds"], _fmt(s["perplexity_mean"], ".2f"), _fmt(std, ".2f"),
                  _fmt(s["vs_random"], "+.2f"), _fmt(s["vs_base"], "+.2f"),
                  _fmt(s["share_from_target"]), _fmt(s["label_tv"]))  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

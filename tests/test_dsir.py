@@ -204,6 +204,17 @@ def test_gumbel_selection_is_the_same_for_any_partitioning(reference, tmp_path):
         "parts"] == 4  # fmt: skip
     again, m2 = _run(tmp_path / "b", four, targets, chunk_rows=300)
     assert again.equals(b) and m2["stages"]["select"]["chunks_computed"] == 0
+    from jobs.config import DSIRConfig
+    from jobs.dsir import drop_stale
+    from jobs.pool import load_pool
+    from jobs.storage import Store
+
+    cached = tmp_path / "b" / "features" / "candidates" / "n2-b10000"
+    (cached / "0123stale").mkdir()  # a part that is no longer in the pool
+    drop_stale(load_pool(Store.local(tmp_path / "b"), "candidates"), DSIRConfig())
+    assert sorted(p.name for p in cached.iterdir()) == sorted(
+        p.digest for p in load_pool(Store.local(tmp_path / "b"), "candidates").parts
+    )
     other, _ = _run(tmp_path / "c", one, targets, seed=1)
     assert other.column("id").to_pylist() != a.column("id").to_pylist()
     info = ma["stages"]["select"]
