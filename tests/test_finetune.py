@@ -237,7 +237,7 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
             finetune={"model": str(tiny_lm), "batch_size": 8, "max_length": 32,
                       "cpus_per_worker": 0.5},
             evaluate={"heldout": {"path": str(HELDOUT), "limit": 12},
-                      "methods": ["random", "knn", "dsir"], "seeds": [1], "oracle": False,
+                      "methods": ["knn", "dsir"], "seeds": [1], "oracle": False,
                       "target_rows": {"source": ["debian_pkg"]}, "max_length": 32},
         )
     )  # fmt: skip
@@ -245,13 +245,14 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
     result = json.loads((run_dir / "evaluation.json").read_text())
     # (the oracle run is covered by test_watch's demo run, the spread over seeds by
     # test_watch.py::test_summary_over_seeds: fine-tunes fewer here)
-    assert [(r["method"], r["seed"]) for r in result["runs"]] == [
-        ("random", 1), ("knn", 1), ("dsir", 1)
-    ]  # fmt: skip
-    assert result["summary"]["random"]["seeds"] == 1
-    knn = result["summary"]["knn"]
-    assert knn["share_from_target"] > result["summary"]["random"]["share_from_target"]
-    assert 0 <= knn["label_tv"] <= 1
+    assert [(r["method"], r["seed"]) for r in result["runs"]] == [("knn", 1), ("dsir", 1)]
+    assert result["summary"]["knn"]["seeds"] == 1 and result["summary"]["knn"]["vs_random"] is None
+    for r in result["runs"]:  # the share is the selection's rows from the target's source
+        chosen = pq.read_table(run_dir / r["folder"] / "selection.parquet").column("source")
+        assert r["share_from_target"] == pytest.approx(
+            sum(s == "debian_pkg" for s in chosen.to_pylist()) / 24
+        )
+        assert 0 <= r["label_tv"] <= 1
 
     heldout = [json.loads(x)["text"] for x in HELDOUT.read_text().splitlines()[:12]]
     run = next(r for r in result["runs"] if r["method"] == "knn" and r["seed"] == 1)
@@ -263,7 +264,7 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
     assert report.count("<svg") >= 4 and "no fine-tune" in report and "knn" in report
     assert "± 0.00" not in report and "<td>1</td><td>" in report  # one seed: no spread shown
     chosen = report.split("What each method chose")[1]
-    for method in ("random", "knn", "dsir"):  # its first 5 texts, best first
+    for method in ("knn", "dsir"):  # its first 5 texts, best first
         block = chosen.split(f"<h3>{method}</h3>")[1].split("</ol>")[0]
         first = json.loads((run_dir / "evaluate" / f"{method}-seed1" / "selected.jsonl")
                            .read_text().splitlines()[0])  # fmt: skip
