@@ -40,13 +40,6 @@ from engine.ids import hash_uniform
 # nltk's WordPunctTokenizer: RegexpTokenizer(r"\w+|[^\w\s]+") compiled with these flags
 TOKEN = re.compile(r"\w+|[^\w\s]+", re.UNICODE | re.MULTILINE | re.DOTALL)
 SMOOTHING = 1e-8  # the reference's constant inside both logs
-MODES = ("default", "compat")
-SAMPLINGS = ("gumbel", "top_k")
-
-
-def bucket_of(gram: str, num_buckets: int) -> int:
-    """The reference's `hash_buckets`: sha256 of the UTF-8 gram as an integer, mod num_buckets."""
-    return int.from_bytes(hashlib.sha256(gram.encode("utf-8")).digest(), "big") % num_buckets
 
 
 @dataclass
@@ -178,8 +171,9 @@ class Featurizer:
 
 
 def _buckets(grams: list[str], num_buckets: int) -> np.ndarray:
-    """`bucket_of` for many grams, the hot path of a cold memo: the digests are made by C-level
-    maps, and the 256-bit integer mod num_buckets is Horner's rule over the digest bytes."""
+    """The reference's `hash_buckets` of many grams, `int(sha256(utf-8 gram)) % num_buckets`, the
+    hot path of a cold memo: the digests are made by C-level maps, and the 256-bit integer mod
+    num_buckets is Horner's rule over the digest's 32-bit words."""
     digests = map(methodcaller("digest"), map(hashlib.sha256, map(str.encode, grams)))
     words = np.frombuffer(b"".join(digests), ">u4").reshape(len(grams), 8)
     value = np.zeros(len(grams), np.int64)

@@ -32,19 +32,20 @@ from engine.selection import Ranked, Selection
 from jobs.config import DSIRConfig
 from jobs.console import progress
 from jobs.errors import InputError
-from jobs.pool import Part, Pool, as_strings, read_part_rows
+from jobs.pool import Pool, as_strings, read_part_rows
 from jobs.storage import Store
 
 FEATURES = "features"
 
 
-def features_dir(pool: Pool, part: Part, o: DSIRConfig) -> str:
-    return f"{FEATURES}/{pool.side}/n{o.ngrams}-b{o.num_buckets}/{part.digest}"
+def features_root(pool: Pool, o: DSIRConfig) -> str:
+    """The folder of one side's features under one setting (a folder per part digest)."""
+    return f"{FEATURES}/{pool.side}/n{o.ngrams}-b{o.num_buckets}"
 
 
 def drop_stale(pool: Pool, o: DSIRConfig) -> None:
     """Delete cached features of parts no longer in the pool (a re-ingested, changed input)."""
-    folder = f"{FEATURES}/{pool.side}/n{o.ngrams}-b{o.num_buckets}"
+    folder = features_root(pool, o)
     for digest in set(pool.store.folders(folder)) - {p.digest for p in pool.parts}:
         pool.store.delete(f"{folder}/{digest}")
 
@@ -79,11 +80,12 @@ def read_features(store: Store, rel: str, ngrams: int) -> Features:
     return Features(buckets, text, grams, ngrams)
 
 
-def chunk_features(store: Store, item: dict, featurize: Featurizer | None, o: DSIRConfig):
+def chunk_features(item: dict, featurize: Featurizer | None, o: DSIRConfig):
     """A chunk's features: from the cache, else computed (when `featurize` is given) and cached.
     Returns (features, whether they were computed)."""
     pool, part = item["pool"], item["part"]
-    rel = f"{features_dir(pool, part, o)}/rows-{item['a']:09d}-{item['b']:09d}.parquet"
+    store = pool.store
+    rel = f"{features_root(pool, o)}/{part.digest}/rows-{item['a']:09d}-{item['b']:09d}.parquet"
     if store.is_file(rel):
         return read_features(store, rel, o.ngrams), False
     if featurize is None:
@@ -112,9 +114,8 @@ class ChunkFeaturizer:
 
     def __call__(self, item: dict) -> dict:
         pool, o = item["pool"], self.o
-        feats, computed = chunk_features(pool.store, item, self.featurize, o)
-        out = {"side": pool.side, "rows": feats.n, "computed": computed,
-               "grams": int(feats.grams.sum())}  # fmt: skip
+        feats, computed = chunk_features(item, self.featurize, o)
+        out = {"side": pool.side, "rows": feats.n, "computed": computed}
         if item["group"] is not None:  # separate targets: one count vector per target set
             table = read_part_rows(pool.store, pool.part_path(item["part"]), item["a"],
                                    item["b"], [item["group"]])  # fmt: skip
@@ -126,15 +127,14 @@ class ChunkFeaturizer:
         if pool.side == "candidates":
             keep = feats.lengths() >= o.min_example_length
             eligible = feats.select(keep)
-            out.update(eligible=int(keep.sum()), eligible_grams=int(eligible.grams.sum()),
-                       eligible_counts=eligible.counts(o.num_buckets))  # fmt: skip
+            out.update(eligible=int(keep.sum()), eligible_counts=eligible.counts(o.num_buckets))
         return out
 
 
 def _fit_sample(item: dict, options: dict, q: float, seed: int) -> np.ndarray:
     """The counts of a chunk's rows in the fit sample: H(seed, id) < q (eligible rows only)."""
     o = DSIRConfig(**options)
-    feats, _ = chunk_features(item["pool"].store, item, None, o)
+    feats, _ = chunk_features(item, None, o)
     u = np.asarray(hash_uniform([f"dsirfit:{i}" for i in _chunk_ids(item)], seed))
     return feats.select((u < q) & (feats.lengths() >= o.min_example_length)).counts(o.num_buckets)
 
@@ -143,7 +143,7 @@ def _chunk_best(item: dict, options: dict, ld: np.ndarray, k: list[int], seed: i
     """Per target set t: the chunk's best k[t] eligible rows by key t (log w_t, plus Gumbel
     noise for sampling)."""
     o = DSIRConfig(**options)
-    feats, _ = chunk_features(item["pool"].store, item, None, o)
+    feats, _ = chunk_features(item, None, o)
     logw = feats.log_weights(ld)  # (rows, K)
     keep = np.flatnonzero(feats.lengths() >= o.min_example_length)
     ids = _chunk_ids(item)[keep]
@@ -166,10 +166,6 @@ def dsir_select(
     log: Callable[[str], None] = print,
 ) -> Selection:
     """The DSIR selection of `budget` rows of `pool` for `targets` (see the module docstring)."""
-    if targets.n == 0:
-        raise InputError(
-            f"{targets.store.uri_of('data/targets')}: no target rows (empty target set)"
-        )
     if o.target_column is not None and o.target_column not in targets.columns:
         raise InputError(
             f"select.dsir.target_column: {o.target_column!r} is not a targets column (add it to "
@@ -178,11 +174,11 @@ def dsir_select(
     options = o.model_dump()
     for side in (pool, targets):
         drop_stale(side, o)
-    items = plan_chunks(pool, o) + plan_chunks(targets, o, o.target_column)
+    cand = plan_chunks(pool, o)
+    items = cand + plan_chunks(targets, o, o.target_column)
     actors = o.num_actors or max(1, int(cpus))
     total = {"candidates": {}, "targets": {}}
-    stats = {"rows": 0, "eligible": 0, "grams": 0, "eligible_grams": 0, "chunks_computed": 0,
-             "chunks_reused": 0}  # fmt: skip
+    stats = {"rows": 0, "eligible": 0, "chunks_computed": 0, "chunks_reused": 0}
     raw = np.zeros(o.num_buckets, np.int64)
     with progress("dsir: features", pool.n + targets.n, "texts") as shown:
         for r in map_actors(ChunkFeaturizer, {"options": options}, items, actors):
@@ -191,7 +187,7 @@ def dsir_select(
                 side[g] = side.get(g, 0) + c
             stats["chunks_computed" if r["computed"] else "chunks_reused"] += 1
             if r["side"] == "candidates":
-                for key in ("rows", "eligible", "grams", "eligible_grams"):
+                for key in ("rows", "eligible"):
                     stats[key] += r[key]
                 raw += r["eligible_counts"] if o.mode == "default" else 0
             shown.advance(r["rows"])
@@ -212,7 +208,6 @@ def dsir_select(
     fit_rows = stats["rows"] if o.mode == "compat" else stats["eligible"]
     if o.fit_tokens != "all" and o.fit_tokens < fit_grams:
         q = o.fit_tokens / fit_grams
-        cand = [i for i in items if i["pool"].side == "candidates"]
         task = ray.remote(_fit_sample)
         raw = sum(ray.get([task.remote(i, options, q, seed) for i in cand]))
         fit_grams, fit_rows = int(raw.sum()), None
@@ -238,7 +233,6 @@ def dsir_select(
     ld = log_diff(target_counts, raw)
     cumulative = list(np.cumsum(share) + 1)  # one more: to see a tie at the cut
     task = ray.remote(_chunk_best).options(num_returns=len(share))
-    cand = [i for i in items if i["pool"].side == "candidates"]
     ld_ref = ray.put(ld)
     per_chunk = [task.remote(i, options, ld_ref, cumulative, seed) for i in cand]
     if len(share) == 1:

@@ -65,6 +65,11 @@ def check_evaluate(cfg: Config) -> None:
             )
 
 
+def select_method(entry: str) -> str:
+    """The select.method of an `evaluate.methods` entry (`gradex-random` runs gradex)."""
+    return entry.partition("-")[0]
+
+
 def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
     log(prefix + message)
 
@@ -79,7 +84,7 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     check_evaluate(cfg)
     run_dir = run(cfg, ["ingest"], log)
     check_budget(cfg, load_pool(Store.for_run(run_dir), "candidates"))  # before the embedding
-    if any(needs_vectors(m.partition("-")[0]) for m in e.methods):
+    if any(needs_vectors(select_method(m)) for m in e.methods):
         run(cfg, ["embed"], log)
     start_ray(cfg)
     heldout = _heldout_texts(cfg, run_dir)
@@ -139,7 +144,7 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
         log(f"finetune: done in {time.perf_counter() - t0:.1f} s")
         shares = {"share_from_target": 1.0, "label_tv": _label_tv(cfg, run_dir, None)}
     else:
-        tree["select"]["method"] = method.partition("-")[0]
+        tree["select"]["method"] = select_method(method)
         if method.startswith("gradex-"):  # GradEx's baselines: random sources, all sources
             tree["select"]["gradex"]["strategy"] = method.partition("-")[2]
         sub_cfg = Config.model_validate(tree)

@@ -137,16 +137,12 @@ def run_folder(run_dir: Path, method: str, seed: int) -> Path:
     return run_dir / "evaluate" / f"{method}-seed{seed}"
 
 
-def colours_for(values: list) -> dict:
-    """A colour per value, in the order given (the pool's largest first)."""
-    return {v: COLOURS[i % len(COLOURS)] for i, v in enumerate(values)}
-
-
 def pool_colours(in_pool: dict | None) -> dict[str, str]:
-    """The composition chart's colour of each value (by its count in the pool, largest first)."""
+    """A colour per value, in the order of its count in the pool (largest first): the source
+    bars' and the selected texts' tags."""
     counts = in_pool or {}
     order = sorted(counts, key=lambda v: (-counts[v], str(v)))
-    return {str(v): c for v, c in colours_for(order).items()}
+    return {str(v): COLOURS[i % len(COLOURS)] for i, v in enumerate(order)}
 
 
 def composition_chart(
@@ -166,8 +162,8 @@ def composition_chart(
             bars.append((m, Counter({v: k for v, _, k in rows if k})))
     if not bars:
         return None
-    values = sorted(bars[0][1], key=lambda v: (-bars[0][1][v], str(v)))  # largest in the pool first
-    colour = colours_for(values)
+    colour = pool_colours(in_pool)
+    values = list(colour)  # largest in the pool first
     left, right, row, top = 120, W - 30, 30, 10
     body = []
     for i, (name, counts) in enumerate(bars):

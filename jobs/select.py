@@ -264,9 +264,9 @@ def run_select(
     pool, targets = load_pool(data, "candidates"), load_pool(data, "targets")
     check_budget(cfg, pool)
     method = METHODS[cfg.select.method]
+    if method.needs & {"vectors", "texts"} and targets.n == 0:  # they select for the targets
+        raise InputError(f"{data.uri_of('data/targets')}: no target rows (empty target set)")
     if "vectors" in method.needs:
-        if targets.n == 0:
-            raise InputError(f"{data.uri_of('data/targets')}: no target rows (empty target set)")
         for side in ("targets", "candidates"):
             check_vectors_ready(data, side, cfg.embed)
         check_dimensions(data)
