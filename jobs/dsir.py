@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.partitions import merge_ranked
+from actors.partitions import gather, merge_ranked
 from actors.pool import map_actors
 from engine.dsir import Features, Featurizer, gumbel, log_diff, split_budget
 from engine.ids import hash_uniform
@@ -209,7 +209,8 @@ def dsir_select(
     if o.fit_tokens != "all" and o.fit_tokens < fit_grams:
         q = o.fit_tokens / fit_grams
         task = ray.remote(_fit_sample)
-        raw = sum(ray.get([task.remote(i, options, q, seed) for i in cand]))
+        refs = [task.remote(i, options, q, seed) for i in cand]
+        raw = gather(refs, np.add, np.zeros(o.num_buckets, np.int64))  # summed as they arrive
         fit_grams, fit_rows = int(raw.sum()), None
     if fit_grams == 0:
         raise InputError("candidates: no words in the rows DSIR fits on (every text is empty)")
