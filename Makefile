@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-fast lint bench bench-finetune clean
+.PHONY: setup demo test test-fast lint docs bench bench-finetune clean
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,11 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check engine actors jobs tests benchmarks
+	$(BIN)/ruff check engine actors jobs raysift tests benchmarks examples
+
+docs: setup      # the API and config reference (docs/), warnings as errors -> site/
+	$(BIN)/python -m raysift.reference
+	$(BIN)/mkdocs build --strict
 
 bench: setup
 	$(BIN)/python benchmarks/embed_throughput.py

@@ -12,9 +12,9 @@ import time
 
 import pyarrow as pa
 
-from engine.embed import encode, load_encoder
-from jobs.pool import chunk_name, read_part_rows, vectors_to_arrow
-from jobs.storage import Store
+from raysift.engine.embed import encode, load_encoder
+from raysift.jobs.pool import chunk_name, read_part_rows, vectors_to_arrow
+from raysift.jobs.storage import Store
 
 
 def commit_chunk(store: Store, side: str, digest: str, a: int, b: int, ids, vectors) -> None:

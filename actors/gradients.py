@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from actors.embedder import vectors_to_arrow
+from raysift.actors.embedder import vectors_to_arrow
 
 
 class Gradients:
@@ -31,8 +31,8 @@ class Gradients:
     ):
         import torch
 
-        from engine import gradex, lm
-        from engine.embed import pick_device
+        from raysift.engine import gradex, lm
+        from raysift.engine.embed import pick_device
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

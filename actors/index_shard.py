@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.fanout import RESTARTS
-from engine.knn import IndexParams, IndexShard, shard_bounds
-from jobs.pool import Pool, read_rows, read_vector_range
-from jobs.storage import Store
+from raysift.actors.fanout import RESTARTS
+from raysift.engine.knn import IndexParams, IndexShard, shard_bounds
+from raysift.jobs.pool import Pool, read_rows, read_vector_range
+from raysift.jobs.storage import Store
 
 
 class StoredIndexShard(IndexShard):

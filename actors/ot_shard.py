@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ray
 
-from actors.fanout import RESTARTS, ResilientFanout
-from engine.knn import shard_bounds
-from engine.sinkhorn import SinkhornShard
-from jobs.pool import Pool, read_vector_range
+from raysift.actors.fanout import RESTARTS, ResilientFanout
+from raysift.engine.knn import shard_bounds
+from raysift.engine.sinkhorn import SinkhornShard
+from raysift.jobs.pool import Pool, read_vector_range
 
 
 class StoredSinkhornShard(SinkhornShard):

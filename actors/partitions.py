@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from engine.selection import Ranked
-from jobs.pool import Pool, read_part
+from raysift.engine.selection import Ranked
+from raysift.jobs.pool import Pool, read_part
 
 FANIN = 16  # lists per merge task
 

@@ -71,7 +71,7 @@ def main() -> None:
             "select.gotd.shards=3", "select.gotd.cpus_per_shard=1",
         ]  # fmt: skip
         job = subprocess.run(
-            [sys.executable, "-m", "jobs.cli", "run", str(REPO / "configs" / "demo.yaml"),
+            [sys.executable, "-m", "raysift", "run", str(REPO / "configs" / "demo.yaml"),
              *[a for s in sets for a in ("--set", s)]],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip

@@ -130,7 +130,7 @@ def one_size(n: int, cores: int) -> tuple[dict, dict]:
         }))  # fmt: skip
         return path
 
-    cli = [sys.executable, "-m", "jobs.cli"]
+    cli = [sys.executable, "-m", "raysift"]
     results["raysift ingest"] = measure([*cli, "ingest", str(config(0))], folder)
     results["raysift select"] = measure([*cli, "select", str(config(0))], folder)
     results["raysift select, features cached (seed 1)"] = measure(
@@ -147,7 +147,7 @@ def one_size(n: int, cores: int) -> tuple[dict, dict]:
         np.abs(sel.column("score").to_numpy() - ref_w[sel.column("row").to_numpy()]).max()
     )
     if n <= 200_000:  # every weight, by the engine the actors run (one process)
-        from engine.dsir import Featurizer, log_diff
+        from raysift.engine.dsir import Featurizer, log_diff
 
         featurize = Featurizer()
         t0 = time.process_time()

@@ -69,7 +69,7 @@ def worker(mode: str, precision: str, data: Path) -> dict:
     if mode == "raw":
         with PeakRSS() as rss:
             t0 = time.perf_counter()  # the imports count, as they do in a fresh Ray actor
-            from engine.embed import encode, load_encoder
+            from raysift.engine.embed import encode, load_encoder
 
             enc = load_encoder(
                 max_length=MAX_LENGTH, batch_size=BATCH, precision=precision, num_threads=threads
@@ -81,9 +81,9 @@ def worker(mode: str, precision: str, data: Path) -> dict:
         import ray
         import ray.data
 
-        from jobs.config import EmbedConfig
-        from jobs.embed import embed_sides
-        from jobs.runtime import RAY_ENV, configure_data
+        from raysift.jobs.config import EmbedConfig
+        from raysift.jobs.embed import embed_sides
+        from raysift.jobs.runtime import RAY_ENV, configure_data
 
         t0 = time.perf_counter()
         ray.init(
@@ -97,9 +97,9 @@ def worker(mode: str, precision: str, data: Path) -> dict:
         # coordinator); in the pipeline the ingest stage has paid this before embed runs.
         ray.data.range(8).materialize()
         result["ray_start_seconds"] = time.perf_counter() - t0
-        from jobs.config import IngestConfig, InputSpec
-        from jobs.ingest import ingest_side
-        from jobs.storage import Store
+        from raysift.jobs.config import IngestConfig, InputSpec
+        from raysift.jobs.ingest import ingest_side
+        from raysift.jobs.storage import Store
 
         cfg = EmbedConfig(
             max_length=MAX_LENGTH, batch_size=BATCH, precision=precision, num_actors=1,

@@ -134,7 +134,7 @@ def _select_seconds(run_dir: Path, result: dict, method: str) -> str:
 def length_filter_table(thresholds: tuple[int, ...] = (100, 5)) -> None:
     """Per target: the share of the pool's rows of the target's source (and section) that DSIR's
     length filter removes, at each threshold (words as DSIR counts them)."""
-    from engine.dsir import Featurizer
+    from raysift.engine.dsir import Featurizer
 
     pool = pq.read_table(OUT / "pool.parquet").to_pandas()
     words = Featurizer(1, 2)(pool["text"].tolist()).lengths()
@@ -170,8 +170,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if not args.table:
-        from jobs.config import load_config
-        from jobs.evaluate import run_evaluate
+        from raysift.jobs.config import load_config
+        from raysift.jobs.evaluate import run_evaluate
 
         build(args.per_source)
         for budget in args.budget:

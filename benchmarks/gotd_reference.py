@@ -42,7 +42,7 @@ np.savez(sys.argv[3], f=np.asarray(out.f), g=np.asarray(out.g), n_iter=int((erro
 
 
 def ours(x_path: str, y_path: str, out: str, threshold: float) -> None:
-    from engine.sinkhorn import solve
+    from raysift.engine.sinkhorn import solve
 
     r = solve(np.load(y_path), np.load(x_path), threshold=threshold)
     np.savez(out, f=r.f, g=r.g, n_iter=r.n_iter)

@@ -22,10 +22,10 @@ import numpy as np
 import ray
 from harness import actor_peak_rss_gb, peak_rss_gb, stored_pool
 
-from actors.fanout import stop
-from actors.ot_shard import ot_fanout, start_ot_shards
-from engine.gotd import merge_smallest
-from engine.sinkhorn import coordinate
+from raysift.actors.fanout import stop
+from raysift.actors.ot_shard import ot_fanout, start_ot_shards
+from raysift.engine.gotd import merge_smallest
+from raysift.engine.sinkhorn import coordinate
 
 
 def main() -> None:

@@ -55,9 +55,9 @@ def finetune_on_sources(
     benchmark's fine-tune settings (finetune_eval.py: lr 5e-4, 64 tokens, batch 8, one epoch),
     and score the same held-out texts, so the rows sit beside that table's. The runs share the
     validation run's ingest, theta* and gradients (same rows, seed and settings)."""
-    from jobs.config import load_config
-    from jobs.evaluate import heldout_perplexity
-    from jobs.pipeline import run
+    from raysift.jobs.config import load_config
+    from raysift.jobs.evaluate import heldout_perplexity
+    from raysift.jobs.pipeline import run
 
     heldout = pq.read_table(FT_OUT / target / "heldout.parquet").column("text").to_pylist()
     base = OUT / target / "run"
@@ -147,8 +147,8 @@ def main() -> None:
     if args.finetune:
         finetune_on_sources(args.target, args.rows_per_source, args.finetune, args.seeds)
     elif not args.table:
-        from jobs.config import load_config
-        from jobs.gradex import run_estimate
+        from raysift.jobs.config import load_config
+        from raysift.jobs.gradex_estimate import run_estimate
 
         build(1000)
         extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}

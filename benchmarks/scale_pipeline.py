@@ -64,7 +64,7 @@ PROBE = r"""
 import json, os, sys
 sys.path.insert(0, os.environ["HARNESS"])
 from harness import DriverBytes
-from jobs.cli import main
+from raysift.jobs.cli import main
 with DriverBytes() as counted:
     code = main(sys.argv[1:])
 with open(f"/proc/{os.getpid()}/io") as fh:
@@ -235,8 +235,8 @@ def new_code(
 def old_layout(new_run: Path, old_run: Path) -> None:
     """The run folder of the code before the scale-out, from the new one's parts and chunks (the
     harness reads them; neither driver does)."""
-    from jobs.pool import load_pool, read_part, read_vectors
-    from jobs.storage import Store
+    from raysift.jobs.pool import load_pool, read_part, read_vectors
+    from raysift.jobs.storage import Store
 
     store = Store.local(new_run)
     for side in ("candidates", "targets"):

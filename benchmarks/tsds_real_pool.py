@@ -31,14 +31,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from engine.baselines import knn_select, random_select
-from engine.embed import encode, load_encoder
-from engine.fanout import local_fanout
-from engine.gotd import select as gotd_select
-from engine.knn import IndexParams, IndexShard
-from engine.sampling import sample
-from engine.sinkhorn import solve as sinkhorn_solve
-from engine.tsds_search import TSDSParams, select_exact
+from raysift.engine.baselines import knn_select, random_select
+from raysift.engine.embed import encode, load_encoder
+from raysift.engine.fanout import local_fanout
+from raysift.engine.gotd import select as gotd_select
+from raysift.engine.knn import IndexParams, IndexShard
+from raysift.engine.sampling import sample
+from raysift.engine.sinkhorn import solve as sinkhorn_solve
+from raysift.engine.tsds_search import TSDSParams, select_exact
 
 POOL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pool.parquet"
 TARGETS = {

@@ -27,9 +27,9 @@ from harness import SHARED, ensure_synth, timed
 
 
 def ours(data: Path, out: Path) -> None:
-    from engine.fanout import local_fanout
-    from engine.knn import IndexShard
-    from engine.tsds_search import TSDSParams, reference_index_params, select_compat
+    from raysift.engine.fanout import local_fanout
+    from raysift.engine.knn import IndexShard
+    from raysift.engine.tsds_search import TSDSParams, reference_index_params, select_compat
 
     X = np.load(data / "candidates.npy")
     Q = np.load(data / "query_examples.npy")

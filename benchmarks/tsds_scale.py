@@ -22,10 +22,10 @@ import numpy as np
 import ray
 from harness import actor_peak_rss_gb, ensure_synth, peak_rss_gb, stored_pool
 
-from actors.fanout import ResilientFanout, stop
-from actors.index_shard import start_shards
-from engine.knn import IndexParams, IndexShard, merge_topk
-from engine.tsds_search import TSDSParams, gather_vectors, select_exact
+from raysift.actors.fanout import ResilientFanout, stop
+from raysift.actors.index_shard import start_shards
+from raysift.engine.knn import IndexParams, IndexShard, merge_topk
+from raysift.engine.tsds_search import TSDSParams, gather_vectors, select_exact
 
 
 def exact_truth(data: Path, args) -> None:

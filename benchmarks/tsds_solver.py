@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.tsds import solve
+from raysift.engine.tsds import solve
 
 SYNTH = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "tsds" / "synth100k.npz"

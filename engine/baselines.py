@@ -14,8 +14,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from engine.ids import hash_uniform
-from engine.selection import Selection, check_budget, top_k
+from raysift.engine.ids import hash_uniform
+from raysift.engine.selection import Selection, check_budget, top_k
 
 KNN_MODES = ("max", "centroid")
 

@@ -35,7 +35,7 @@ from operator import methodcaller
 import numpy as np
 import pandas as pd
 
-from engine.ids import hash_uniform
+from raysift.engine.ids import hash_uniform
 
 # nltk's WordPunctTokenizer: RegexpTokenizer(r"\w+|[^\w\s]+") compiled with these flags
 TOKEN = re.compile(r"\w+|[^\w\s]+", re.UNICODE | re.MULTILINE | re.DOTALL)

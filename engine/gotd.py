@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.selection import Selection, check_budget
+from raysift.engine.selection import Selection, check_budget
 
 
 def calibrated(g: np.ndarray) -> np.ndarray:

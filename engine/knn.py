@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from engine.allocator import large_allocations_via_mmap
+from raysift.engine.allocator import large_allocations_via_mmap
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 GPU_MAX_K = 2048

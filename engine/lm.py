@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.embed import resolve_precision
+from raysift.engine.embed import resolve_precision
 
 PACKAGED_LM = "smollm2-135m"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

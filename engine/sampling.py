@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.ids import hash_uniform
-from engine.selection import Selection, check_budget, top_k
+from raysift.engine.ids import hash_uniform
+from raysift.engine.selection import Selection, check_budget, top_k
 
 SAMPLERS = ("multinomial", "without_replacement", "top")
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.allocator import large_allocations_via_mmap
-from engine.fanout import Fanout, local_fanout
+from raysift.engine.allocator import large_allocations_via_mmap
+from raysift.engine.fanout import Fanout, local_fanout
 
 
 @dataclass

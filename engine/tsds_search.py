@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.fanout import Fanout
-from engine.knn import IndexParams, build_index, combine_density, merge_topk
-from engine.tsds import (
+from raysift.engine.fanout import Fanout
+from raysift.engine.knn import IndexParams, build_index, combine_density, merge_topk
+from raysift.engine.tsds import (
     NeighboursExhausted,
     RowCache,
     TSDSSolution,

@@ -14,8 +14,8 @@ from typing import Annotated
 import click
 import typer
 
-from jobs import console
-from jobs.errors import InputError, Interrupted
+from raysift.jobs import console
+from raysift.jobs.errors import InputError, Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -28,11 +28,26 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a config field, e.g. --set embed.batch_size=128"),
 ]
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def demo_config() -> Path:
+    """The shipped demo config: package data (`raysift.configs`), beside the demo's pool, targets
+    and held-out texts (`raysift.demo`); in a checkout, configs/demo.yaml."""
+    from importlib.resources import files
+
+    return Path(str(files("raysift.configs").joinpath("demo.yaml")))
+
+
+def demo_output_default(config: Path) -> Path | None:
+    """Where the demo writes when --output-dir is not given: the config's own runs/demo in a
+    checkout; ./runs/demo for an installed raysift (never into site-packages)."""
+    from raysift.jobs.cluster import CHECKOUT
+
+    return None if CHECKOUT else Path.cwd() / "runs" / "demo"
 
 
 def _load(config: Path, overrides: list[str] | None):
-    from jobs.config import load_config
+    from raysift.jobs.config import load_config
 
     return load_config(config, overrides or [])
 
@@ -57,7 +72,7 @@ def _options(
 
 
 def _run(config: Path, overrides: list[str] | None, stages: list[str] | None) -> Path:
-    from jobs.pipeline import run
+    from raysift.jobs.pipeline import run
 
     cfg = _load(config, overrides)
     run_dir = run(cfg, stages, log=_log)
@@ -101,7 +116,7 @@ def finetune(config: ConfigArg, set_: SetOpt = None) -> None:
 def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Select with each method at one budget, fine-tune on each, score the target's held-out
     perplexity; writes evaluation.json and report.html."""
-    from jobs.evaluate import run_evaluate
+    from raysift.jobs.evaluate import run_evaluate
 
     cfg = _load(config, set_)
     run_dir = run_evaluate(cfg, log=_log)
@@ -123,7 +138,7 @@ def estimate(
 ) -> None:
     """GradEx: estimate fine-tuning on subsets of the pool's data sources from gradients at a
     meta-initialisation, score the sources and choose them (gradex/ in the run folder)."""
-    from jobs.gradex import run_estimate
+    from raysift.jobs.gradex_estimate import run_estimate
 
     cfg = _load(config, set_)
     run_dir = run_estimate(cfg, validate_, log=_log)
@@ -142,8 +157,8 @@ def estimate(
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config and its inputs, and print the resolved config."""
-    from jobs.config import to_yaml
-    from jobs.ingest import check_input
+    from raysift.jobs.config import to_yaml
+    from raysift.jobs.ingest import check_input
 
     cfg = _load(config, set_)
     check_input(cfg.candidates, "candidates")
@@ -155,7 +170,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 def curate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Incremental curation of a growing pool folder: embed only new rows, re-select, write a
     new version under curate/ with a diff against the previous one (nothing new: no-op)."""
-    from jobs.curate import run_curate
+    from raysift.jobs.curate import run_curate
 
     summary = run_curate(_load(config, set_), log=_log)
     typer.echo(json.dumps(summary))
@@ -179,7 +194,7 @@ def submit(
 ) -> None:
     """Submit `raysift run CONFIG` to a running cluster as a Ray job (this checkout uploaded as
     the working_dir); with --wait, follow it to the end."""
-    from jobs import cluster
+    from raysift.jobs import cluster
 
     job_id = cluster.submit(config, address, list(set_ or []))
     typer.echo(f"submitted: {job_id}")
@@ -197,7 +212,8 @@ def submit(
 @app.command()
 def demo(
     output_dir: Annotated[
-        Path | None, typer.Option(help="run folder (default: the demo config's runs/demo)")
+        Path | None,
+        typer.Option(help="run folder (default: runs/demo in the checkout, else ./runs/demo)"),
     ] = None,
     set_: SetOpt = None,
     evaluate_: Annotated[
@@ -210,17 +226,19 @@ def demo(
 ) -> None:
     """The whole path on the shipped demo: embed, select (knn), then fine-tune SmolLM2 on knn's,
     random's and the target's own rows and compare target perplexity in report.html."""
-    from jobs.report import evaluation_table, source_table
+    from raysift.jobs.report import evaluation_table, source_table
 
+    config = demo_config()
     overrides = list(set_ or [])
+    output_dir = output_dir or demo_output_default(config)
     if output_dir is not None:
-        overrides.append(f"output_dir={output_dir.resolve()}")
-    run_dir = _run(DEMO_CONFIG, overrides, None)
+        overrides.insert(0, f"output_dir={output_dir.resolve()}")
+    run_dir = _run(config, overrides, None)
     source_table(run_dir)
     if evaluate_:
-        from jobs.evaluate import run_evaluate
+        from raysift.jobs.evaluate import run_evaluate
 
-        run_evaluate(_load(DEMO_CONFIG, overrides), log=_log)
+        run_evaluate(_load(config, overrides), log=_log)
         evaluation_table(run_dir)
         report = run_dir / "report.html"
         typer.echo(f"report: {report}")
@@ -281,7 +299,7 @@ def _interrupted(exc: Interrupted) -> int:
 def main(argv: list[str] | None = None) -> int:
     import signal
 
-    from jobs.runtime import handle_signals
+    from raysift.jobs.runtime import handle_signals
 
     before = handle_signals()
     try:
@@ -292,14 +310,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from jobs.runtime import interruption, received
+    from raysift.jobs.runtime import interruption, received
 
     try:
         try:
             # standalone_mode=False: a command's `typer.Exit(n)` comes back as n, not raised
             code = app(args=argv, standalone_mode=False, prog_name="raysift")
         finally:  # a remote run folder gets what the command wrote, also when it failed
-            from jobs.storage import sync_all
+            from raysift.jobs.storage import sync_all
 
             sync_all()
         if code == 130 and received():  # Typer turned our KeyboardInterrupt into Exit(130)

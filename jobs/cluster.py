@@ -1,9 +1,14 @@
 """Reaching a running cluster: address checks that fail in seconds, and job submission.
 
-`raysift submit CONFIG --address http://HEAD:8265` is `ray job submit --working-dir . -- raysift run
-CONFIG` with raysift's runtime_env: this checkout (engine/, actors/, jobs/, configs/) is uploaded
-and every worker starts in its copy of it (on its sys.path): driver and workers run the code you
-submitted; the third-party packages come from the cluster's image (cluster.yaml's setup_commands).
+`raysift submit CONFIG --address http://HEAD:8265` is `ray job submit --working-dir . -- python -m
+raysift run CONFIG` with raysift's runtime_env. From a checkout, the checkout (raysift/, engine/,
+actors/, jobs/, configs/) is uploaded and every worker starts in its copy of it, first on its
+sys.path: `import raysift` there is the uploaded raysift/, whose subpackages are the uploaded
+folders -- driver and workers run the code you submitted, not the cluster's own install. From an
+installed raysift, the current folder is uploaded (configs, data) and the installed package travels
+as a `py_modules` entry, ahead of the cluster's copy on every worker's path. The manifest records
+which code ran (`code`). The third-party packages come from the cluster's image (cluster.yaml's
+setup_commands).
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from jobs.errors import InputError
+from raysift.jobs.errors import InputError
 
-REPO = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent.parent  # raysift/ in a wheel, the checkout's root else
+CHECKOUT = (PACKAGE / "raysift" / "__init__.py").is_file()
 # What the upload leaves out besides .gitignore's entries (Ray honours .gitignore).
 EXCLUDES = [".git", ".venv", "runs", "benchmarks", "tests", "*.egg-info", "__pycache__"]
 TOKEN_HELP = (
@@ -56,12 +62,21 @@ def check_ray_address(address: str | None) -> None:
         check_reachable(address, "ray.address", 10001 if address.startswith("ray://") else 6379)
 
 
-def runtime_env(working_dir: Path = REPO) -> dict:
-    return {
+def upload_root() -> Path:
+    """What `raysift submit` uploads: the checkout, or the current folder (an installed raysift)."""
+    return PACKAGE if CHECKOUT else Path.cwd()
+
+
+def runtime_env(working_dir: Path | None = None) -> dict:
+    working_dir = working_dir or upload_root()
+    env = {
         "working_dir": str(working_dir),
         "excludes": EXCLUDES,
         "env_vars": {"HF_HUB_OFFLINE": "1"},
     }
+    if not CHECKOUT:  # an installed raysift: send this package (the code that submits)
+        env["py_modules"] = [str(PACKAGE)]
+    return env
 
 
 def _client(address: str):
@@ -87,12 +102,13 @@ def submit(
     address: str,
     overrides: list[str],
     *,
-    working_dir: Path = REPO,
+    working_dir: Path | None = None,
     submission_id: str | None = None,
 ) -> str:
     """Submit `raysift run CONFIG --set ...` as a Ray job; returns the job's submission id.
 
     The config path must lie inside `working_dir` (it travels with the upload)."""
+    working_dir = working_dir or upload_root()
     config = Path(config).resolve()
     try:
         rel = config.relative_to(Path(working_dir).resolve())
@@ -100,7 +116,7 @@ def submit(
         raise InputError(
             f"{config}: the config must be inside the uploaded folder {working_dir}"
         ) from None
-    args = ["python", "-m", "jobs.cli", "run", rel.as_posix()]
+    args = ["python", "-m", "raysift", "run", rel.as_posix()]
     for item in overrides:
         args += ["--set", item]
     client = _client(address)

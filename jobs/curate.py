@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from actors.partitions import map_parts, merge_ranked
-from engine.gotd import select as gotd_select
-from engine.selection import Ranked, Selection
-from engine.sinkhorn import SinkhornShard, c_transform
-from jobs.config import Config, result_settings
-from jobs.embed import SIDES
-from jobs.ingest import check_input, fingerprint
-from jobs.pool import Part, Pool, load_pool, read_vector_range, read_vectors
-from jobs.runfolder import Manifest, atomic_path, write_json
-from jobs.storage import Store, open_run
+from raysift.actors.partitions import map_parts, merge_ranked
+from raysift.engine.gotd import select as gotd_select
+from raysift.engine.selection import Ranked, Selection
+from raysift.engine.sinkhorn import SinkhornShard, c_transform
+from raysift.jobs.config import Config, result_settings
+from raysift.jobs.ingest import check_input, fingerprint
+from raysift.jobs.pool import Part, Pool, load_pool, read_vector_range, read_vectors
+from raysift.jobs.runfolder import Manifest, atomic_path, write_json
+from raysift.jobs.storage import Store, open_run
+from raysift.jobs.vectors import SIDES
 
 LATEST = "latest.json"
 
@@ -81,7 +81,7 @@ def _incremental_gotd(cfg: Config, run_dir: Path, pool: Pool, targets: Pool, pre
     """New rows' g by the c-transform of the stored f (tasks on the new parts only); old rows
     keep their g (shifted for the larger pool: g carries eps log(1/N)); the budget smallest of
     both, ties by row."""
-    from jobs.select import GOTD_POTENTIAL
+    from raysift.jobs.select import GOTD_POTENTIAL
 
     eps, n, budget = cfg.select.gotd.epsilon, pool.n, cfg.select.budget
     f = pq.read_table(run_dir / GOTD_POTENTIAL).column("f").to_numpy()
@@ -103,8 +103,14 @@ def _incremental_gotd(cfg: Config, run_dir: Path, pool: Pool, targets: Pool, pre
 
 def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """One scheduled curation run; returns what it did (also in curate/vNNNN/info.json)."""
-    from jobs.pipeline import run
-    from jobs.select import GOTD_POTENTIAL, Context, needs_vectors, run_select, write_selection
+    from raysift.jobs.pipeline import run
+    from raysift.jobs.select import (
+        GOTD_POTENTIAL,
+        Context,
+        needs_vectors,
+        run_select,
+        write_selection,
+    )
 
     inputs = _inputs(cfg)  # the input checks come first: a bad path writes nothing
     key = _config_key(cfg)

@@ -24,16 +24,16 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.partitions import gather, merge_ranked
-from actors.pool import map_actors
-from engine.dsir import Features, Featurizer, gumbel, log_diff, split_budget
-from engine.ids import hash_uniform
-from engine.selection import Ranked, Selection
-from jobs.config import DSIRConfig
-from jobs.console import progress
-from jobs.errors import InputError
-from jobs.pool import Pool, as_strings, read_part_rows
-from jobs.storage import Store
+from raysift.actors.partitions import gather, merge_ranked
+from raysift.actors.pool import map_actors
+from raysift.engine.dsir import Features, Featurizer, gumbel, log_diff, split_budget
+from raysift.engine.ids import hash_uniform
+from raysift.engine.selection import Ranked, Selection
+from raysift.jobs.config import DSIRConfig
+from raysift.jobs.console import progress
+from raysift.jobs.errors import InputError
+from raysift.jobs.pool import Pool, as_strings, read_part_rows
+from raysift.jobs.storage import Store
 
 FEATURES = "features"
 

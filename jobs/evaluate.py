@@ -30,16 +30,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.embed import pick_device
-from engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_lm_path
-from jobs.config import Config
-from jobs.console import progress, say
-from jobs.errors import InputError
-from jobs.evaluation_report import render, run_folder
-from jobs.ingest import check_input, ingest_side
-from jobs.pool import load_pool, read_rows
-from jobs.runfolder import write_json, write_jsonl, write_text
-from jobs.storage import Store
+from raysift.engine.embed import pick_device
+from raysift.engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_lm_path
+from raysift.jobs.config import Config, MethodEntry, validate
+from raysift.jobs.console import progress, say
+from raysift.jobs.errors import InputError
+from raysift.jobs.evaluation_report import render, run_folder
+from raysift.jobs.ingest import check_input, ingest_side
+from raysift.jobs.pool import load_pool, read_rows
+from raysift.jobs.runfolder import write_json, write_jsonl, write_text
+from raysift.jobs.storage import Store
 
 
 def check_evaluate(cfg: Config) -> None:
@@ -65,26 +65,21 @@ def check_evaluate(cfg: Config) -> None:
             )
 
 
-def select_method(entry: str) -> str:
-    """The select.method of an `evaluate.methods` entry (`gradex-random` runs gradex)."""
-    return entry.partition("-")[0]
-
-
 def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
     log(prefix + message)
 
 
 def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
-    from jobs.pipeline import run
-    from jobs.runtime import start_ray
-    from jobs.select import check_budget, needs_vectors
+    from raysift.jobs.pipeline import run
+    from raysift.jobs.runtime import start_ray
+    from raysift.jobs.select import check_budget, needs_vectors
 
     e = cfg.evaluate
     seeds = e.seeds or [cfg.seed]
     check_evaluate(cfg)
     run_dir = run(cfg, ["ingest"], log)
     check_budget(cfg, load_pool(Store.for_run(run_dir), "candidates"))  # before the embedding
-    if any(needs_vectors(select_method(m)) for m in e.methods):
+    if any(needs_vectors(m.method) for m in e.methods):
         run(cfg, ["embed"], log)
     start_ray(cfg)
     heldout = _heldout_texts(cfg, run_dir)
@@ -92,13 +87,14 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     base = heldout_perplexity(cfg, None, heldout, run_dir / "evaluate" / "base")
     log(f"evaluate: base model: done, perplexity {base['perplexity']:.3f}")
     runs = []
-    methods = [*e.methods, *(["oracle"] if e.oracle else [])]
+    methods = [*e.methods, *([None] if e.oracle else [])]  # None: the oracle
     todo = [(seed, method) for seed in seeds for method in methods]
     for k, (seed, method) in enumerate(todo, 1):
-        name = f"run {k}/{len(todo)}: {method}, seed {seed}"
+        label = method.name if method else "oracle"
+        name = f"run {k}/{len(todo)}: {label}, seed {seed}"
         log(f"evaluate: {name}: running")
         t0 = time.perf_counter()
-        sub_log = functools.partial(_prefixed, log, f"{method}, seed {seed}: ")
+        sub_log = functools.partial(_prefixed, log, f"{label}, seed {seed}: ")
         runs.append(_one(cfg, run_dir, method, seed, heldout, sub_log))
         log(f"evaluate: {name}: done in {time.perf_counter() - t0:.1f} s, "
             f"perplexity {runs[-1]['perplexity']:.3f}")  # fmt: skip
@@ -126,16 +122,17 @@ def _heldout_texts(cfg: Config, run_dir: Path) -> list[str]:
     return read_rows(pool, 0, n, ["text"]).column("text").to_pylist()
 
 
-def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> dict:
-    from jobs.finetune import run_finetune
-    from jobs.pipeline import run
+def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldout, log) -> dict:
+    from raysift.jobs.finetune import run_finetune
+    from raysift.jobs.pipeline import run
 
+    method = entry.name if entry else "oracle"
     sub = run_folder(run_dir, method, seed)
     sub.mkdir(parents=True, exist_ok=True)
     data = Store.for_run(run_dir)  # the shared pool and embeddings
     tree = cfg.model_dump(mode="json")
     tree.update(output_dir=str(sub), seed=seed)
-    if method == "oracle":
+    if entry is None:
         sub_cfg = Config.model_validate(tree)
         _oracle_rows(run_dir, sub / "selected.jsonl", cfg.select.budget, seed)
         log("finetune: running (on the target's own rows)")
@@ -144,10 +141,9 @@ def _one(cfg: Config, run_dir: Path, method: str, seed: int, heldout, log) -> di
         log(f"finetune: done in {time.perf_counter() - t0:.1f} s")
         shares = {"share_from_target": 1.0, "label_tv": _label_tv(cfg, run_dir, None)}
     else:
-        tree["select"]["method"] = select_method(method)
-        if method.startswith("gradex-"):  # GradEx's baselines: random sources, all sources
-            tree["select"]["gradex"]["strategy"] = method.partition("-")[2]
-        sub_cfg = Config.model_validate(tree)
+        tree["select"]["method"] = entry.method
+        tree["select"][entry.method] = {**tree["select"].get(entry.method, {}), **entry.options}
+        sub_cfg = validate(tree, f"evaluate.methods: {method}")
         run(sub_cfg, ["select", "finetune"], log, data=data)
         info = json.loads((sub / "manifest.json").read_text())["stages"]["finetune"]
         selection = pq.read_table(sub / "selection.parquet")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs.report import composition, pool_counts, selection_counts
+from raysift.jobs.report import composition, pool_counts, selection_counts
 
 # 20 source colours, every pair at least 32 apart in CIE76 delta E (about 2.3 is a just-noticeable
 # difference): Tableau's first four, then farthest-point picks in CIELAB over sRGB colours of

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.lm import resolve_lm_path
-from jobs.config import Config, FinetuneConfig, result_settings
-from jobs.errors import InputError
-from jobs.runfolder import atomic_path, write_json, write_text
-from jobs.storage import Store, shared_path
+from raysift.engine.lm import resolve_lm_path
+from raysift.jobs.config import Config, FinetuneConfig, result_settings
+from raysift.jobs.errors import InputError
+from raysift.jobs.runfolder import atomic_path, write_json, write_text
+from raysift.jobs.storage import Store, shared_path
 
 STATE = "state.pt"
 TOKENS = "finetune/tokens"
@@ -101,14 +101,14 @@ class Tokenise:
     """One range of the rows file -> finetune/tokens/part-K.parquet (run by a task per part)."""
 
     def __init__(self, store: Store, rows: str, f: dict) -> None:
-        from engine import lm
+        from raysift.engine import lm
 
         self.store, self.rows = store, rows
         self.f = FinetuneConfig(**f)
         self.tokenizer = lm.load_tokenizer(self.f.model)
 
     def __call__(self, r: dict) -> dict:
-        from engine import lm
+        from raysift.engine import lm
 
         f = self.f
         with self.store.fs.open_input_file(self.store.path(self.rows)) as fh:
@@ -159,7 +159,7 @@ def load_tokens(store: Store, wanted: np.ndarray) -> dict:
     """{index: Example} for the wanted row indices, reading only the parts that hold them."""
     import pyarrow.parquet as pq
 
-    from engine import lm
+    from raysift.engine import lm
 
     wanted = np.unique(np.asarray(wanted, np.int64))
     out = {}
@@ -203,7 +203,7 @@ def train_loop(c: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
-    from engine import lm
+    from raysift.engine import lm
 
     f = FinetuneConfig(**c["finetune"])
     ctx = ray.train.get_context()
@@ -311,7 +311,7 @@ def _trainer_class():
     import ray
     from ray.train.torch import TorchTrainer
 
-    from jobs.runtime import _raise as interrupt
+    from raysift.jobs.runtime import _raise as interrupt
 
     class Trainer(TorchTrainer):
         def _register_sigint_handler(self, controller) -> None:
@@ -333,8 +333,8 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 
-    from actors.progress import watch
-    from jobs.runtime import handle_signals, start_ray
+    from raysift.actors.progress import watch
+    from raysift.jobs.runtime import handle_signals, start_ray
 
     f = cfg.finetune
     rows_path = rows_path or run_dir / "selected.jsonl"

@@ -48,12 +48,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engine.ids import content_ids
-from jobs import storage
-from jobs.config import IngestConfig, InputSpec
-from jobs.errors import InputError
-from jobs.pool import INDEX, LAYOUT, VECTOR, Part, Pool, load_pool
-from jobs.storage import Store
+from raysift.engine.ids import content_ids
+from raysift.jobs import storage
+from raysift.jobs.config import IngestConfig, InputSpec
+from raysift.jobs.errors import InputError
+from raysift.jobs.pool import INDEX, LAYOUT, VECTOR, Part, Pool, load_pool
+from raysift.jobs.storage import Store
 
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 BATCH_ROWS = 65_536
@@ -874,7 +874,7 @@ def write_vector_inputs(folder, candidates, targets, parts: int = 1) -> tuple:
     from arrays: ingest them with `vector_column: vector`."""
     from pathlib import Path
 
-    from jobs.pool import vectors_to_arrow
+    from raysift.jobs.pool import vectors_to_arrow
 
     folder = Path(folder)
     (folder / "pool").mkdir(parents=True, exist_ok=True)

@@ -16,20 +16,21 @@ import errno
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.embed import resolve_model_path
-from engine.lm import resolve_lm_path
-from jobs.cluster import check_ray_address
-from jobs.config import Config, to_yaml
-from jobs.console import attach, say
-from jobs.embed import SIDES, check_vectors_ready, embed_sides, embeddings_current
-from jobs.errors import InputError
-from jobs.finetune import check_finetune, run_finetune
-from jobs.ingest import check_input, fingerprint, ingest_side
-from jobs.pool import INDEX, load_pool
-from jobs.runfolder import Manifest, clean_leftovers, write_text
-from jobs.runtime import interruption, start_ray
-from jobs.select import check_budget, needs_vectors, run_select
-from jobs.storage import Store, open_run
+from raysift.engine.embed import resolve_model_path
+from raysift.engine.lm import resolve_lm_path
+from raysift.jobs.cluster import check_ray_address
+from raysift.jobs.config import Config, to_yaml
+from raysift.jobs.console import attach, say
+from raysift.jobs.embed import embed_sides
+from raysift.jobs.errors import InputError
+from raysift.jobs.finetune import check_finetune, run_finetune
+from raysift.jobs.ingest import check_input, fingerprint, ingest_side
+from raysift.jobs.pool import INDEX, load_pool
+from raysift.jobs.runfolder import Manifest, clean_leftovers, write_text
+from raysift.jobs.runtime import interruption, start_ray
+from raysift.jobs.select import check_budget, needs_vectors, run_select
+from raysift.jobs.storage import Store, open_run
+from raysift.jobs.vectors import SIDES, check_vectors_ready, embeddings_current
 
 STAGES = ("ingest", "embed", "select", "finetune")
 
@@ -124,7 +125,7 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None 
         except FileNotFoundError as exc:
             raise InputError(str(exc)) from None
     if "select" in stages and cfg.select.method == "gradex":
-        from jobs.gradex import check_static
+        from raysift.jobs.gradex import check_static
 
         check_static(cfg)
     if "ingest" in stages:

@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.errors import InputError
-from jobs.storage import Store
+from raysift.jobs.errors import InputError
+from raysift.jobs.storage import Store
 
 INDEX = "_index.json"
 VECTOR = "_vector"  # a part's column of given vectors (candidates.vector_column)

@@ -11,9 +11,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from actors.partitions import column_counts
-from jobs.pool import load_pool
-from jobs.storage import Store
+from raysift.actors.partitions import column_counts
+from raysift.jobs.pool import load_pool
+from raysift.jobs.storage import Store
 
 
 def pool_counts(run_dir: Path, column: str) -> dict[str, int] | None:

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs import storage
+from raysift.jobs import storage
 
 TMP_PREFIX = ".tmp-"
 _VERSIONED = (
@@ -105,6 +105,13 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def code_location() -> str:
+    """Where the running raysift was imported from (a checkout, a job's upload, an install)."""
+    import raysift.jobs
+
+    return str(Path(raysift.jobs.__file__).resolve().parent.parent)
+
+
 class Manifest:
     """`manifest.json`: resolved config, versions, seed, and per-stage status, rows and timings.
 
@@ -119,6 +126,7 @@ class Manifest:
             "config": config,
             "seed": seed,
             "versions": package_versions(),
+            "code": code_location(),
             "command": sys.argv,
             # Earlier stages stay on record: each stage decides itself whether they still hold.
             "stages": previous.get("stages", {}),

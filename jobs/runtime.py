@@ -6,9 +6,9 @@ import os
 import signal
 import threading
 
-from jobs.cluster import TOKEN_HELP, check_ray_address, token_present
-from jobs.config import Config
-from jobs.errors import InputError, Interrupted
+from raysift.jobs.cluster import TOKEN_HELP, check_ray_address, token_present
+from raysift.jobs.config import Config
+from raysift.jobs.errors import InputError, Interrupted
 
 # Ray Train's controller polls its workers every 2 s by default: it notices the end of a fit and
 # registers reported checkpoints that late (a Ctrl-C then resumes from an older one); 0.5 s costs
@@ -25,7 +25,7 @@ def start_ray(cfg: Config) -> None:
     # A failed task's other return values (ingest's tables, a shard's partials) hold copies of the
     # error raysift has already raised (exit 2, one line): Ray would print each again at exit.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    from jobs import console
+    from raysift.jobs import console
 
     if not ray.is_initialized():
         console.quiet_ray()  # before ray.init: its own lines at start-up go through the filters
@@ -44,7 +44,6 @@ def start_ray(cfg: Config) -> None:
         else:
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
         handle_signals()  # ray.init installs its own SIGTERM handler (sys.exit)
-    configure_data()
     console.quiet_ray()
 
 
@@ -89,7 +88,8 @@ def handle_signals() -> dict:
 
 
 def configure_data() -> None:
-    """Ray Data settings every raysift driver uses."""
+    """Ray Data settings for scripts that run Ray Data pipelines beside raysift (benchmarks,
+    golden files). raysift's stages use none, and never change the caller's Ray Data context."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

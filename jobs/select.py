@@ -25,27 +25,41 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from actors.fanout import ResilientFanout, stop
-from actors.index_shard import start_shards
-from actors.ot_shard import ot_fanout, start_ot_shards
-from actors.partitions import fetch_rows, map_parts, merge_ranked
-from engine.baselines import knn_scores, random_keys
-from engine.gotd import merge_smallest
-from engine.gotd import select as gotd_select
-from engine.knn import IndexParams, ShortResults
-from engine.sampling import sample
-from engine.selection import Ranked, Selection
-from engine.sinkhorn import coordinate
-from engine.tsds_search import TSDSParams, reference_index_params, select_compat, select_exact
-from jobs.config import Config
-from jobs.console import progress
-from jobs.dsir import dsir_select
-from jobs.embed import check_vectors_ready, vector_dim
-from jobs.errors import InputError
-from jobs.pool import Part, Pool, as_strings, load_pool, read_part, read_vector_range, read_vectors
-from jobs.runfolder import write_jsonl, write_parquet
-from jobs.runtime import start_ray
-from jobs.storage import Store
+from raysift.actors.fanout import ResilientFanout, stop
+from raysift.actors.index_shard import start_shards
+from raysift.actors.ot_shard import ot_fanout, start_ot_shards
+from raysift.actors.partitions import fetch_rows, map_parts, merge_ranked
+from raysift.engine.baselines import knn_scores, random_keys
+from raysift.engine.fanout import local_fanout
+from raysift.engine.gotd import merge_smallest
+from raysift.engine.gotd import select as gotd_select
+from raysift.engine.knn import IndexParams, IndexShard, ShortResults
+from raysift.engine.sampling import sample
+from raysift.engine.selection import Ranked, Selection
+from raysift.engine.sinkhorn import SinkhornShard, coordinate
+from raysift.engine.tsds_search import (
+    TSDSParams,
+    reference_index_params,
+    select_compat,
+    select_exact,
+)
+from raysift.jobs.config import Config
+from raysift.jobs.console import progress
+from raysift.jobs.dsir import dsir_select
+from raysift.jobs.errors import InputError
+from raysift.jobs.pool import (
+    Part,
+    Pool,
+    as_strings,
+    load_pool,
+    read_part,
+    read_vector_range,
+    read_vectors,
+)
+from raysift.jobs.runfolder import write_jsonl, write_parquet
+from raysift.jobs.runtime import start_ray
+from raysift.jobs.storage import Store
+from raysift.jobs.vectors import check_vectors_ready, vector_dim
 
 GOTD_POTENTIAL = "gotd_potential.parquet"
 PROBABILITIES = "probabilities"
@@ -75,11 +89,32 @@ class Context:
         return read_vector_range(self.targets, 0, self.targets.n)
 
 
+@dataclass
+class InMemory:
+    """What a method's in-process `local` gets (`raysift.select` on a pool that fits in memory,
+    no Ray): the pool's ids in row order, its vectors and the target vectors (None for a method
+    that needs none), the config. It returns the same `Selection` as its `select` on Ray."""
+
+    cfg: Config
+    ids: np.ndarray  # str, the pool's row order
+    vectors: np.ndarray | None = None  # (N, d) float32
+    target_vectors: np.ndarray | None = None  # (M, d) float32
+
+    @property
+    def budget(self) -> int:
+        return self.cfg.select.budget
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+
 @dataclass(frozen=True)
 class Method:
     select: Callable[[Context], Selection]
     needs: frozenset[str]  # "vectors": committed embeddings; "texts"; "sources": a source column
     summary: str
+    local: Callable[[InMemory], Selection] | None = None  # in-process, for pools held in memory
 
 
 def start_cluster(cfg: Config, gpu: str) -> bool:
@@ -110,6 +145,12 @@ def _random(ctx: Context) -> Selection:
     return Selection(best.row, best.score, probability=np.full(ctx.budget, ctx.budget / ctx.pool.n))
 
 
+def _random_local(a: InMemory) -> Selection:
+    u = random_keys(a.ids, a.seed)
+    best = Ranked(-u, a.ids, np.arange(len(a.ids)), 1.0 - u).top(a.budget)
+    return Selection(best.row, best.score, probability=np.full(a.budget, a.budget / len(a.ids)))
+
+
 def knn_part(pool: Pool, part: Part, targets: np.ndarray, mode: str, k: int) -> Ranked:
     """A part's k rows most similar to the targets (`engine.baselines.knn_scores`)."""
     score = knn_scores(read_vectors(pool, part), targets, mode).astype(np.float64)
@@ -122,16 +163,59 @@ def _knn(ctx: Context) -> Selection:
     return Selection(best.row, best.score)
 
 
+def _knn_local(a: InMemory) -> Selection:
+    score = knn_scores(a.vectors, a.target_vectors, a.cfg.select.knn.mode).astype(np.float64)
+    best = Ranked(score, a.ids, np.arange(len(a.ids)), score).top(a.budget)
+    return Selection(best.row, best.score)
+
+
 # -- TSDS: FAISS shard actors ----------------------------------------------------------------------
+
+
+def _tsds_params(t) -> tuple[TSDSParams, IndexParams]:
+    params = TSDSParams(
+        alpha=t.alpha, C=t.C, sigma=t.sigma, max_K=t.max_K, kde_K=t.kde_K, mode=t.mode
+    )
+    index = reference_index_params() if t.mode == "compat" else IndexParams(**t.index.model_dump())
+    return params, index
+
+
+def _tsds_errors(t, exc: Exception) -> InputError:
+    if isinstance(exc, ShortResults):
+        field = "select.tsds.mode (compat uses the reference's IVF)" if t.mode == "compat" else (
+            "select.tsds.index")
+        return InputError(f"{field}: {exc}")
+    return InputError(f"select.tsds: {exc}")  # e.g. a pool too small for compat mode's N // 10
+
+
+def _tsds_sample(t, sol, ids: np.ndarray, budget: int, seed: int, n: int, info: dict) -> Selection:
+    try:
+        chosen = sample(sol.p, ids, budget, t.sampling, seed, n)
+    except ValueError as exc:
+        raise InputError(f"select.tsds.sampling: {exc}") from None
+    chosen.indices = sol.rows[chosen.indices]
+    chosen.info = {**info, "s": sol.s, "support": len(sol.rows)}
+    return chosen
+
+
+def _tsds_local(a: InMemory) -> Selection:
+    t = a.cfg.select.tsds
+    params, index = _tsds_params(t)
+    try:
+        run = select_compat if t.mode == "compat" else select_exact
+        sol, info = run(local_fanout([IndexShard(a.vectors, 0, index)]), a.target_vectors,
+                        len(a.ids), params)  # fmt: skip
+    except (ShortResults, ValueError) as exc:
+        raise _tsds_errors(t, exc) from None
+    chosen = _tsds_sample(t, sol, a.ids[sol.rows], a.budget, a.seed, len(a.ids), info)
+    chosen.p = (sol.rows, sol.p)  # the distribution on its support
+    return chosen
 
 
 def _tsds(ctx: Context) -> Selection:
     t = ctx.cfg.select.tsds
     use_gpu = start_cluster(ctx.cfg, t.gpu)
-    params = TSDSParams(
-        alpha=t.alpha, C=t.C, sigma=t.sigma, max_K=t.max_K, kde_K=t.kde_K, mode=t.mode
-    )
-    index = reference_index_params() if t.mode == "compat" else IndexParams(**t.index.model_dump())
+    params, index = _tsds_params(t)
     actors = start_shards(
         ctx.pool, t.shards, index, use_gpu=use_gpu, cpus_per_shard=t.cpus_per_shard
     )
@@ -145,24 +229,12 @@ def _tsds(ctx: Context) -> Selection:
         ids = ids.astype(str)
         ctx.out.delete(PROBABILITIES)
         fanout("write_probabilities", ctx.out, PROBABILITIES, sol.rows, sol.p)
-    except ShortResults as exc:
-        field = (
-            "select.tsds.mode (compat uses the reference's IVF)"
-            if t.mode == "compat"
-            else ("select.tsds.index")
-        )
-        raise InputError(f"{field}: {exc}") from None
-    except ValueError as exc:  # e.g. a pool too small for compat mode's N // 10 lists
-        raise InputError(f"select.tsds: {exc}") from None
+    except (ShortResults, ValueError) as exc:
+        raise _tsds_errors(t, exc) from None
     finally:
         stop(actors)
-    try:
-        chosen = sample(sol.p, ids, ctx.budget, t.sampling, ctx.seed, ctx.pool.n)
-    except ValueError as exc:
-        raise InputError(f"select.tsds.sampling: {exc}") from None
-    chosen.indices = sol.rows[chosen.indices]
-    chosen.info = {**info, "s": sol.s, "support": len(sol.rows), "shards": t.shards,
-                   "recoveries": fanout.recoveries}  # fmt: skip
+    chosen = _tsds_sample(t, sol, ids, ctx.budget, ctx.seed, ctx.pool.n, info)
+    chosen.info.update(shards=t.shards, recoveries=fanout.recoveries)
     return chosen
 
 
@@ -203,6 +275,25 @@ def _gotd(ctx: Context) -> Selection:
     return chosen
 
 
+def _gotd_local(a: InMemory) -> Selection:
+    o = a.cfg.select.gotd
+    shard = SinkhornShard(
+        a.vectors, a.target_vectors, n_total=len(a.ids), epsilon=o.epsilon,
+        cache_bytes=o.cache_mb << 20, block=o.block,
+    )  # fmt: skip
+    f, n_iter, errors, converged = coordinate(
+        local_fanout([shard]), len(a.target_vectors), epsilon=o.epsilon, threshold=o.threshold,
+        momentum=o.momentum, max_iterations=o.max_iterations,
+    )  # fmt: skip
+    g, rows = merge_smallest([shard.smallest(a.budget)], a.budget)
+    chosen = gotd_select(g, rows, a.budget, len(a.ids))
+    chosen.potential = f
+    chosen.p = shard.potentials()  # g: every candidate's potential (its OT gradient)
+    chosen.info = {"iterations": n_iter, "converged": converged,
+                   "final_error": float(errors[-1])}  # fmt: skip
+    return chosen
+
+
 def _dsir(ctx: Context) -> Selection:
     import ray
 
@@ -213,16 +304,19 @@ def _dsir(ctx: Context) -> Selection:
 
 
 def _gradex(ctx: Context) -> Selection:
-    from jobs.gradex import gradex_select
+    from raysift.jobs.gradex import gradex_select
 
     return gradex_select(ctx)
 
 
 METHODS: dict[str, Method] = {
-    "random": Method(_random, frozenset(), "seeded hash rank, uniform over the pool"),
-    "knn": Method(_knn, frozenset({"vectors"}), "most similar to the targets"),
-    "tsds": Method(_tsds, frozenset({"vectors"}), "optimal transport + density (TSDS)"),
-    "gotd": Method(_gotd, frozenset({"vectors"}), "OT gradient to the targets (GOT-D)"),
+    "random": Method(_random, frozenset(), "seeded hash rank, uniform over the pool",
+                     _random_local),
+    "knn": Method(_knn, frozenset({"vectors"}), "most similar to the targets", _knn_local),
+    "tsds": Method(_tsds, frozenset({"vectors"}), "optimal transport + density (TSDS)",
+                   _tsds_local),
+    "gotd": Method(_gotd, frozenset({"vectors"}), "OT gradient to the targets (GOT-D)",
+                   _gotd_local),
     "gradex": Method(_gradex, frozenset({"sources"}), "whole data sources chosen by GradEx"),
     "dsir": Method(_dsir, frozenset({"texts"}), "hashed n-gram importance resampling (DSIR)"),
 }
@@ -285,8 +379,18 @@ def write_selection(ctx: Context, sel: Selection) -> dict:
     """selection.parquet and selected.jsonl: the B chosen rows, fetched by row number."""
     keep = list(ctx.cfg.candidates.keep_columns)
     rows = fetch_rows(ctx.pool, sel.indices, ["id", "text", *keep])
+    table = selection_table(sel, rows, keep)
+    write_parquet(ctx.run_dir / "selection.parquet", table)
+    selected = rows.select(["id", "text", *keep]).append_column("rank", table.column("rank"))
+    write_jsonl(ctx.run_dir / "selected.jsonl", selected)
+    return {"method": ctx.cfg.select.method, "rows": len(sel.indices), "pool": ctx.pool.n,
+            **sel.info}  # fmt: skip
+
+
+def selection_table(sel: Selection, rows: pa.Table, keep: list[str]) -> pa.Table:
+    """selection.parquet's columns for the chosen rows (`rows`: their id and keep columns)."""
     n = len(sel.indices)
-    table = pa.table(
+    return pa.table(
         {
             "id": rows.column("id"),
             "row": pa.array(sel.indices, pa.int64()),
@@ -301,7 +405,3 @@ def write_selection(ctx: Context, sel: Selection) -> dict:
             **{c: rows.column(c) for c in keep},
         }
     )
-    write_parquet(ctx.run_dir / "selection.parquet", table)
-    selected = rows.select(["id", "text", *keep]).append_column("rank", table.column("rank"))
-    write_jsonl(ctx.run_dir / "selected.jsonl", selected)
-    return {"method": ctx.cfg.select.method, "rows": n, "pool": ctx.pool.n, **sel.info}

@@ -27,7 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-from jobs.errors import InputError
+from raysift.jobs.errors import InputError
 
 # Folders of a run folder (at any depth: evaluate and GradEx sub-runs have their own) whose files
 # the workers write on the run folder's filesystem; the driver's mirror never holds them.

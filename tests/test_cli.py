@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import cli
+from raysift.jobs import cli
 
 from .conftest import DEMO_POOL, DEMO_TARGETS, REPO, build_tiny_lm, fake_pool, write_config
 
@@ -20,7 +20,7 @@ def raysift(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RAYSIFT_DEBUG", None)
     return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *map(str, args)],
+        [sys.executable, "-m", "raysift", *map(str, args)],
         cwd=cwd or REPO,
         capture_output=True,
         text=True,
@@ -479,12 +479,12 @@ def test_help_and_validate_exit_0(tmp_path):
 
 
 def test_internal_failure_exits_1(tmp_path, monkeypatch, capsys):
-    import jobs.pipeline
+    from raysift.jobs import pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(jobs.pipeline, "run", broken)
+    monkeypatch.setattr(pipeline, "run", broken)
     assert cli.main(["select", str(good(tmp_path))]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
@@ -496,7 +496,7 @@ def test_internal_failure_exits_1(tmp_path, monkeypatch, capsys):
 def test_a_failed_submitted_job_exits_1(tmp_path, monkeypatch, capsys):
     """`raysift submit --wait` exits with the job's result (a command's typer.Exit(1) used to
     come back from the app as a value, and the CLI exited 0)."""
-    from jobs import cluster
+    from raysift.jobs import cluster
 
     monkeypatch.setattr(cluster, "submit", lambda *a, **k: "raysubmit_1")
     monkeypatch.setattr(cluster, "wait", lambda *a, **k: "FAILED")

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from jobs.config import load_config, parse_override, to_yaml, validate
-from jobs.errors import InputError
+from raysift.jobs.config import load_config, parse_override, to_yaml, validate
+from raysift.jobs.errors import InputError
 
 from .conftest import REPO, write_config
 

@@ -14,7 +14,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.storage import Store
+from raysift.jobs.storage import Store
 from tests.synthpool import synth_pool
 
 from .conftest import write_config
@@ -65,8 +65,8 @@ def guard(monkeypatch):
 def pool(tmp_path_factory):
     """3,000 rows of the synthetic pool, vectors given, in three input files (ingested and
     embedded without the guard)."""
-    from jobs.config import load_config
-    from jobs.pipeline import run
+    from raysift.jobs.config import load_config
+    from raysift.jobs.pipeline import run
 
     folder = tmp_path_factory.mktemp("driver")
     candidates, targets = synth_pool(n=3000, m=16)
@@ -99,8 +99,8 @@ METHODS = {
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_select_never_reads_the_pool_on_the_driver(pool, guard, name):
-    from jobs.config import load_config
-    from jobs.pipeline import run
+    from raysift.jobs.config import load_config
+    from raysift.jobs.pipeline import run
 
     cfg, run_dir = pool
     select = {"method": name, "budget": 50, **METHODS[name]}
@@ -110,7 +110,7 @@ def test_select_never_reads_the_pool_on_the_driver(pool, guard, name):
 
 
 def test_the_guard_catches_a_driver_that_reads(pool, guard):
-    from jobs.pool import load_pool, read_part, read_vectors
+    from raysift.jobs.pool import load_pool, read_part, read_vectors
 
     _, run_dir = pool
     candidates = load_pool(Store.local(run_dir), "candidates")  # the index: allowed
@@ -124,8 +124,8 @@ def test_the_guard_catches_a_driver_that_reads(pool, guard):
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
 def test_ingest_never_reads_input_rows_on_the_driver(tmp_path, guard, fmt):
-    from jobs.config import IngestConfig, InputSpec
-    from jobs.ingest import check_input, ingest_side, plan, raw_batches
+    from raysift.jobs.config import IngestConfig, InputSpec
+    from raysift.jobs.ingest import check_input, ingest_side, plan, raw_batches
 
     candidates, _ = synth_pool(n=900, m=4)
     rows = candidates.select(["text", "source"])

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from engine.dsir import Featurizer, gumbel, log_diff, split_budget
+from raysift.engine.dsir import Featurizer, gumbel, log_diff, split_budget
 
 from .conftest import SHARED
 
@@ -141,8 +141,8 @@ def test_split_budget_is_the_references():
 
 
 def _run(folder, pool_files, targets, budget=300, seed=0, **dsir):
-    from jobs.config import validate
-    from jobs.pipeline import run
+    from raysift.jobs.config import validate
+    from raysift.jobs.pipeline import run
 
     cfg = validate({
         "output_dir": str(folder),
@@ -209,10 +209,10 @@ def test_gumbel_selection_is_the_same_for_any_partitioning(reference, tmp_path):
         "parts"] == 4  # fmt: skip
     again, m2 = _run(tmp_path / "b", four, targets, chunk_rows=300, fit_tokens=half)
     assert again.equals(b) and m2["stages"]["select"]["chunks_computed"] == 0
-    from jobs.config import DSIRConfig
-    from jobs.dsir import drop_stale
-    from jobs.pool import load_pool
-    from jobs.storage import Store
+    from raysift.jobs.config import DSIRConfig
+    from raysift.jobs.dsir import drop_stale
+    from raysift.jobs.pool import load_pool
+    from raysift.jobs.storage import Store
 
     cached = tmp_path / "b" / "features" / "candidates" / "n2-b10000"
     (cached / "0123stale").mkdir()  # a part that is no longer in the pool
@@ -262,8 +262,8 @@ def test_separate_targets_select_the_references_sets(texts, tmp_path):
     pool.mkdir()
     pq.write_table(raw, pool / "p0.parquet")
     pq.write_table(target.select(["text", "set"]), tmp_path / "targets.parquet")
-    from jobs.config import validate
-    from jobs.pipeline import run
+    from raysift.jobs.config import validate
+    from raysift.jobs.pipeline import run
 
     def select(folder, pool_files, **dsir_options):
         cfg = validate({

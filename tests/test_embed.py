@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine.embed import DEFAULT_MODEL, resolve_model_path
-from jobs.cli import main
-from jobs.pool import load_pool, read_rows, read_vector_range
-from jobs.storage import Store
+from raysift.engine.embed import DEFAULT_MODEL, resolve_model_path
+from raysift.jobs.cli import main
+from raysift.jobs.pool import load_pool, read_rows, read_vector_range
+from raysift.jobs.storage import Store
 
 from .conftest import DEMO_POOL, DEMO_TARGETS, write_config
 
@@ -56,10 +56,10 @@ def direct_forward(texts, max_length=128):
 @pytest.mark.parametrize(("precision", "tol"), [("fp32", 1e-5), ("bf16", 2e-2)])
 def test_actor_matches_a_direct_forward_pass(tmp_path, demo_rows, precision, tol):
     """The chunk actor reads its rows from the run folder, embeds them and commits the chunk."""
-    from actors.embedder import ChunkEmbedder
-    from actors.pool import map_actors
-    from jobs.config import IngestConfig, InputSpec
-    from jobs.ingest import ingest_side
+    from raysift.actors.embedder import ChunkEmbedder
+    from raysift.actors.pool import map_actors
+    from raysift.jobs.config import IngestConfig, InputSpec
+    from raysift.jobs.ingest import ingest_side
 
     rows = demo_rows.slice(0, 24).select(["id", "text"])  # mixed lengths, code included
     pq.write_table(rows, tmp_path / "in.parquet")
@@ -103,7 +103,7 @@ def test_a_killed_embed_resumes_without_redoing_committed_shards(tmp_path):
     cfg = resume_config(tmp_path, n_rows)
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "run", str(cfg)],
+        [sys.executable, "-m", "raysift", "run", str(cfg)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -163,7 +163,7 @@ def test_changing_the_model_discards_committed_vectors(tmp_path):
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_gpu_embedding_matches_cpu(demo_rows):
-    from engine.embed import encode, load_encoder
+    from raysift.engine.embed import encode, load_encoder
 
     texts = demo_rows["text"].to_pylist()[:64]
     gpu = load_encoder(precision="auto", use_gpu=True)

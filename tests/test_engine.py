@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine.baselines import knn_select, random_select
-from engine.embed import length_buckets, mean_pool
-from engine.ids import content_id, content_ids
-from engine.selection import Selection, top_k
+from raysift.engine.baselines import knn_select, random_select
+from raysift.engine.embed import length_buckets, mean_pool
+from raysift.engine.ids import content_id, content_ids
+from raysift.engine.selection import Selection, top_k
 
 from .conftest import DEMO_POOL
 

@@ -46,7 +46,7 @@ def finetune_config(tmp_path: Path, model: Path, **finetune) -> Path:
 def raysift(*args, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", *map(str, args)],
+        [sys.executable, "-m", "raysift", *map(str, args)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own process group: the kill takes Ray's processes too
     )  # fmt: skip
@@ -124,8 +124,8 @@ def test_interrupted_and_killed_runs_resume_from_their_checkpoints(tmp_path, tin
     assert interrupted_at < killed_at < steps
 
     # The rerun (here on the shared cluster: the CLI path ran above) resumes from the checkpoint.
-    from jobs.config import load_config
-    from jobs.pipeline import run
+    from raysift.jobs.config import load_config
+    from raysift.jobs.pipeline import run
 
     run(load_config(cfg), ["finetune"], log=lambda m: None)
     entry = json.loads(manifest.read_text())["stages"]["finetune"]
@@ -135,7 +135,7 @@ def test_interrupted_and_killed_runs_resume_from_their_checkpoints(tmp_path, tin
     assert logged == list(range(5, steps + 1, 5))  # the history before the kills survived
 
     # The same steps uninterrupted give the same adapter: resume trains what the run would have.
-    from jobs.finetune import run_finetune
+    from raysift.jobs.finetune import run_finetune
 
     whole = tmp_path / "whole"
     rows_file(whole / "run" / "selected.jsonl", 48)
@@ -152,8 +152,8 @@ def test_interrupted_and_killed_runs_resume_from_their_checkpoints(tmp_path, tin
 
 
 def test_rerun_reuses_and_new_rows_start_from_step_zero(tmp_path, tiny_lm, ray_cluster):
-    from jobs.config import load_config
-    from jobs.finetune import run_finetune
+    from raysift.jobs.config import load_config
+    from raysift.jobs.finetune import run_finetune
 
     run = tmp_path / "run"
     rows_file(run / "selected.jsonl", 16)
@@ -169,8 +169,8 @@ def test_rerun_reuses_and_new_rows_start_from_step_zero(tmp_path, tiny_lm, ray_c
 
 def test_two_workers_with_a_last_batch_shorter_than_the_workers(tmp_path, tiny_lm, ray_cluster):
     """5 rows, 2 workers x 2 rows: step 2 has one row, so worker 1 joins DDP with a zero loss."""
-    from jobs.config import load_config
-    from jobs.finetune import run_finetune
+    from raysift.jobs.config import load_config
+    from raysift.jobs.finetune import run_finetune
 
     run = tmp_path / "run"
     rows_file(run / "selected.jsonl", 5)
@@ -183,9 +183,9 @@ def test_two_workers_with_a_last_batch_shorter_than_the_workers(tmp_path, tiny_l
 
 
 def test_full_finetune_writes_a_loadable_model(tmp_path, tiny_lm, ray_cluster):
-    from engine.lm import load_finetuned
-    from jobs.config import load_config
-    from jobs.finetune import run_finetune
+    from raysift.engine.lm import load_finetuned
+    from raysift.jobs.config import load_config
+    from raysift.jobs.finetune import run_finetune
 
     run = tmp_path / "run"
     rows_file(run / "selected.jsonl", 8)
@@ -216,9 +216,9 @@ def independent_perplexity(model, tokenizer, texts: list[str], max_length: int) 
 def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
     import pyarrow as pa
 
-    from engine.lm import load_finetuned
-    from jobs.config import load_config
-    from jobs.evaluate import run_evaluate
+    from raysift.engine.lm import load_finetuned
+    from raysift.jobs.config import load_config
+    from raysift.jobs.evaluate import run_evaluate
 
     pool = pq.read_table(DEMO_POOL).slice(0, 400)
     pq.write_table(pool, tmp_path / "pool.parquet")
@@ -277,7 +277,7 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
 
 def test_run_with_finetune_in_stages(tmp_path, tiny_lm, ray_cluster):
     """`raysift run` with `finetune` listed: select's rows go straight into Ray Train."""
-    from jobs.cli import main
+    from raysift.jobs.cli import main
 
     cfg = write_config(
         tmp_path / "c.yaml",

@@ -42,8 +42,8 @@ def _write_inputs(folder: Path, parts: int) -> tuple[Path, Path]:
 @pytest.fixture(scope="module", params=[1, 3], ids=["1part", "3parts"])
 def layout(request, tmp_path_factory):
     """A run folder with the pool ingested (in `parts` parts) and its given vectors committed."""
-    from jobs.config import validate
-    from jobs.pipeline import run
+    from raysift.jobs.config import validate
+    from raysift.jobs.pipeline import run
 
     parts = request.param
     folder = tmp_path_factory.mktemp(f"golden{parts}")
@@ -61,7 +61,7 @@ def layout(request, tmp_path_factory):
 
 
 def _config(base: dict, name: str, parts: int):
-    from jobs.config import validate
+    from raysift.jobs.config import validate
 
     case = META["cases"][name]
     select = json.loads(json.dumps(case["select"]))
@@ -95,7 +95,7 @@ CASES = sorted(META["cases"])
 
 @pytest.mark.parametrize("name", CASES)
 def test_selection_equals_the_previous_code(layout, name, capsys):
-    from jobs.select import run_select
+    from raysift.jobs.select import run_select
 
     parts, base = layout
     cfg = _config(base, name, parts)

@@ -7,8 +7,8 @@ import ot
 import pytest
 import torch
 
-from engine.gotd import calibrated, merge_smallest, select
-from engine.sinkhorn import SinkhornShard, c_transform, check_inputs, solve
+from raysift.engine.gotd import calibrated, merge_smallest, select
+from raysift.engine.sinkhorn import SinkhornShard, c_transform, check_inputs, solve
 
 from .conftest import REPO
 

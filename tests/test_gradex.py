@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import gradex as gx
-from engine import lm
+from raysift.engine import gradex as gx
+from raysift.engine import lm
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

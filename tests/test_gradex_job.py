@@ -11,12 +11,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine import gradex as gx
-from engine import lm
-from engine.baselines import random_select
-from jobs.config import load_config
-from jobs.gradex import load_target, load_train, run_estimate, shard_files
-from jobs.pipeline import run
+from raysift.engine import gradex as gx
+from raysift.engine import lm
+from raysift.engine.baselines import random_select
+from raysift.jobs.config import load_config
+from raysift.jobs.gradex import load_target, load_train, shard_files
+from raysift.jobs.gradex_estimate import run_estimate
+from raysift.jobs.pipeline import run
 
 from .conftest import DEMO_POOL, DEMO_TARGETS, pool_table, write_config
 
@@ -197,7 +198,7 @@ def test_evaluate_compares_gradex_with_random_sources(tmp_path, tiny_lm, ray_clu
     """`evaluate.methods` takes gradex and its baselines: each run fine-tunes the base model on
     the budget's rows of its sources, and the report has a row for each. (gradex-all is the
     random baseline at the budget: test_select_stage_takes_the_chosen_sources_rows.)"""
-    from jobs.evaluate import run_evaluate
+    from raysift.jobs.evaluate import run_evaluate
 
     cfg = load_config(
         write_config(

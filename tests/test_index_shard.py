@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from actors.fanout import ResilientFanout, stop
-from actors.index_shard import start_shards
-from engine.fanout import local_fanout
-from engine.knn import IndexParams, IndexShard, shard_bounds
-from engine.tsds_search import TSDSParams, select_exact
+from raysift.actors.fanout import ResilientFanout, stop
+from raysift.actors.index_shard import start_shards
+from raysift.engine.fanout import local_fanout
+from raysift.engine.knn import IndexParams, IndexShard, shard_bounds
+from raysift.engine.tsds_search import TSDSParams, select_exact
 
 from .conftest import vector_pool
 from .test_tsds_search import Q, X

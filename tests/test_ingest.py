@@ -10,12 +10,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from engine.ids import content_id
-from jobs.config import IngestConfig, InputSpec
-from jobs.errors import InputError
-from jobs.ingest import check_input, ingest_side
-from jobs.pool import load_pool, read_rows
-from jobs.storage import Store
+from raysift.engine.ids import content_id
+from raysift.jobs.config import IngestConfig, InputSpec
+from raysift.jobs.errors import InputError
+from raysift.jobs.ingest import check_input, ingest_side
+from raysift.jobs.pool import load_pool, read_rows
+from raysift.jobs.storage import Store
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("ray_cluster")]
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.knn import (
+from raysift.engine.knn import (
     IndexParams,
     IndexShard,
     ShortResults,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine import lm
+from raysift.engine import lm
 
 TEXTS = [
     "GNU Octave is a high-level language for numerical computations.",

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import ray
 
-from actors.fanout import stop
-from actors.ot_shard import ot_fanout, start_ot_shards
-from engine.gotd import merge_smallest
-from engine.sinkhorn import coordinate, solve
+from raysift.actors.fanout import stop
+from raysift.actors.ot_shard import ot_fanout, start_ot_shards
+from raysift.engine.gotd import merge_smallest
+from raysift.engine.sinkhorn import coordinate, solve
 
 from .conftest import vector_pool
 from .test_gotd import X, Y

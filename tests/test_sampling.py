@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from engine.ids import content_id
-from engine.sampling import sample
+from raysift.engine.ids import content_id
+from raysift.engine.sampling import sample
 
 
 def setup(n=500, seed=0):

@@ -15,9 +15,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import storage
-from jobs.errors import InputError
-from jobs.runfolder import write_json, write_parquet
+from raysift.jobs import storage
+from raysift.jobs.errors import InputError
+from raysift.jobs.runfolder import write_json, write_parquet
 from tests.conftest import DEMO_POOL, DEMO_TARGETS, REPO, write_config
 
 BUCKET = "raysift-runs"
@@ -174,7 +174,7 @@ def test_pipeline_on_s3_resumes_from_another_drivers_mirror(s3_env, tmp_path):
     def run(cache: Path):
         env = {**os.environ, "RAYSIFT_CACHE": str(cache)}
         return subprocess.run(
-            [sys.executable, "-m", "jobs.cli", "run", str(cfg)],
+            [sys.executable, "-m", "raysift", "run", str(cfg)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=500,
         )  # fmt: skip
 
@@ -230,7 +230,7 @@ def test_inputs_on_s3_are_read_by_the_workers_and_fingerprinted(s3_env, tmp_path
 
     def run(*args):
         return subprocess.run(
-            [sys.executable, "-m", "jobs.cli", *args, str(cfg)],
+            [sys.executable, "-m", "raysift", *args, str(cfg)],
             cwd=REPO, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
 

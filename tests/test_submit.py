@@ -38,7 +38,7 @@ def _free_ports(n: int) -> list[int]:
 
 def _cli(*args, env, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
+        [sys.executable, "-m", "raysift", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -130,7 +130,7 @@ def jobs_api(cluster, job_id: str, timeout_s: float = 400) -> tuple[str, str]:
     """(final status, logs) of a job through the Jobs API, from a client process holding the token
     (Ray reads RAY_AUTH_MODE once per process; this one's Ray is the tests' local cluster)."""
     code = (
-        "import json, sys; from jobs import cluster as c; a, j, t = sys.argv[1:]; "
+        "import json, sys; from raysift.jobs import cluster as c; a, j, t = sys.argv[1:]; "
         "print(json.dumps([c.wait(a, j, float(t)), c.logs(a, j)]))"
     )
     out = subprocess.run(
@@ -163,7 +163,10 @@ def test_submit_demo_through_the_jobs_api_with_the_token(cluster, tmp_path):
     job_id = _job_id(res.stdout)
     status, log = jobs_api(cluster, job_id)  # the Jobs API itself, with the token
     assert status == "SUCCEEDED", log[-3000:]
-    stages = _manifest(run)["stages"]
+    manifest = _manifest(run)
+    # the job ran the uploaded code (Ray's copy of this checkout), not the test env's install
+    assert Path(manifest["code"]) != REPO and "_ray_pkg_" in manifest["code"], manifest["code"]
+    stages = manifest["stages"]
     assert [stages[s]["status"] for s in ("ingest", "embed", "select")] == ["done"] * 3
     assert stages["embed"]["candidates"]["rows_embedded"] == 300
     assert stages["select"]["rows"] == 100 and (run / "selected.jsonl").is_file()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from engine.tsds import NeighboursExhausted, knn_uniform, objective, solve
+from raysift.engine.tsds import NeighboursExhausted, knn_uniform, objective, solve
 
 from .conftest import REPO, SHARED
 

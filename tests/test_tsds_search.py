@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from engine.fanout import local_fanout
-from engine.knn import IndexParams, IndexShard, shard_bounds
-from engine.tsds import solve, solve_lazy
-from engine.tsds_search import (
+from raysift.engine.fanout import local_fanout
+from raysift.engine.knn import IndexParams, IndexShard, shard_bounds
+from raysift.engine.tsds import solve, solve_lazy
+from raysift.engine.tsds_search import (
     TSDSParams,
     reference_index_params,
     select_compat,

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.baselines import knn_select
-from jobs import cli
+from raysift.engine.baselines import knn_select
+from raysift.jobs import cli
 
 from .conftest import pool_table, write_config
 
@@ -39,8 +39,8 @@ def config(tmp_path, candidates, targets, **sections):
 
 
 def read_vectors(run):
-    from jobs.pool import load_pool, read_vector_range
-    from jobs.storage import Store
+    from raysift.jobs.pool import load_pool, read_vector_range
+    from raysift.jobs.storage import Store
 
     pool = load_pool(Store.local(run), "candidates")
     return read_vector_range(pool, 0, pool.n)

@@ -37,7 +37,7 @@ def _lab(colour: str) -> np.ndarray:
 
 
 def test_source_colours_are_distinguishable_for_twenty_sources():
-    from jobs.evaluation_report import COLOURS, _ink, luminance
+    from raysift.jobs.evaluation_report import COLOURS, _ink, luminance
 
     assert len(COLOURS) >= 20 and len(set(COLOURS[:20])) == 20
     distance = min(
@@ -53,9 +53,9 @@ def test_source_colours_are_distinguishable_for_twenty_sources():
 
 
 def test_execution_only_settings_keep_the_reuse_keys(tmp_path):
-    from jobs.config import Config, FinetuneConfig
-    from jobs.curate import _config_key
-    from jobs.finetune import fingerprint
+    from raysift.jobs.config import Config, FinetuneConfig
+    from raysift.jobs.curate import _config_key
+    from raysift.jobs.finetune import fingerprint
 
     rows = tmp_path / "selected.jsonl"
     rows.write_text('{"id": "a", "text": "x"}\n')
@@ -78,7 +78,7 @@ def test_execution_only_settings_keep_the_reuse_keys(tmp_path):
 
 def test_summary_over_seeds():
     """evaluate's per-method summary: mean, sample std over seeds, against random and the base."""
-    from jobs.evaluate import summarise
+    from raysift.jobs.evaluate import summarise
 
     def run(method, seed, ppl, share):
         return {"method": method, "seed": seed, "perplexity": ppl, "share_from_target": share,
@@ -98,7 +98,7 @@ def test_summary_over_seeds():
 
 
 def test_progress_prints_plain_lines_off_a_terminal(capsys, monkeypatch):
-    from jobs.console import progress
+    from raysift.jobs.console import progress
 
     monkeypatch.setenv("RAYSIFT_PROGRESS_SECONDS", "0")
     with progress("embed", 300, "texts") as shown:
@@ -121,7 +121,7 @@ def test_progress_prints_plain_lines_off_a_terminal(capsys, monkeypatch):
 
 
 def test_sigterm_is_an_interruption_with_exit_code_143():
-    from jobs.runtime import handle_signals, interruption
+    from raysift.jobs.runtime import handle_signals, interruption
 
     before = handle_signals()
     try:
@@ -150,7 +150,7 @@ class Watched:
         full = {**os.environ, "RAY_TMPDIR": self.tmp, "HF_HUB_OFFLINE": "1", **(env or {})}
         full.pop("RAY_ADDRESS", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", *args], stdout=subprocess.PIPE,
+            [sys.executable, "-m", "raysift", *args], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, env=full, cwd=Path(__file__).parent.parent,
             start_new_session=True,  # its own group: a stuck run is killed with its Ray processes
         )  # fmt: skip

@@ -53,7 +53,7 @@ P_CASES = {"tsds_exact", "tsds_exact_alpha9", "tsds_uniform", "tsds_compat"}
 
 
 def write_old_layout(run_dir: Path) -> None:
-    from engine.ids import content_ids
+    from raysift.engine.ids import content_ids
 
     for side, table in zip(("candidates", "targets"), synth_pool(), strict=True):
         ids = pa.array(content_ids(table["text"].to_pylist()))
@@ -74,9 +74,9 @@ def write_old_layout(run_dir: Path) -> None:
 def main() -> None:
     import ray
 
-    from jobs.config import validate
-    from jobs.pipeline import RAY_ENV, configure_data
-    from jobs.select import run_select
+    from raysift.jobs.config import validate
+    from raysift.jobs.runtime import RAY_ENV, configure_data
+    from raysift.jobs.select import run_select
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                             text=True, check=True).stdout.strip()  # fmt: skip

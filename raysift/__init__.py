@@ -1,0 +1,48 @@
+"""raysift: select the candidate rows that will most help a target task, on Ray.
+
+The Python API (`raysift.api`)::
+
+    import raysift
+
+    result = raysift.select(candidates, targets, method="knn", budget=100)
+    result.table                      # pyarrow Table: selection.parquet's columns
+    run_dir = raysift.run("configs/demo.yaml")
+    run = raysift.open_run(run_dir)   # selection, manifest, evaluation of a run folder
+    raysift.methods()                 # the selection methods and what each needs
+
+Import names: `raysift.engine` (the math, no Ray), `raysift.actors` (Ray actors and tasks),
+`raysift.jobs` (stages, pipelines, the CLI). In a checkout they are the top-level folders
+engine/, actors/ and jobs/; an installed wheel has them inside this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path as _Path
+
+__version__ = "0.1.0"
+
+# A checkout keeps engine/, actors/, jobs/, configs/ and demo/ beside this folder; the wheel puts
+# them inside it (setuptools' package-dir mapping). Searching the checkout's root for submodules
+# makes `raysift.engine` the checkout's engine/ wherever the checkout is imported from: an editable
+# install, pytest, Ray workers and submitted jobs (their working_dir on sys.path) alike.
+_checkout = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "jobs").is_dir() and (_checkout / "jobs" / "cli.py").is_file():
+    __path__.append(str(_checkout))  # noqa: F821 - a package's own __path__
+
+_API = ("select", "run", "evaluate", "open_run", "methods", "Result", "Run")
+
+
+def __getattr__(name: str):
+    # The API imports on first use: `import raysift` stays cheap and starts nothing.
+    if name in _API:
+        from raysift import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'raysift' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+__all__ = ["__version__", *_API]

@@ -1,0 +1,7 @@
+"""`python -m raysift ...` is the `raysift` command."""
+
+import sys
+
+from raysift.jobs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,365 @@
+"""The Python API: `select`, `run`, `evaluate`, `open_run`, `methods`.
+
+`select` takes the pool and the targets as what a notebook holds -- a pandas DataFrame, a pyarrow
+Table, a list of texts -- or as what a cluster holds: a path (file, folder, glob, s3://, gs://) or
+a Ray Dataset. A pool held in memory, below `LOCAL_ROWS` rows, is selected in this process with
+the engine's code (no Ray is started); paths, Ray Datasets, larger pools and the methods with no
+in-process form (DSIR, GradEx) run the pipeline on Ray (`ray.address` in `config`, else a local
+cluster), in a run folder (`output_dir`, else a temporary folder). Either way the result has
+`selection.parquet`'s columns. Nothing here changes the caller's global Ray Data context.
+
+    import raysift
+
+    result = raysift.select(df, targets, method="tsds", budget=100, seed=0, alpha=0.5)
+    result.table              # id, row, rank, score, probability, count, + keep_columns
+    result.p                  # TSDS: (row, id, probability) on its support
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raysift.jobs.config import Config, load_config, validate
+from raysift.jobs.errors import InputError
+
+LOCAL_ROWS = 100_000  # in-process below this many in-memory candidate rows (unless `ray=` says)
+IN_MEMORY = "<in memory>"
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    summary: str
+    needs: tuple[str, ...]  # "vectors" (embeddings), "texts", "sources" (a source column)
+    in_process: bool  # whether `select` can run it without Ray
+
+
+def methods() -> dict[str, MethodInfo]:
+    """The selection methods, from the method table (`raysift.jobs.select.METHODS`)."""
+    from raysift.jobs.select import METHODS
+
+    return {
+        name: MethodInfo(name, m.summary, tuple(sorted(m.needs)), m.local is not None)
+        for name, m in METHODS.items()
+    }
+
+
+@dataclass
+class Result:
+    """A selection: `table` has `selection.parquet`'s columns (id, row, rank, score, probability,
+    count, then the candidates' keep columns), best first. `extras` holds what the method adds:
+    TSDS's `p` (a Table of row, id, probability on the support), GOT-D's `potentials` (a Table
+    of target id, f). `run_dir` is the run folder when the selection ran on Ray."""
+
+    method: str
+    table: pa.Table
+    info: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+    run_dir: Path | None = None
+
+    def to_pandas(self):
+        return self.table.to_pandas()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def ids(self) -> list[str]:
+        return self.table.column("id").to_pylist()
+
+    @property
+    def p(self) -> pa.Table | None:
+        return self.extras.get("p")
+
+    @property
+    def potentials(self) -> pa.Table | None:
+        return self.extras.get("potentials")
+
+
+@dataclass
+class Run:
+    """A run folder, local or remote (`open_run`): its selection, manifest and evaluation."""
+
+    path: str
+    selection: pa.Table | None
+    manifest: dict
+    evaluation: dict | None
+    _store: Any = None
+
+    def selected(self) -> list[dict]:
+        """selected.jsonl: the chosen rows with their text, in rank order."""
+        text = self._store.read_bytes("selected.jsonl").decode()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def result(self) -> Result:
+        method = self.manifest.get("config", {}).get("select", {}).get("method", "")
+        return Result(method, self.selection, self.manifest.get("stages", {}).get("select", {}),
+                      _extras(self._store, method), Path(self.path))  # fmt: skip
+
+
+def open_run(path: str | Path) -> Run:
+    """Read a run folder (a path or an s3:// / gs:// URI) without touching its bulk folders."""
+    import pyarrow.fs as pafs
+
+    from raysift.jobs.storage import Store, filesystem, is_remote
+
+    uri = str(path)
+    if is_remote(uri):
+        fs, root = filesystem(uri)
+        store = Store(fs, root, uri)
+    else:
+        store = Store.local(Path(uri))
+    if not store.is_file("manifest.json"):
+        raise InputError(f"{uri}: not a raysift run folder (no manifest.json)")
+    selection = None
+    if store.is_file("selection.parquet"):
+        selection = store.parquet("selection.parquet").read()
+    evaluation = store.read_json("evaluation.json") if store.is_file("evaluation.json") else None
+    del pafs
+    return Run(uri, selection, store.read_json("manifest.json"), evaluation, store)
+
+
+def _extras(store, method: str) -> dict:
+    import pyarrow.dataset as ds
+
+    out = {}
+    if method == "tsds" and store.exists("probabilities"):
+        out["p"] = ds.dataset(store.path("probabilities"), filesystem=store.fs).to_table()
+    if method == "gotd" and store.is_file("gotd_potential.parquet"):
+        out["potentials"] = store.parquet("gotd_potential.parquet").read()
+    return out
+
+
+def run(config: str | Path | Config, stages: Sequence[str] | None = None,
+        overrides: Sequence[str] = ()) -> Path:  # fmt: skip
+    """Run a config's pipeline (its `stages`, or the ones given); returns the run folder."""
+    from raysift.jobs.pipeline import run as run_pipeline
+
+    cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
+    return run_pipeline(cfg, list(stages) if stages else None)
+
+
+def evaluate(config: str | Path | Config, overrides: Sequence[str] = ()) -> dict:
+    """Fine-tune on each of `evaluate.methods`' selections and score the held-out texts;
+    returns evaluation.json's content (report.html lands in the run folder)."""
+    from raysift.jobs.evaluate import run_evaluate
+
+    cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
+    run_dir = run_evaluate(cfg)
+    return json.loads((Path(run_dir) / "evaluation.json").read_text())
+
+
+# -- select ----------------------------------------------------------------------------------------
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, str | Path)
+
+
+def _is_dataset(x) -> bool:
+    return type(x).__name__ in ("Dataset", "MaterializedDataset") and hasattr(x, "write_parquet")
+
+
+def _as_table(x, field_name: str, text_column: str) -> pa.Table:
+    if isinstance(x, pa.Table):
+        table = x
+    elif hasattr(x, "to_numpy") and hasattr(x, "columns"):  # a pandas DataFrame
+        table = pa.Table.from_pandas(x, preserve_index=False)
+    elif isinstance(x, Sequence) and all(isinstance(t, str) for t in x):
+        table = pa.table({text_column: pa.array(list(x), pa.string())})
+    else:
+        raise InputError(
+            f"{field_name}: expected a DataFrame, a pyarrow Table, a list of texts, a path or a "
+            f"Ray Dataset, got {type(x).__name__}"
+        )
+    if text_column not in table.column_names:
+        raise InputError(
+            f"{field_name}: no text column {text_column!r} (columns: {table.column_names}); "
+            "pass text_column="
+        )
+    return table
+
+
+def _clean(table: pa.Table, field_name: str, text_column: str, id_column: str | None):
+    """What the ingest stage does to rows: blank texts dropped, ids from the id column or derived
+    from the text, duplicates of an id dropped (the first kept)."""
+    from raysift.engine.ids import content_ids
+
+    texts = table.column(text_column).to_pylist()
+    keep = [i for i, t in enumerate(texts) if t is not None and str(t).strip()]
+    if not keep:
+        raise InputError(f"{field_name}.text_column: every row has an empty text")
+    table = table.take(pa.array(keep, pa.int64()))
+    if id_column is None:
+        ids = content_ids(table.column(text_column).to_pylist())
+    else:
+        if id_column not in table.column_names:
+            raise InputError(f"{field_name}.id_column: no column {id_column!r}")
+        ids = [str(v) for v in table.column(id_column).to_pylist()]
+    first: dict[str, int] = {}
+    for i, v in enumerate(ids):
+        first.setdefault(v, i)
+    rows = sorted(first.values())
+    table = table.take(pa.array(rows, pa.int64()))
+    return table, np.asarray([ids[i] for i in rows], dtype=str)
+
+
+def select(
+    candidates,
+    targets=None,
+    *,
+    method: str = "knn",
+    budget: int = 100,
+    seed: int = 0,
+    ray: bool | None = None,
+    text_column: str = "text",
+    id_column: str | None = None,
+    keep_columns: Sequence[str] = (),
+    output_dir: str | Path | None = None,
+    config: dict | None = None,
+    **options,
+) -> Result:
+    """Select `budget` candidate rows for the targets with `method` (`methods()` lists them).
+
+    `options` are the method's own settings (`select.<method>.*` in a config, e.g. `mode="max"`
+    for knn, `alpha=0.5` for tsds); `config` adds any other config sections (e.g.
+    `{"embed": {"batch_size": 32}, "ray": {"address": "auto"}}`). `ray`: None = in-process when
+    the pool is in memory and small enough, else on Ray; True / False force one. Same seed and
+    settings = the same selection, in-process or on Ray (ids, ranks; scores to float tolerance).
+    """
+    from raysift.jobs.select import METHODS
+
+    if method not in METHODS:
+        raise InputError(f"method: {method!r} is not one of {sorted(METHODS)}")
+    local = METHODS[method].local
+    needs = METHODS[method].needs
+    if targets is None and needs & {"vectors", "texts"}:
+        raise InputError(f"targets: method {method!r} selects for targets; pass them")
+    in_memory = not (_is_path(candidates) or _is_dataset(candidates)) and not (
+        targets is not None and (_is_path(targets) or _is_dataset(targets)))
+    if in_memory:  # checked here: a bad type or column fails before any work
+        candidates = _as_table(candidates, "candidates", text_column)
+        if targets is not None:
+            targets = _as_table(targets, "targets", text_column)
+    if ray is False and not (in_memory and local):
+        why = "it has no in-process form" if not local else "the inputs are not in memory"
+        raise InputError(f"ray=False: method {method!r} needs Ray here ({why})")
+    tree = _tree(method, budget, seed, text_column, id_column, keep_columns, config, options)
+    if ray is None:
+        ray = not (in_memory and local and candidates.num_rows <= LOCAL_ROWS)
+    if not ray:
+        return _select_local(candidates, targets, tree)
+    return _select_on_ray(candidates, targets, tree, output_dir)
+
+
+def _tree(method, budget, seed, text_column, id_column, keep_columns, config, options) -> dict:
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in (config or {}).items()}
+    side = {"path": IN_MEMORY, "text_column": text_column, "id_column": id_column}
+    tree.setdefault("output_dir", IN_MEMORY)
+    tree["seed"] = seed
+    tree["candidates"] = {**side, "keep_columns": list(keep_columns), **tree.get("candidates", {})}
+    tree["targets"] = {**side, "id_column": None, **tree.get("targets", {})}
+    sel = tree.setdefault("select", {})
+    sel.update(method=method, budget=budget)
+    if options:
+        sel[method] = {**sel.get(method, {}), **options}
+    return tree
+
+
+def _select_local(candidates, targets, tree: dict) -> Result:
+    from raysift.jobs.select import METHODS, InMemory, selection_table
+
+    cfg = validate(tree, "raysift.select")
+    c, t = cfg.candidates, cfg.targets
+    pool, ids = _clean(_as_table(candidates, "candidates", c.text_column), "candidates",
+                       c.text_column, c.id_column)  # fmt: skip
+    missing = [k for k in c.keep_columns if k not in pool.column_names]
+    if missing:
+        raise InputError(f"candidates.keep_columns: no column {missing[0]!r}")
+    if cfg.select.budget > len(ids):
+        raise InputError(
+            f"select.budget: {cfg.select.budget} is larger than the pool ({len(ids)} candidates)"
+        )
+    data = InMemory(cfg, ids)
+    target_ids = None
+    if targets is not None:
+        tgt, target_ids = _clean(_as_table(targets, "targets", t.text_column), "targets",
+                                 t.text_column, t.id_column)  # fmt: skip
+    if "vectors" in METHODS[cfg.select.method].needs:
+        data.vectors, data.target_vectors = _embed(cfg, pool, tgt)
+    sel = METHODS[cfg.select.method].local(data)
+    rows = pool.select(list(c.keep_columns)).take(pa.array(sel.indices, pa.int64()))
+    rows = rows.append_column("id", pa.array(ids[sel.indices], pa.string()))
+    extras = {}
+    if sel.potential is not None:
+        extras["potentials"] = pa.table({"id": pa.array(target_ids, pa.string()),
+                                         "f": pa.array(sel.potential, pa.float32())})  # fmt: skip
+    if cfg.select.method == "tsds" and sel.p is not None:
+        support, p = sel.p
+        extras["p"] = pa.table({"row": pa.array(support, pa.int64()),
+                                "id": pa.array(ids[support], pa.string()),
+                                "probability": pa.array(p, pa.float64())})  # fmt: skip
+    table = selection_table(sel, rows, list(c.keep_columns))
+    return Result(cfg.select.method, table, {**sel.info, "in_process": True}, extras)
+
+
+def _embed(cfg: Config, pool: pa.Table, targets: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides' vectors with the embed stage's encoder and settings, in this process."""
+    from raysift.engine.embed import encode, load_encoder
+
+    e = cfg.embed
+    enc = load_encoder(e.model, max_length=e.max_length, batch_size=e.batch_size,
+                       precision=e.precision, num_threads=e.torch_threads,
+                       use_gpu=None if e.gpus_per_actor == "auto" else e.gpus_per_actor > 0)
+    texts = [pool.column(cfg.candidates.text_column).to_pylist(),
+             targets.column(cfg.targets.text_column).to_pylist()]  # fmt: skip
+    return encode(enc, texts[0]), encode(enc, texts[1])
+
+
+def _select_on_ray(candidates, targets, tree: dict, output_dir) -> Result:
+    from raysift.jobs.pipeline import run as run_pipeline
+
+    run_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="raysift-"))
+    if tree["output_dir"] == IN_MEMORY:
+        tree["output_dir"] = str(run_dir)
+    from raysift.jobs.storage import is_remote
+
+    # In-memory inputs are written once, by this process, to a file the ingest reads: into the
+    # run folder when it is local, else beside it in a temporary folder.
+    local = Path(tempfile.mkdtemp(prefix="raysift-inputs-")) if is_remote(tree["output_dir"]) else (
+        Path(tree["output_dir"]) / "inputs")
+    for name, x in (("candidates", candidates), ("targets", targets)):
+        if x is None:
+            x = ["(no targets)"]  # random and GradEx: the stages still want a target side
+        if _is_path(x):
+            tree[name]["path"] = str(x)
+        elif _is_dataset(x):
+            where = f"{tree['output_dir'].rstrip('/')}/inputs/{name}"
+            x.write_parquet(where)  # Ray's workers write it; the driver holds none of it
+            tree[name]["path"] = where
+        else:
+            import pyarrow.parquet as pq
+
+            local.mkdir(parents=True, exist_ok=True)
+            table = _as_table(x, name, tree[name]["text_column"])
+            path = local / f"{name}.parquet"
+            staged = local / f".{name}.parquet.new"
+            pq.write_table(table, staged)
+            # the same rows again (another method, seed, budget): the file and its fingerprint
+            # stay, and the run reuses what it ingested and embedded
+            if path.is_file() and path.read_bytes() == staged.read_bytes():
+                staged.unlink()
+            else:
+                staged.replace(path)
+            tree[name]["path"] = str(path)
+    cfg = validate(tree, "raysift.select")
+    run_pipeline(cfg, ["ingest", "embed", "select"])
+    return open_run(cfg.output_dir).result()

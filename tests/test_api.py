@@ -1,0 +1,108 @@
+"""The Python API: `raysift.select` in-process equals the same selection on Ray (every method with
+an in-process form), `open_run` reads the run folder back, the caller's Ray Data context is left
+alone, bad input is one clear InputError, and examples/quickstart.py runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import raysift
+from raysift.jobs.config import METHOD_NAMES
+from raysift.jobs.errors import InputError
+from raysift.jobs.select import METHODS
+from tests.conftest import DEMO_POOL, DEMO_TARGETS, REPO
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    pool = pq.read_table(DEMO_POOL).slice(0, 300).to_pandas()
+    targets = [json.loads(line)["text"] for line in DEMO_TARGETS.read_text().splitlines()[:30]]
+    return pool, targets
+
+
+def test_method_names_are_declared_once():
+    assert tuple(METHODS) == METHOD_NAMES
+    assert sorted(raysift.methods()) == sorted(METHOD_NAMES)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_in_process_equals_ray_and_open_run_reads_it_back(inputs, tmp_path, ray_cluster):
+    from ray.data import DataContext
+
+    pool, targets = inputs
+    ctx = DataContext.get_current()
+    before = (ctx.enable_progress_bars, ctx.execution_options.preserve_order,
+              ctx.raise_original_map_exception)  # fmt: skip
+    run_dir = tmp_path / "run"
+    for method, options in (("random", {}), ("knn", {"mode": "centroid"}), ("tsds", {}),
+                            ("gotd", {"epsilon": 0.05})):  # fmt: skip
+        args = dict(method=method, budget=40, seed=3, keep_columns=["source", "label"], **options)
+        local = raysift.select(pool, targets, **args)
+        assert local.info["in_process"] and local.run_dir is None
+        on_ray = raysift.select(pool, targets, ray=True, output_dir=run_dir, **args)
+        assert on_ray.table.column_names == local.table.column_names
+        assert on_ray.ids == local.ids, method
+        for col in ("rank", "source", "label", "count"):
+            assert on_ray.table.column(col).equals(local.table.column(col)), (method, col)
+        np.testing.assert_allclose(on_ray.table.column("score").to_numpy(zero_copy_only=False),
+                                   local.table.column("score").to_numpy(zero_copy_only=False),
+                                   rtol=1e-5, atol=1e-7)  # fmt: skip
+        run = raysift.open_run(run_dir)
+        assert run.selection.equals(on_ray.table)
+        assert run.manifest["config"]["select"]["method"] == method
+        assert [r["id"] for r in run.selected()] == on_ray.ids
+        if method == "tsds":  # p on its support, from the shards' probabilities/ folder
+            got = on_ray.p.sort_by("row")
+            want = local.p.sort_by("row")
+            assert got.column("id").equals(want.column("id"))
+            np.testing.assert_allclose(got.column("probability").to_numpy(),
+                                       want.column("probability").to_numpy(),
+                                       rtol=1e-6)  # fmt: skip
+        if method == "gotd":
+            assert on_ray.potentials.column("id").equals(local.potentials.column("id"))
+            np.testing.assert_allclose(on_ray.potentials.column("f").to_numpy(),
+                                       local.potentials.column("f").to_numpy(), rtol=1e-5)
+    stages = raysift.open_run(run_dir).manifest["stages"]
+    assert stages["embed"]["status"] == "done"  # embedded once: later methods reused it
+    ctx = DataContext.get_current()
+    assert (ctx.enable_progress_bars, ctx.execution_options.preserve_order,
+            ctx.raise_original_map_exception) == before  # fmt: skip
+
+
+def test_bad_input_is_one_clear_error(inputs):
+    pool, targets = inputs
+    cases = [
+        (dict(candidates=42, targets=targets), "candidates: expected a DataFrame"),
+        (dict(candidates=pool, targets=targets, text_column="body"), "no text column 'body'"),
+        (dict(candidates=pool, targets=targets, method="nope"), "method: 'nope' is not one of"),
+        (dict(candidates=pool, targets=targets, method="knn", nope=1), "select.knn.nope"),
+        (dict(candidates=pool, targets=targets, method="dsir", ray=False),
+         "ray=False: method 'dsir' needs Ray"),
+        (dict(candidates=pool, targets=None, method="knn"), "targets: method 'knn'"),
+        (dict(candidates=pool, targets=targets, budget=10_000), "select.budget: 10000"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message.replace("(", r"\(")) as err:
+            raysift.select(**kwargs)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quickstart_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "quickstart.py"), str(tmp_path / "qs")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=540,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "knn and tsds share" in out.stdout
+    assert "same rows, in the same order, as in-process: True" in out.stdout
+    assert (tmp_path / "qs" / "knn" / "selection.parquet").is_file()

@@ -1,0 +1,86 @@
+"""The one-way import order (pyproject's import-linter layers contract) and the ban on bare
+imports (ruff TID251): both fail on the mistakes they exist for.
+
+import-linter's graph walks the package's folder on disk, and in a checkout `raysift/` holds only
+the API (its subpackages are the top-level folders, as README's "Import names" says): the contract
+runs on a copy laid out as the wheel installs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+PACKAGES = ("engine", "actors", "jobs")
+
+
+def _installed_layout(root: Path) -> Path:
+    pkg = root / "raysift"
+    shutil.copytree(REPO / "raysift", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in PACKAGES:
+        shutil.copytree(REPO / name, pkg / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [str(BIN / "lint-imports"), str(REPO / "pyproject.toml"), "--no-cache"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+def test_import_order_is_kept_and_a_cycle_breaks_it(tmp_path):
+    root = _installed_layout(tmp_path / "kept")
+    kept = _lint_imports(root)
+    assert kept.returncode == 0, kept.stdout[-3000:] + kept.stderr[-2000:]
+    assert "1 kept, 0 broken" in kept.stdout
+
+    # an engine module reaching up into a stage (what a cycle starts with): the contract breaks
+    broken = _installed_layout(tmp_path / "broken")
+    knn = broken / "raysift" / "engine" / "knn.py"
+    knn.write_text(knn.read_text() + "\n\ndef _up():\n    from raysift.jobs import select\n")
+    out = _lint_imports(broken)
+    assert out.returncode != 0
+    assert "BROKEN" in out.stdout and "raysift.engine.knn -> raysift.jobs.select" in out.stdout
+
+
+def test_every_module_has_a_layer():
+    """import-linter checks the modules a layer names; a new module outside every layer would go
+    unchecked, so each must be named (or sit in a named package)."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    named = {m.strip() for layer in config["contracts"][0]["layers"] for m in layer.split(":")}
+    modules = {f"raysift.jobs.{p.stem}" for p in (REPO / "jobs").glob("*.py")} - {
+        "raysift.jobs.__init__"
+    }
+    assert modules - named == set()
+    assert {"raysift.engine", "raysift.actors", "raysift.api"} <= named
+
+
+def test_bare_imports_are_banned(tmp_path):
+    """`import jobs` would load a second copy of every module (two InputError classes: bad input
+    exits 1) and fails from an installed wheel; ruff's TID251 rule stops it."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("import jobs\nfrom engine.knn import IndexShard\nimport raysift.jobs\n")
+    out = subprocess.run(
+        [str(BIN / "ruff"), "check", "--config", str(REPO / "pyproject.toml"),
+         "--select", "TID251", "--no-cache", str(bad)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stdout.count("TID251") == 2, out.stdout
+    clean = subprocess.run(
+        [str(BIN / "ruff"), "check", "--config", str(REPO / "pyproject.toml"), "--no-cache",
+         *(str(REPO / d) for d in (*PACKAGES, "raysift", "tests", "benchmarks", "examples"))],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert clean.returncode == 0, clean.stdout[-3000:]
