@@ -14,7 +14,7 @@ import ray
 
 from raysift.actors.fanout import RESTARTS, ResilientFanout
 from raysift.engine.knn import shard_bounds
-from raysift.engine.sinkhorn import SinkhornShard
+from raysift.engine.sinkhorn import DEFAULTS, SinkhornShard
 from raysift.jobs.pool import Pool, read_vector_range
 
 
@@ -36,8 +36,8 @@ def start_ot_shards(
     epsilon: float,
     cpus_per_shard: float,
     use_gpu: bool = False,
-    cache_bytes: int = 1 << 30,
-    block: int = 65536,
+    cache_bytes: int = DEFAULTS.cache_mb << 20,
+    block: int = DEFAULTS.block,
 ) -> list:
     """Start the shard actors; returns when every shard has loaded its rows."""
     remote = ray.remote(StoredSinkhornShard).options(

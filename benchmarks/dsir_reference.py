@@ -155,8 +155,8 @@ def one_size(n: int, cores: int) -> tuple[dict, dict]:
         results["engine alone (one process, no Ray)"] = {
             "wall_s": float("nan"), "cpu_s": time.process_time() - t0, "peak_rss_gb": float("nan")
         }  # fmt: skip
-        ld = log_diff(featurize(target.column("text").to_pylist()).counts(10000),
-                      pool.counts(10000))  # fmt: skip
+        ld = log_diff(pool.counts(10000),
+                      featurize(target.column("text").to_pylist()).counts(10000))  # fmt: skip
         checks["log_diff_max_abs_diff"] = float(
             np.abs(ld - np.load(folder / "ref_log_diff.npy")).max()
         )

@@ -44,7 +44,7 @@ np.savez(sys.argv[3], f=np.asarray(out.f), g=np.asarray(out.g), n_iter=int((erro
 def ours(x_path: str, y_path: str, out: str, threshold: float) -> None:
     from raysift.engine.sinkhorn import solve
 
-    r = solve(np.load(y_path), np.load(x_path), threshold=threshold)
+    r = solve(np.load(x_path), np.load(y_path), threshold=threshold)
     np.savez(out, f=r.f, g=r.g, n_iter=r.n_iter)
 
 

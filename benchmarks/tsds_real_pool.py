@@ -118,7 +118,7 @@ def main() -> None:
                 sample(sol.p, ids[sol.rows], args.budget, how, 0).indices
             ]
         for threshold in (0.1, 1e-4):
-            ot = sinkhorn_solve(Q, X, threshold=threshold)
+            ot = sinkhorn_solve(X, Q, threshold=threshold)
             ranked = np.lexsort((np.arange(len(ot.g)), ot.g))
             label = f"gotd (threshold {threshold:g}, {ot.n_iter} iterations)"
             methods[label] = gotd_select(ot.g[ranked], ranked, args.budget, len(X)).indices

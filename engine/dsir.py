@@ -205,9 +205,10 @@ class _Column:
         return self._data[: self.size]
 
 
-def log_diff(target_counts: np.ndarray, raw_counts: np.ndarray) -> np.ndarray:
+def log_diff(raw_counts: np.ndarray, target_counts: np.ndarray) -> np.ndarray:
     """log(p_target + 1e-8) - log(p_raw + 1e-8), the counts normalised to sum 1 (float64);
-    `target_counts` may be (K, num_buckets) for K target sets."""
+    `target_counts` may be (K, num_buckets) for K target sets. Candidates first, then targets,
+    as every engine entry point."""
     raw = np.asarray(raw_counts)
     target = np.atleast_2d(np.asarray(target_counts))
     p_raw = raw / raw.sum()

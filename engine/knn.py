@@ -30,49 +30,18 @@ runs on CPU with `max_k` set, which is how the tests exercise it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
 from raysift.engine.allocator import large_allocations_via_mmap
+from raysift.engine.params import IndexParams
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
 GPU_MAX_K = 2048
 
 
 class ShortResults(ValueError):
     """An approximate index returned fewer neighbours than asked (FAISS label -1)."""
-
-
-@dataclass(frozen=True)
-class IndexParams:
-    """How a shard indexes its rows. `flat` is exact; `ivf` and `hnsw` trade recall for speed.
-
-    ivf: `nlist` inverted lists (None: int(sqrt(n)) // 2, the TSDS reference's choice), `nprobe`
-    lists scanned per query (`density_nprobe` for the range search: points within sigma sit in the
-    nearest lists, so density needs far fewer than a deep kNN list), k-means on at most
-    `train_points_per_list * nlist` rows for `niter` iterations.
-    hnsw: `hnsw_m` links per node, `ef_construction`, `ef_search`.
-    brute_force_knn: answer kNN by an exact scan of the rows and use the index only for density.
-    Query sets are small (M <= 1e4) while density points are many, and deep lists (L = 5000) are
-    where IVF recall is worst, so this is often the better split (BENCHMARKS.md, 1M rows).
-    """
-
-    kind: str = "flat"
-    nlist: int | None = None
-    nprobe: int = 10
-    density_nprobe: int | None = None  # lists scanned by the range (density) search; None: nprobe
-    brute_force_knn: bool = False  # kNN by exact scan; the index serves only the density search
-    train_points_per_list: int = 256
-    niter: int = 10
-    hnsw_m: int = 32
-    ef_construction: int = 128
-    ef_search: int = 256
-
-    def __post_init__(self) -> None:
-        if self.kind not in INDEX_KINDS:
-            raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {self.kind!r}")
 
 
 def reference_nlist(n: int) -> int:

@@ -34,9 +34,12 @@ import torch
 
 from raysift.engine.allocator import large_allocations_via_mmap
 from raysift.engine.fanout import Fanout, local_fanout
+from raysift.engine.params import SinkhornParams
+
+DEFAULTS = SinkhornParams()
 
 
-@dataclass
+@dataclass(frozen=True)
 class SinkhornResult:
     f: np.ndarray  # (m,) float32 target potentials
     g: np.ndarray  # (N,) float32 candidate potentials (concatenated shard by shard)
@@ -61,8 +64,8 @@ class SinkhornShard:
         n_total: int,
         epsilon: float,
         offset: int = 0,
-        cache_bytes: int = 1 << 30,
-        block: int = 65536,
+        cache_bytes: int = DEFAULTS.cache_mb << 20,
+        block: int = DEFAULTS.block,
         device: str = "cpu",
     ) -> None:
         large_allocations_via_mmap()
@@ -152,9 +155,9 @@ def coordinate(
     m: int,
     *,
     epsilon: float,
-    threshold: float = 0.1,
-    momentum: float = 1.3,
-    max_iterations: int = 2000,
+    threshold: float = DEFAULTS.threshold,
+    momentum: float = DEFAULTS.momentum,
+    max_iterations: int = DEFAULTS.max_iterations,
     f: np.ndarray | None = None,
     on_iteration: Callable[[int, np.ndarray, float], None] | None = None,
 ) -> tuple[np.ndarray, int, np.ndarray, bool]:
@@ -181,19 +184,19 @@ def coordinate(
 
 
 def solve(
-    targets: np.ndarray,
     candidates: np.ndarray,
+    targets: np.ndarray,
     *,
-    epsilon: float = 0.1,
-    threshold: float = 0.1,
-    momentum: float = 1.3,
-    max_iterations: int = 2000,
-    cache_bytes: int = 1 << 30,
-    block: int = 65536,
+    epsilon: float = DEFAULTS.epsilon,
+    threshold: float = DEFAULTS.threshold,
+    momentum: float = DEFAULTS.momentum,
+    max_iterations: int = DEFAULTS.max_iterations,
+    cache_bytes: int = DEFAULTS.cache_mb << 20,
+    block: int = DEFAULTS.block,
     device: str = "cpu",
 ) -> SinkhornResult:
     """Single-process solve: one shard holding every candidate, the same loop as the sharded one."""
-    check_inputs(targets, candidates, epsilon)
+    check_inputs(candidates, targets, epsilon)
     shard = SinkhornShard(
         candidates, targets, n_total=len(candidates), epsilon=epsilon,
         cache_bytes=cache_bytes, block=block, device=device,
@@ -206,7 +209,7 @@ def solve(
     return SinkhornResult(f, shard.potentials(), n_iter, errors, converged)
 
 
-def check_inputs(targets: np.ndarray, candidates: np.ndarray, epsilon: float) -> None:
+def check_inputs(candidates: np.ndarray, targets: np.ndarray, epsilon: float) -> None:
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if len(targets) == 0:

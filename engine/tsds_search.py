@@ -21,12 +21,11 @@ for the same kNN lists; lazy density does not change a bit of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from raysift.engine.fanout import Fanout
 from raysift.engine.knn import IndexParams, build_index, combine_density, merge_topk
+from raysift.engine.params import TSDSParams
 from raysift.engine.tsds import (
     NeighboursExhausted,
     RowCache,
@@ -37,21 +36,6 @@ from raysift.engine.tsds import (
 )
 
 REFERENCE_KDE_K = 1000
-
-
-@dataclass(frozen=True)
-class TSDSParams:
-    """The paper's knobs (reference defaults). kde_K None: every neighbour within sigma counts
-    (exact mode) / the reference's 1000 (compat mode)."""
-
-    alpha: float = 0.5
-    C: float = 5.0
-    sigma: float = 0.75
-    max_K: int = 5000
-    kde_K: int | None = None
-    mode: str = "exact"
-    first: int = 64  # neighbours per query whose density is computed up front (lazy density)
-    density_batch: int = 4096  # candidates per density fan-out (bounds the pairs within sigma)
 
 
 def reference_index_params() -> IndexParams:

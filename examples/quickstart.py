@@ -22,7 +22,7 @@ work = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart")
 demo = files("raysift.demo")
 
 # 1. Select from a DataFrame: the pool and the target texts as a notebook holds them.
-pool = pd.read_parquet(str(demo.joinpath("pool.parquet"))).head(1500)
+pool = pd.read_parquet(str(demo.joinpath("pool.parquet"))).head(1000)
 lines = demo.joinpath("targets.jsonl").read_text().splitlines()
 targets = [json.loads(line)["text"] for line in lines]
 print(f"pool: {len(pool)} rows from {pool['source'].nunique()} sources; targets: {len(targets)}")

@@ -15,6 +15,7 @@ import click
 import typer
 
 from raysift.jobs import console
+from raysift.jobs.config import METHOD_NAMES
 from raysift.jobs.errors import InputError, Interrupted
 
 app = typer.Typer(
@@ -100,9 +101,11 @@ def embed(config: ConfigArg, set_: SetOpt = None) -> None:
     _run(config, set_, ["embed"])
 
 
-@app.command()
+@app.command(
+    help="Select candidates with the configured method (select.method: "
+    f"{', '.join(METHOD_NAMES)})."
+)
 def select(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Select candidates from the embeddings with the configured method."""
     _run(config, set_, ["select"])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,10 +18,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from raysift.engine.params import IndexParams, SinkhornParams, TSDSParams, config_fields
 from raysift.jobs.errors import InputError
 
 
@@ -145,50 +148,28 @@ class KnnConfig(Strict):
     )
 
 
-class IndexConfig(Strict):
-    kind: Literal["flat", "ivf", "hnsw"] = Field(
-        "flat", description="flat = exact search; ivf / hnsw = approximate, faster on big pools"
-    )
-    nlist: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="ivf lists per shard; null = int(sqrt(rows)) // 2 (the reference)"
-    )
-    nprobe: Annotated[int, Field(ge=1, le=65536)] = Field(
-        10,
-        description="IVF lists searched per query",
-    )
-    density_nprobe: Annotated[int, Field(ge=1, le=65536)] | None = Field(
-        None, description="ivf lists scanned by the density range search; null = nprobe"
-    )
-    brute_force_knn: bool = Field(
-        False, description="kNN by exact scan of each shard; the index serves only the density"
-    )
-    train_points_per_list: Annotated[int, Field(ge=1)] = Field(
-        256,
-        description="IVF k-means training sample per list",
-    )
-    niter: Annotated[int, Field(ge=1, le=1000)] = Field(10, description="IVF k-means iterations")
-    hnsw_m: Annotated[int, Field(ge=4, le=256)] = Field(32, description="HNSW graph degree")
-    ef_construction: Annotated[int, Field(ge=8)] = Field(128, description="HNSW construction beam")
-    ef_search: Annotated[int, Field(ge=8)] = Field(256, description="HNSW search beam")
+def wraps(cls, name: str) -> type[Strict]:
+    """A config section from an engine parameter dataclass (`raysift.engine.params`): its fields,
+    defaults, bounds and descriptions, declared once in the engine."""
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for f in config_fields(cls):
+        meta = f.metadata
+        field = Field(f.default, description=meta["doc"], **meta["bounds"])
+        fields[f.name] = (hints[f.name], field)
+    return create_model(name, __base__=Strict, __module__=__name__, **fields)
 
 
-class TSDSConfig(Strict):
-    alpha: Annotated[float, Field(gt=0, lt=1)] = Field(
-        0.5, description="weight of alignment vs diversity, in (0, 1); larger = fewer neighbours"
-    )
-    C: Annotated[float, Field(gt=0)] = Field(5.0, description="distance scale, > 0")
-    sigma: Annotated[float, Field(ge=0)] = Field(
-        0.75, description="KDE kernel radius; 0 = no density term (KNN-Uniform)"
-    )
-    max_K: Annotated[int, Field(ge=2)] = Field(5000, description="neighbours fetched per target")
-    kde_K: Annotated[int, Field(ge=1)] | None = Field(
-        None,
-        description="cap on neighbours in the density; null = all within sigma (exact), "
-        "1000 (compat)",
-    )
-    mode: Literal["exact", "compat"] = Field(
-        "exact", description="exact = corrected optimum; compat = the reference's output"
-    )
+class IndexConfig(wraps(IndexParams, "IndexFields")):
+    """`engine.knn.IndexParams` as a config section."""
+
+    def params(self) -> IndexParams:
+        return IndexParams(**self.model_dump())
+
+
+class TSDSConfig(wraps(TSDSParams, "TSDSFields")):
+    """`engine.tsds_search.TSDSParams` plus how the select stage runs it."""
+
     sampling: Literal["without_replacement", "multinomial", "top"] = Field(
         "without_replacement",
         description=(
@@ -215,32 +196,18 @@ class TSDSConfig(Strict):
             )
         return self
 
+    def params(self) -> TSDSParams:
+        return TSDSParams(**{f.name: getattr(self, f.name) for f in config_fields(TSDSParams)})
 
-class GOTDConfig(Strict):
-    epsilon: Annotated[float, Field(gt=0)] = Field(
-        0.1, description="entropic regularisation, absolute (not scaled by the cost)"
-    )
-    threshold: Annotated[float, Field(gt=0)] = Field(
-        0.1,
-        description="stop when the L1 candidate-marginal error is below this; 0.1 = the "
-        "reference (4-9 iterations), 1e-4 = converged",
-    )
-    momentum: Annotated[float, Field(gt=0, lt=2)] = Field(
-        1.3,
-        description="over-relaxation from the first iteration (as ott-jax 0.4.4)",
-    )
-    max_iterations: Annotated[int, Field(ge=1)] = Field(2000, description="Sinkhorn iteration cap")
+
+class GOTDConfig(wraps(SinkhornParams, "GOTDFields")):
+    """`engine.sinkhorn.SinkhornParams` plus how the select stage runs it."""
+
     shards: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="candidate shard actors")
     cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = Field(
         1.0,
         description="CPUs per Sinkhorn shard actor",
     )
-    cache_mb: Annotated[int, Field(ge=0)] = Field(
-        1024,
-        description="per shard: keep the targets x shard cost block if it fits, else "
-        "recompute it in blocks each pass",
-    )
-    block: Annotated[int, Field(ge=1)] = Field(65536, description="candidates per cost block")
     gpu: Literal["auto", "never"] = Field(
         "auto",
         description="auto = one GPU per shard actor when the cluster has GPUs",

@@ -231,7 +231,7 @@ def dsir_select(
             )
         p = np.array([given[str(g)] for g in sets]) if given else hits.astype(np.float64)
         share = split_budget(budget, p / p.sum())
-    ld = log_diff(target_counts, raw)
+    ld = log_diff(raw, target_counts)
     cumulative = list(np.cumsum(share) + 1)  # one more: to see a tie at the cut
     task = ray.remote(_chunk_best).options(num_returns=len(share))
     ld_ref = ray.put(ld)

@@ -173,11 +173,7 @@ def _knn_local(a: InMemory) -> Selection:
 
 
 def _tsds_params(t) -> tuple[TSDSParams, IndexParams]:
-    params = TSDSParams(
-        alpha=t.alpha, C=t.C, sigma=t.sigma, max_K=t.max_K, kde_K=t.kde_K, mode=t.mode
-    )
-    index = reference_index_params() if t.mode == "compat" else IndexParams(**t.index.model_dump())
-    return params, index
+    return t.params(), reference_index_params() if t.mode == "compat" else t.index.params()
 
 
 def _tsds_errors(t, exc: Exception) -> InputError:

@@ -311,17 +311,29 @@ def _select_local(candidates, targets, tree: dict) -> Result:
     return Result(cfg.select.method, table, {**sel.info, "in_process": True}, extras)
 
 
+_ENCODED: dict = {}  # the last texts embedded per side: comparing methods on one pool embeds once
+
+
 def _embed(cfg: Config, pool: pa.Table, targets: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Both sides' vectors with the embed stage's encoder and settings, in this process."""
     from raysift.engine.embed import encode, load_encoder
 
     e = cfg.embed
-    enc = load_encoder(e.model, max_length=e.max_length, batch_size=e.batch_size,
-                       precision=e.precision, num_threads=e.torch_threads,
-                       use_gpu=None if e.gpus_per_actor == "auto" else e.gpus_per_actor > 0)
-    texts = [pool.column(cfg.candidates.text_column).to_pylist(),
-             targets.column(cfg.targets.text_column).to_pylist()]  # fmt: skip
-    return encode(enc, texts[0]), encode(enc, texts[1])
+    key = (e.model, e.max_length, e.batch_size, e.precision, e.gpus_per_actor)
+    out = []
+    for side, table, column in (("candidates", pool, cfg.candidates.text_column),
+                                ("targets", targets, cfg.targets.text_column)):  # fmt: skip
+        texts = table.column(column).to_pylist()
+        cached = _ENCODED.get(side)
+        if cached is None or cached[0] != key or cached[1] != texts:
+            if _ENCODED.get("encoder", (None,))[0] != key:
+                gpu = None if e.gpus_per_actor == "auto" else e.gpus_per_actor > 0
+                _ENCODED["encoder"] = (key, load_encoder(
+                    e.model, max_length=e.max_length, batch_size=e.batch_size,
+                    precision=e.precision, num_threads=e.torch_threads, use_gpu=gpu))  # fmt: skip
+            _ENCODED[side] = (key, texts, encode(_ENCODED["encoder"][1], texts))
+        out.append(_ENCODED[side][2])
+    return out[0], out[1]
 
 
 def _select_on_ray(candidates, targets, tree: dict, output_dir) -> Result:

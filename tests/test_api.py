@@ -43,7 +43,8 @@ def test_in_process_equals_ray_and_open_run_reads_it_back(inputs, tmp_path, ray_
     run_dir = tmp_path / "run"
     for method, options in (("random", {}), ("knn", {"mode": "centroid"}), ("tsds", {}),
                             ("gotd", {"epsilon": 0.05})):  # fmt: skip
-        args = dict(method=method, budget=40, seed=3, keep_columns=["source", "label"], **options)
+        args = dict(method=method, budget=40, seed=3, keep_columns=["source", "label"],
+                    config={"embed": {"precision": "fp32"}}, **options)  # fmt: skip
         local = raysift.select(pool, targets, **args)
         assert local.info["in_process"] and local.run_dir is None
         on_ray = raysift.select(pool, targets, ray=True, output_dir=run_dir, **args)

@@ -22,8 +22,8 @@ X, Y = OFFICIAL["X"], OFFICIAL["Y"]
 def test_parity_with_ott_044(z):
     params = json.loads(str(z["params"]))
     r = solve(
-        z["Y"],
         z["X"],
+        z["Y"],
         epsilon=params["eps"],
         threshold=params["threshold"],
         momentum=params["momentum"],
@@ -42,7 +42,7 @@ def test_parity_with_ott_044(z):
 
 
 def test_converged_potentials_agree_with_pot_after_centring():
-    r = solve(Y, X, threshold=1e-9, max_iterations=500)  # to float32's floor (~5e-7 error)
+    r = solve(X, Y, threshold=1e-9, max_iterations=500)  # to float32's floor (~5e-7 error)
     y, x = Y.astype(np.float64), X.astype(np.float64)
     cost = (y**2).sum(1)[:, None] + (x**2).sum(1)[None] - 2 * y @ x.T
     a, b = np.full(len(Y), 1 / len(Y)), np.full(len(X), 1 / len(X))
@@ -55,14 +55,14 @@ def test_converged_potentials_agree_with_pot_after_centring():
 
 
 def test_blocked_cost_gives_the_same_iterates():
-    cached = solve(Y, X, threshold=1e-4)
-    blocked = solve(Y, X, threshold=1e-4, cache_bytes=0, block=333)
+    cached = solve(X, Y, threshold=1e-4)
+    blocked = solve(X, Y, threshold=1e-4, cache_bytes=0, block=333)
     assert blocked.n_iter == cached.n_iter
     assert np.abs(blocked.g - cached.g).max() <= 1e-6
 
 
 def test_c_transform_scores_new_candidates_from_a_converged_f():
-    r = solve(Y, X, threshold=1e-6)
+    r = solve(X, Y, threshold=1e-6)
     shard = SinkhornShard(X, Y, n_total=len(X), epsilon=0.1, cache_bytes=0, block=1000)
     assert np.abs(c_transform(shard, r.f) - r.g).max() <= 1e-5
 
@@ -91,12 +91,12 @@ def test_selection_is_nested_prefixes_of_one_ranking():
 )
 def test_bad_input(targets, candidates, eps, message):
     with pytest.raises(ValueError, match=message):
-        check_inputs(targets, candidates, eps)
+        check_inputs(candidates, targets, eps)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_solve_matches_cpu():
-    cpu = solve(Y, X, threshold=1e-4)
-    gpu = solve(Y, X, threshold=1e-4, device="cuda")
+    cpu = solve(X, Y, threshold=1e-4)
+    gpu = solve(X, Y, threshold=1e-4, device="cuda")
     assert gpu.n_iter == cpu.n_iter and np.abs(gpu.g - cpu.g).max() <= 1e-5

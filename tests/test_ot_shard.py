@@ -44,7 +44,7 @@ def sharded(pools, shards, kill_at=None):
 
 
 def test_any_shard_count_reproduces_the_global_solve(pools):
-    ref = solve(Y, X, threshold=1e-4)
+    ref = solve(X, Y, threshold=1e-4)
     ref_top = np.lexsort((np.arange(len(ref.g)), ref.g))[:TOP]
     for shards in (1, 3, 8):  # one, uneven (4000 = 1334 + 1333 + 1333), many
         g, top, n_iter, recoveries = sharded(pools, shards)
