@@ -14,13 +14,14 @@ import pyarrow as pa
 
 from raysift.engine.embed import encode, load_encoder
 from raysift.jobs.pool import chunk_name, read_part_rows, vectors_to_arrow
+from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.storage import Store
 
 
 def commit_chunk(store: Store, side: str, digest: str, a: int, b: int, ids, vectors) -> None:
     """Write one chunk of vectors (atomically: a killed actor leaves no partial chunk)."""
     table = pa.table({"id": ids, "vector": vectors_to_arrow(vectors)})
-    store.write_parquet(f"embeddings/{side}/{digest}/{chunk_name(a, b)}", table)
+    store.write_parquet(RunFolder.embeddings(side, digest, chunk_name(a, b)), table)
 
 
 class ChunkEmbedder:
@@ -45,7 +46,7 @@ class ChunkEmbedder:
     def __call__(self, c: dict) -> dict:
         """(side, part, digest, a, b) of a chunk -> the same with rows, dim, precision, seconds."""
         t0 = time.perf_counter()
-        rows = read_part_rows(self.store, f"data/{c['side']}/{c['part']}", c["a"], c["b"],
+        rows = read_part_rows(self.store, RunFolder.data(c["side"], c["part"]), c["a"], c["b"],
                               ["id", "text"])  # fmt: skip
         vectors = encode(self.encoder, rows.column("text").to_pylist())
         commit_chunk(self.store, c["side"], c["digest"], c["a"], c["b"], rows["id"], vectors)

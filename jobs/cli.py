@@ -17,6 +17,7 @@ import typer
 from raysift.jobs import console
 from raysift.jobs.config import METHOD_NAMES
 from raysift.jobs.errors import InputError, Interrupted
+from raysift.jobs.runfolder import RunFolder
 
 app = typer.Typer(
     add_completion=False,
@@ -145,10 +146,10 @@ def estimate(
 
     cfg = _load(config, set_)
     run_dir = run_estimate(cfg, validate_, log=_log)
-    result = json.loads((run_dir / "gradex" / "result.json").read_text())
+    result = json.loads((run_dir / RunFolder.GRADEX / "result.json").read_text())
     typer.echo(f"chosen sources: {', '.join(result['chosen'])}")
     if validate_:
-        v = json.loads((run_dir / "gradex" / "validation.json").read_text())
+        v = json.loads((run_dir / RunFolder.GRADEX / "validation.json").read_text())
         e = v["estimator"]
         typer.echo(
             f"validation over {v['subsets']} fine-tunes: Spearman {e['spearman']:.3f}, "
@@ -243,7 +244,7 @@ def demo(
 
         run_evaluate(_load(config, overrides), log=_log)
         evaluation_table(run_dir)
-        report = run_dir / "report.html"
+        report = run_dir / RunFolder.REPORT
         typer.echo(f"report: {report}")
         typer.echo(f"open it: python -m webbrowser file://{report}")
 

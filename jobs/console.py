@@ -18,6 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
+from raysift.jobs.runfolder import RunFolder
+
 LOG = logging.getLogger("raysift")
 LOG.propagate = False
 LOG.setLevel(logging.INFO)
@@ -121,7 +123,7 @@ def attach(run_dir: Path) -> Path | None:
     current = _state["file"]
     if current is not None and Path(run_dir).resolve().is_relative_to(current.parent.parent):
         return current
-    path = Path(run_dir).resolve() / "logs" / "raysift.log"
+    path = Path(run_dir).resolve() / RunFolder.LOG
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = _RunLog(path, encoding="utf-8")

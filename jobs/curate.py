@@ -32,7 +32,7 @@ from raysift.engine.sinkhorn import SinkhornShard, c_transform
 from raysift.jobs.config import Config, result_settings
 from raysift.jobs.ingest import check_input, fingerprint
 from raysift.jobs.pool import Part, Pool, load_pool, read_vector_range, read_vectors
-from raysift.jobs.runfolder import Manifest, atomic_path, write_json
+from raysift.jobs.runfolder import Manifest, RunFolder, atomic_path, write_json
 from raysift.jobs.storage import Store, open_run
 from raysift.jobs.vectors import SIDES
 
@@ -85,7 +85,7 @@ def _incremental_gotd(cfg: Config, run_dir: Path, pool: Pool, targets: Pool, pre
 
     eps, n, budget = cfg.select.gotd.epsilon, pool.n, cfg.select.budget
     f = pq.read_table(run_dir / GOTD_POTENTIAL).column("f").to_numpy()
-    prev = pq.read_table(previous / "selection.parquet", columns=["row", "score"])
+    prev = pq.read_table(previous / RunFolder.SELECTION, columns=["row", "score"])
     # score = -(1 + 1/N) g  (engine.gotd.select)
     g_prev = -prev.column("score").to_numpy() / (1 + 1 / n_prev) - eps * np.log(n / n_prev)
     old_rows = prev.column("row").to_numpy()
@@ -115,7 +115,7 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     inputs = _inputs(cfg)  # the input checks come first: a bad path writes nothing
     key = _config_key(cfg)
     run_dir, _ = open_run(cfg.output_dir)  # the remote mirror, when output_dir is a URI
-    folder = run_dir / "curate"
+    folder = run_dir / RunFolder.CURATE
     latest = _read_latest(folder)
     if latest and latest["inputs"] == inputs and latest["config"] == key:
         log(f"curate: nothing new since v{latest['version']:04d}")
@@ -138,7 +138,7 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
         and latest["inputs"]["targets"] == inputs["targets"]
         and latest.get("pool") == n_prev
         and (run_dir / GOTD_POTENTIAL).is_file()
-        and "row" in pq.read_schema(previous / "selection.parquet").names
+        and "row" in pq.read_schema(previous / RunFolder.SELECTION).names
     )
     t0 = manifest.start("select")
     if incremental:
@@ -150,8 +150,8 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
         info = run_select(cfg, run_dir, log=log)
     manifest.finish("select", t0, **info)
 
-    chosen = _ids(run_dir / "selection.parquet")
-    before = _ids(previous / "selection.parquet") if previous else np.array([], str)
+    chosen = _ids(run_dir / RunFolder.SELECTION)
+    before = _ids(previous / RunFolder.SELECTION) if previous else np.array([], str)
     old_entries = latest["inputs"]["candidates"] if latest else []
     old_files = {f[0] for f in old_entries}
     summary = {
@@ -182,7 +182,7 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     }
     with atomic_path(folder / f"v{version:04d}") as tmp:
         tmp.mkdir(parents=True)
-        for name in ("selection.parquet", "selected.jsonl"):
+        for name in (RunFolder.SELECTION, RunFolder.SELECTED):
             shutil.copy2(run_dir / name, tmp / name)
         (tmp / "diff.json").write_text(json.dumps(diff, indent=2) + "\n")
         (tmp / "info.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -33,9 +33,10 @@ from raysift.jobs.config import DSIRConfig
 from raysift.jobs.console import progress
 from raysift.jobs.errors import InputError
 from raysift.jobs.pool import Pool, as_strings, read_part_rows
+from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.storage import Store
 
-FEATURES = "features"
+FEATURES = RunFolder.FEATURES
 
 
 def features_root(pool: Pool, o: DSIRConfig) -> str:

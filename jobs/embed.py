@@ -28,6 +28,7 @@ import numpy as np
 from raysift.jobs.config import EmbedConfig
 from raysift.jobs.console import progress
 from raysift.jobs.pool import VECTOR, Part, Pool, load_pool, matrix, read_part
+from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.storage import Store
 from raysift.jobs.vectors import (
     SUMMARY,
@@ -66,10 +67,10 @@ def embed_sides(store: Store, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[
     model_chunks, given = [], []
     for side, pool in pools.items():
         wanted = settings(pool, cfg)
-        discarded = check_settings(store, f"embeddings/{side}", wanted)
+        discarded = check_settings(store, RunFolder.embeddings(side), wanted)
         listing = committed(store, side)
         for digest in set(listing) - {p.digest for p in pool.parts}:  # parts no longer in the pool
-            store.delete(f"embeddings/{side}/{digest}")
+            store.delete(RunFolder.embeddings(side, digest))
         todo = plan(pool, listing, cfg.shard_rows)
         infos[side] = {
             "rows": pool.n,
@@ -135,7 +136,7 @@ def _dim(store: Store, side: str, pool: Pool) -> int:
     """The dimension of the committed vectors: the summary of the run that embedded them, else
     one chunk's schema (metadata only)."""
     try:
-        return int(store.read_json(f"embeddings/{side}/{SUMMARY}")["dim"])
+        return int(store.read_json(RunFolder.embeddings(side, SUMMARY))["dim"])
     except (OSError, ValueError, KeyError):
         folder = pool.chunk_dir(pool.parts[0])
         chunk = store.parquet(f"{folder}/{store.list(folder)[0]}")

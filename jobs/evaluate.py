@@ -38,7 +38,7 @@ from raysift.jobs.errors import InputError
 from raysift.jobs.evaluation_report import render, run_folder
 from raysift.jobs.ingest import check_input, ingest_side
 from raysift.jobs.pool import load_pool, read_rows
-from raysift.jobs.runfolder import write_json, write_jsonl, write_text
+from raysift.jobs.runfolder import RunFolder, write_json, write_jsonl, write_text
 from raysift.jobs.storage import Store
 
 
@@ -81,10 +81,10 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     check_budget(cfg, load_pool(Store.for_run(run_dir), "candidates"))  # before the embedding
     if any(needs_vectors(m.method) for m in e.methods):
         run(cfg, ["embed"], log)
-    start_ray(cfg)
+    start_ray(cfg.ray)
     heldout = _heldout_texts(cfg, run_dir)
     log(f"evaluate: base model: running (perplexity of {len(heldout)} held-out texts)")
-    base = heldout_perplexity(cfg, None, heldout, run_dir / "evaluate" / "base")
+    base = heldout_perplexity(cfg, None, heldout, run_dir / RunFolder.EVALUATE / "base")
     log(f"evaluate: base model: done, perplexity {base['perplexity']:.3f}")
     runs = []
     methods = [*e.methods, *([None] if e.oracle else [])]  # None: the oracle
@@ -108,8 +108,8 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
         "runs": runs,
         "summary": summarise(runs, base),
     }
-    write_json(run_dir / "evaluation.json", result)
-    write_text(run_dir / "report.html", render(result, run_dir))
+    write_json(run_dir / RunFolder.EVALUATION, result)
+    write_text(run_dir / RunFolder.REPORT, render(result, run_dir))
     return run_dir
 
 
@@ -134,7 +134,7 @@ def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldo
     tree.update(output_dir=str(sub), seed=seed)
     if entry is None:
         sub_cfg = Config.model_validate(tree)
-        _oracle_rows(run_dir, sub / "selected.jsonl", cfg.select.budget, seed)
+        _oracle_rows(run_dir, sub / RunFolder.SELECTED, cfg.select.budget, seed)
         log("finetune: running (on the target's own rows)")
         t0 = time.perf_counter()
         info = run_finetune(sub_cfg, sub)
@@ -145,13 +145,13 @@ def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldo
         tree["select"][entry.method] = {**tree["select"].get(entry.method, {}), **entry.options}
         sub_cfg = validate(tree, f"evaluate.methods: {method}")
         run(sub_cfg, ["select", "finetune"], log, data=data)
-        info = json.loads((sub / "manifest.json").read_text())["stages"]["finetune"]
-        selection = pq.read_table(sub / "selection.parquet")
+        info = json.loads((sub / RunFolder.MANIFEST).read_text())["stages"]["finetune"]
+        selection = pq.read_table(sub / RunFolder.SELECTION)
         shares = {
             "share_from_target": _share(cfg, selection),
             "label_tv": _label_tv(cfg, run_dir, selection),
         }
-    ppl = heldout_perplexity(sub_cfg, sub / "finetune" / "model", heldout, sub)
+    ppl = heldout_perplexity(sub_cfg, sub / RunFolder.MODEL, heldout, sub)
     return {
         "method": method,
         "seed": seed,
@@ -213,7 +213,7 @@ def heldout_perplexity(cfg: Config, trained: Path | None, texts: list[str], fold
     e = cfg.evaluate
     key = hashlib.sha256(json.dumps([e.max_length, texts]).encode())
     if trained is not None:  # the fine-tune's own fingerprint: its rows, settings and seed
-        key.update((folder / "finetune" / "fingerprint").read_text().encode())
+        key.update((folder / RunFolder.FINGERPRINT).read_text().encode())
     else:
         key.update(cfg.finetune.model.encode())
     cache = folder / "perplexity.json"

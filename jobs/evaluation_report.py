@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raysift.jobs.report import composition, pool_counts, selection_counts
+from raysift.jobs.runfolder import RunFolder
 
 # 20 source colours, every pair at least 32 apart in CIE76 delta E (about 2.3 is a just-noticeable
 # difference): Tableau's first four, then farthest-point picks in CIELAB over sRGB colours of
@@ -134,7 +135,7 @@ def perplexity_chart(result: dict) -> str:
 
 def run_folder(run_dir: Path, method: str, seed: int) -> Path:
     """Where `raysift evaluate` keeps one method's run for one seed."""
-    return run_dir / "evaluate" / f"{method}-seed{seed}"
+    return run_dir / RunFolder.evaluate_run(method, seed)
 
 
 def pool_colours(in_pool: dict | None) -> dict[str, str]:
@@ -154,7 +155,7 @@ def composition_chart(
         return None
     bars: list[tuple[str, Counter]] = []
     for m in result["summary"]:
-        selection = run_folder(run_dir, m, result["seeds"][0]) / "selection.parquet"
+        selection = run_folder(run_dir, m, result["seeds"][0]) / RunFolder.SELECTION
         if selection.is_file():
             rows = composition(in_pool, selection_counts(selection, column))
             if not bars:
@@ -220,7 +221,7 @@ def chosen_texts(result: dict, run_dir: Path, colour: dict, column: str = "sourc
     the colour the source bars use (`colour`)."""
     blocks = []
     for m in result["summary"]:
-        path = run_folder(run_dir, m, result["seeds"][0]) / "selected.jsonl"
+        path = run_folder(run_dir, m, result["seeds"][0]) / RunFolder.SELECTED
         if not path.is_file():
             continue
         items = []
@@ -241,7 +242,7 @@ def score_charts(result: dict, run_dir: Path) -> str:
     seed = result["seeds"][0]
     panels = []
     for m in result["summary"]:
-        path = run_folder(run_dir, m, seed) / "selection.parquet"
+        path = run_folder(run_dir, m, seed) / RunFolder.SELECTION
         if not path.is_file():
             continue
         scores = np.asarray(pq.read_table(path, columns=["score"])["score"].to_pylist(), float)

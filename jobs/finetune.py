@@ -37,11 +37,11 @@ import pyarrow as pa
 from raysift.engine.lm import resolve_lm_path
 from raysift.jobs.config import Config, FinetuneConfig, result_settings
 from raysift.jobs.errors import InputError
-from raysift.jobs.runfolder import atomic_path, write_json, write_text
+from raysift.jobs.runfolder import RunFolder, atomic_path, write_json, write_text
 from raysift.jobs.storage import Store, shared_path
 
 STATE = "state.pt"
-TOKENS = "finetune/tokens"
+TOKENS = RunFolder.TOKENS
 
 
 TOKEN_ROWS = 4096  # rows per tokens part
@@ -337,9 +337,9 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
     from raysift.jobs.runtime import handle_signals, start_ray
 
     f = cfg.finetune
-    rows_path = rows_path or run_dir / "selected.jsonl"
+    rows_path = rows_path or run_dir / RunFolder.SELECTED
     offsets = check_finetune(cfg, rows_path)
-    out = run_dir / "finetune"
+    out = run_dir / RunFolder.FINETUNE
     out.mkdir(parents=True, exist_ok=True)
     stamp = fingerprint(rows_path, f, cfg.seed)
     marker = out / "fingerprint"
@@ -359,7 +359,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
         store.delete(TOKENS)
         done.unlink(missing_ok=True)
         write_text(marker, stamp)
-    start_ray(cfg)
+    start_ray(cfg.ray)
     rel = Path(rows_path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
     n_rows = tokenise(store, rel, offsets, f)
     use_gpu = f.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0

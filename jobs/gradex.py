@@ -39,12 +39,19 @@ from raysift.jobs.config import Config, to_yaml
 from raysift.jobs.console import progress
 from raysift.jobs.errors import InputError
 from raysift.jobs.pool import Pool, as_strings, load_pool, read_part, read_rows
-from raysift.jobs.runfolder import TMP_PREFIX, write_json, write_jsonl, write_parquet, write_text
+from raysift.jobs.runfolder import (
+    TMP_PREFIX,
+    RunFolder,
+    write_json,
+    write_jsonl,
+    write_parquet,
+    write_text,
+)
 from raysift.jobs.runtime import start_ray
 from raysift.jobs.storage import Store
 from raysift.jobs.vectors import resolve_threads
 
-FOLDER = "gradex"
+FOLDER = RunFolder.GRADEX
 
 
 def check_gradex(cfg: Config, pool: Pool, targets: Pool) -> tuple[list[str], dict]:
@@ -143,10 +150,10 @@ def meta_init(cfg: Config, gdir: Path, sample: pa.Table, log) -> tuple[Path, dic
         cfg, folder, init_adapter=None, epochs=g.meta_epochs,
         learning_rate=g.meta_learning_rate or cfg.finetune.learning_rate, max_steps=None,
     )  # fmt: skip
-    write_text(folder / "config.yaml", to_yaml(sub))
+    write_text(folder / RunFolder.CONFIG, to_yaml(sub))
     log(f"gradex: meta-initialisation on {sample.num_rows} rows")
     info = run_finetune(sub, folder, rows)
-    return folder / "finetune" / "model", info
+    return folder / RunFolder.MODEL, info
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -401,7 +408,7 @@ def choose(cfg: Config, names: list[str], subsets, losses, estimate) -> tuple[np
 
 def prepare(cfg: Config, run_dir: Path, log, data: Store | None = None) -> dict:
     """Sample, meta-init, gradients: everything an estimate needs, resumable."""
-    start_ray(cfg)
+    start_ray(cfg.ray)
     store = data or Store.for_run(run_dir)
     pool, targets = load_pool(store, "candidates"), load_pool(store, "targets")
     names, counts = check_gradex(cfg, pool, targets)
@@ -486,7 +493,7 @@ def gradex_select(ctx) -> Selection:
     cfg = ctx.cfg
     g = cfg.select.gradex
     if g.strategy in ("random", "all"):  # the baselines need no gradients
-        start_ray(cfg)
+        start_ray(cfg.ray)
         names, counts = check_gradex(cfg, ctx.pool, ctx.targets)
         mask, _ = choose(cfg, names, np.ones((1, len(names))), np.zeros(1), None)
         scores = np.zeros(len(names))

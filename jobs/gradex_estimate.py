@@ -18,7 +18,7 @@ from raysift.jobs.evaluate import heldout_perplexity
 from raysift.jobs.finetune import run_finetune
 from raysift.jobs.gradex import Estimator, _sub_config, check_static, estimate_sources
 from raysift.jobs.pipeline import run
-from raysift.jobs.runfolder import write_json, write_jsonl, write_text
+from raysift.jobs.runfolder import RunFolder, write_json, write_jsonl, write_text
 
 # -- validation -----------------------------------------------------------------------------------
 
@@ -46,7 +46,7 @@ def validate(cfg: Config, run_dir: Path, n: int, log=print) -> dict:
             cfg, folder, init_adapter=str(out["adapter"].resolve()), epochs=g.validate_epochs,
             learning_rate=g.validate_learning_rate or cfg.finetune.learning_rate, max_steps=None,
         )  # fmt: skip
-        write_text(folder / "config.yaml", to_yaml(sub))
+        write_text(folder / RunFolder.CONFIG, to_yaml(sub))
         todo.append((chosen, sub, folder, rows))
     infos = _finetunes(todo, g.validate_parallel, log)
     real, runs = [], []
@@ -160,7 +160,7 @@ def _real_loss(cfg: Config, folder: Path, texts: list[str]) -> float:
     max_length."""
     scored = cfg.model_copy(deep=True)
     scored.evaluate.max_length = cfg.select.gradex.max_length
-    return heldout_perplexity(scored, folder / "finetune" / "model", texts, folder)["loss"]
+    return heldout_perplexity(scored, folder / RunFolder.MODEL, texts, folder)["loss"]
 
 
 def run_estimate(cfg: Config, validate_n: int = 0, log: Callable[[str], None] = print) -> Path:

@@ -53,6 +53,7 @@ from raysift.jobs import storage
 from raysift.jobs.config import IngestConfig, InputSpec
 from raysift.jobs.errors import InputError
 from raysift.jobs.pool import INDEX, LAYOUT, VECTOR, Part, Pool, load_pool
+from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.storage import Store
 
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
@@ -654,7 +655,7 @@ def write_part(store: Store, side: str, index: int, first: int, staged, *drops) 
     rows = pa.array(np.arange(first, first + table.num_rows, dtype=np.int64))
     table = pa.table({"row": rows, **{c: table.column(c) for c in table.column_names}})
     name = f"part-{index:05d}-{digest[:12]}.parquet"
-    store.write_parquet(f"data/{side}/{name}", table, row_group_size=4096)
+    store.write_parquet(RunFolder.data(side, name), table, row_group_size=4096)
     return {"name": name, "first": first, "rows": table.num_rows, "digest": digest}
 
 
@@ -684,7 +685,7 @@ def ingest_side(
         return _ingest_side(spec, field, store, side, cfg, append)
     except BaseException:
         with contextlib.suppress(Exception):
-            store.delete(f"data/{side}/.staging")
+            store.delete(RunFolder.data(side, ".staging"))
         raise
 
 
@@ -710,7 +711,7 @@ def _ingest_side(
     buckets = previous.info["id_buckets"] if previous else max(1, min(len(pieces), cfg.id_buckets))
     reader = Reader(source, spec, field, _keep_types(source, spec) if pieces else {}, buckets)
     read = ray.remote(read_piece).options(num_returns=1 + buckets)
-    staging = f"data/{side}/.staging"
+    staging = RunFolder.data(side, ".staging")
     store.delete(staging)  # a killed ingest's leftovers
 
     def stage(k: int) -> str:
@@ -756,9 +757,12 @@ def _ingest_side(
                 f"{dim}, {dims[0][1]} has {dims[0][0]}; every row needs the same"
             )
     dims = {d for d, _ in dims}
-    generation = f"data/{side}/_ids/gen-{(previous.info['id_generation'] + 1) if previous else 0}"
+    next_gen = previous.info["id_generation"] + 1 if previous else 0
+    generation = RunFolder.data(side, "_ids", f"gen-{next_gen}")
     old_ids = (
-        f"data/{side}/_ids/gen-{previous.info['id_generation']}" if previous is not None else None
+        RunFolder.data(side, "_ids", f"gen-{previous.info['id_generation']}")
+        if previous is not None
+        else None
     )
     dedup = ray.remote(dedup_bucket).options(num_returns=1 + len(results))
     bucket_refs = [
@@ -841,7 +845,7 @@ def commit_index(
         "id_buckets": buckets,
         "id_generation": int(generation.rsplit("-", 1)[1]),
     }
-    store.write_json(f"data/{side}/{INDEX}", index)
+    store.write_json(RunFolder.data(side, INDEX), index)
     _remove_leftovers(store, side, {p.name for p in parts}, generation)
 
 
@@ -858,13 +862,13 @@ def _caps(pieces: list[Piece], limit: int | None) -> list[int | None]:
 
 def _remove_leftovers(store: Store, side: str, parts: set[str], generation: str) -> None:
     """Parts and id generations the new index does not name (an earlier ingest's)."""
-    for name in store.list(f"data/{side}"):
+    for name in store.list(RunFolder.data(side)):
         if name.startswith("part-") and name not in parts:
-            store.delete(f"data/{side}/{name}")
+            store.delete(RunFolder.data(side, name))
     keep = generation.rsplit("/", 1)[1]
-    for name in store.folders(f"data/{side}/_ids"):
+    for name in store.folders(RunFolder.data(side, "_ids")):
         if name != keep:
-            store.delete(f"data/{side}/_ids/{name}")
+            store.delete(RunFolder.data(side, "_ids", name))
 
 
 def write_vector_inputs(folder, candidates, targets, parts: int = 1) -> tuple:

@@ -26,7 +26,7 @@ from raysift.jobs.errors import InputError
 from raysift.jobs.finetune import check_finetune, run_finetune
 from raysift.jobs.ingest import check_input, fingerprint, ingest_side
 from raysift.jobs.pool import INDEX, load_pool
-from raysift.jobs.runfolder import Manifest, clean_leftovers, write_text
+from raysift.jobs.runfolder import Manifest, RunFolder, clean_leftovers, write_text
 from raysift.jobs.runtime import interruption, start_ray
 from raysift.jobs.select import check_budget, needs_vectors, run_select
 from raysift.jobs.storage import Store, open_run
@@ -64,7 +64,7 @@ def ingest_is_current(cfg: Config, run_dir: Path, manifest: Manifest) -> bool:
     store = Store.for_run(run_dir)
     for side in SIDES:
         spec = getattr(cfg, side)
-        if not store.is_file(f"data/{side}/{INDEX}"):
+        if not store.is_file(RunFolder.data(side, INDEX)):
             return False
         previous = entry.get(side, {})
         if previous.get("spec") != spec.model_dump(mode="json"):
@@ -118,7 +118,7 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None 
         except FileNotFoundError as exc:
             raise InputError(str(exc)) from None
     if "finetune" in stages and "select" not in stages:
-        check_finetune(cfg, run_dir / "selected.jsonl")
+        check_finetune(cfg, run_dir / RunFolder.SELECTED)
     elif "finetune" in stages:  # the rows come from this run's select: check the model now
         try:
             resolve_lm_path(cfg.finetune.model)
@@ -160,7 +160,7 @@ def run(
     preflight(cfg, stages, run_dir, data)
     clean_leftovers(run_dir)
     attach(run_dir)
-    write_text(run_dir / "config.yaml", to_yaml(cfg))
+    write_text(run_dir / RunFolder.CONFIG, to_yaml(cfg))
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
     manifest.save()
     for stage in stages:
@@ -176,7 +176,7 @@ def run(
             log("embed: every row has its vector, reusing embeddings/")
             continue
         if stage in NEEDS_RAY:
-            start_ray(cfg)
+            start_ray(cfg.ray)
         log(f"{stage}: running")
         t0 = manifest.start(stage)
         try:

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysift.jobs.errors import InputError
+from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.storage import Store
 
 INDEX = "_index.json"
@@ -69,10 +70,10 @@ class Pool:
         return self.parts[-1].stop if self.parts else 0
 
     def part_path(self, part: Part) -> str:
-        return f"data/{self.side}/{part.name}"
+        return RunFolder.data(self.side, part.name)
 
     def chunk_dir(self, part: Part) -> str:
-        return f"embeddings/{self.side}/{part.digest}"
+        return RunFolder.embeddings(self.side, part.digest)
 
     def overlapping(self, a: int, b: int) -> list[Part]:
         """The parts holding any of rows [a, b)."""
@@ -98,7 +99,7 @@ class Pool:
 
 def load_pool(store: Store, side: str) -> Pool:
     """The pool index of one side (a small file); an InputError when there is none."""
-    rel = f"data/{side}/{INDEX}"
+    rel = RunFolder.data(side, INDEX)
     if not store.is_file(rel):
         if store.is_file(f"data/{side}.parquet"):
             raise InputError(

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from raysift.actors.partitions import column_counts
 from raysift.jobs.pool import load_pool
+from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.storage import Store
 
 
@@ -56,9 +57,9 @@ def _table(rows: list[tuple[str, int, int]], column: str, title: str, top: int |
 def source_table(run_dir: Path, console: Console | None = None) -> None:
     """Where the selection came from, by `source` (all) and `label` (top 5), next to the pool."""
     console = console or Console()
-    selection = run_dir / "selection.parquet"
+    selection = run_dir / RunFolder.SELECTION
     schema = pq.read_schema(selection)
-    method = json.loads((run_dir / "manifest.json").read_text())["config"]["select"]["method"]
+    method = json.loads((run_dir / RunFolder.MANIFEST).read_text())["config"]["select"]["method"]
     n_sel = pq.ParquetFile(selection).metadata.num_rows
     if "source" in schema.names:
         rows = composition(pool_counts(run_dir, "source"), selection_counts(selection, "source"))
@@ -78,7 +79,7 @@ def source_table(run_dir: Path, console: Console | None = None) -> None:
 def evaluation_table(run_dir: Path, console: Console | None = None) -> None:
     """Target perplexity per method from evaluation.json, best first, with the base model."""
     console = console or Console()
-    result = json.loads((run_dir / "evaluation.json").read_text())
+    result = json.loads((run_dir / RunFolder.EVALUATION).read_text())
     summary = result["summary"]
     table = Table(
         title=f"Target perplexity after fine-tuning on {result['budget']} rows "

@@ -1,4 +1,4 @@
-"""The run folder: atomic writes and the manifest.
+"""The run folder: its layout (`RunFolder`: every path in it), atomic writes and the manifest.
 
 Every file a run produces is written under a temporary name in the same folder and renamed into
 place (`os.replace`, atomic on POSIX), so a killed run leaves either the old file, the new one, or a
@@ -23,9 +23,58 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysift.jobs import storage
-
 TMP_PREFIX = ".tmp-"
+
+
+class RunFolder:
+    """Every path of a run folder, relative to its root: what a `Store` takes (workers reach the
+    run folder through one), and what `RunFolder(run_dir).path(rel)` makes a local path of.
+    evaluate's and GradEx's sub-runs are run folders of their own, inside this one."""
+
+    MANIFEST = "manifest.json"  # resolved config, versions, code, per-stage status
+    CONFIG = "config.yaml"  # the resolved config
+    LOG = "logs/raysift.log"  # every raysift line of every run in this folder
+    DATA = "data"  # data/<side>/part-*.parquet, _index.json (the commit point), _ids/
+    EMBEDDINGS = "embeddings"  # embeddings/<side>/<part digest>/rows-A-B.parquet, _settings.json
+    FEATURES = "features"  # DSIR: features/<side>/n<ngrams>-b<buckets>/<digest>/rows-A-B.parquet
+    SELECTION = "selection.parquet"  # id, row, rank, score, probability, count, keep columns
+    SELECTED = "selected.jsonl"  # the chosen rows with their text, in rank order
+    PROBABILITIES = "probabilities"  # TSDS: p on its support, one file per shard
+    GOTD_POTENTIAL = "gotd_potential.parquet"  # GOT-D: the target potential f
+    FINETUNE = "finetune"  # finetune/model, fingerprint, info.json, tokens/, ray/ (checkpoints)
+    MODEL = "finetune/model"
+    FINGERPRINT = "finetune/fingerprint"
+    TOKENS = "finetune/tokens"
+    GRADEX = "gradex"  # gradex/meta, gradients/, estimates, result.json, validation.json
+    EVALUATE = "evaluate"  # evaluate/base, evaluate/<method>-seed<seed>/ (sub-runs)
+    EVALUATION = "evaluation.json"
+    REPORT = "report.html"
+    CURATE = "curate"  # curate/vNNNN/, curate/latest.json
+    # what the workers write on the run folder's filesystem (never mirrored by the driver)
+    BULK_DIRS = (DATA, EMBEDDINGS, PROBABILITIES, FEATURES)
+    BULK_PAIRS = ((FINETUNE, "ray"), (FINETUNE, "tokens"))
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    @staticmethod
+    def data(side: str, *names: str) -> str:
+        return "/".join((RunFolder.DATA, side, *names))
+
+    @staticmethod
+    def embeddings(side: str, *names: str) -> str:
+        return "/".join((RunFolder.EMBEDDINGS, side, *names))
+
+    @staticmethod
+    def features(side: str, *names: str) -> str:
+        return "/".join((RunFolder.FEATURES, side, *names))
+
+    @staticmethod
+    def evaluate_run(name: str, seed: int | str) -> str:
+        return f"{RunFolder.EVALUATE}/{name}-seed{seed}"
 _VERSIONED = (
     "raysift",
     "ray",
@@ -55,6 +104,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
         if tmp.is_dir() and final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        from raysift.jobs import storage  # storage names its bulk folders from RunFolder
+
         storage.committed(final)  # a remote run folder gets the file now (jobs/storage.py)
     finally:
         if tmp.is_dir():

@@ -7,7 +7,7 @@ import signal
 import threading
 
 from raysift.jobs.cluster import TOKEN_HELP, check_ray_address, token_present
-from raysift.jobs.config import Config
+from raysift.jobs.config import RayConfig
 from raysift.jobs.errors import InputError, Interrupted
 
 # Ray Train's controller polls its workers every 2 s by default: it notices the end of a fit and
@@ -16,7 +16,7 @@ from raysift.jobs.errors import InputError, Interrupted
 RAY_ENV = {"HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def start_ray(cfg: Config) -> None:
+def start_ray(settings: RayConfig) -> None:
     """Join `ray.address`, or the cluster this process was submitted to (`ray job submit` sets
     RAY_ADDRESS for the driver), or start a local cluster; reuse the one this process has."""
     import ray
@@ -33,7 +33,7 @@ def start_ray(cfg: Config) -> None:
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         if not in_job:  # a submitted job has its runtime env already; adding one conflicts
             kwargs["runtime_env"] = {"env_vars": RAY_ENV}
-        address = cfg.ray.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
+        address = settings.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
         if address:
             check_ray_address(address)  # a dead address fails in seconds, not minutes
             try:
@@ -42,7 +42,7 @@ def start_ray(cfg: Config) -> None:
                 hint = "" if token_present() else f"; no Ray auth token found: {TOKEN_HELP}"
                 raise InputError(f"ray.address: {address}: {exc}{hint}") from None
         else:
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
+            ray.init(address="local", num_cpus=settings.num_cpus, **kwargs)
         handle_signals()  # ray.init installs its own SIGTERM handler (sys.exit)
     console.quiet_ray()
 

@@ -43,7 +43,7 @@ from raysift.engine.tsds_search import (
     select_compat,
     select_exact,
 )
-from raysift.jobs.config import Config
+from raysift.jobs.config import Config, RayConfig
 from raysift.jobs.console import progress
 from raysift.jobs.dsir import dsir_select
 from raysift.jobs.errors import InputError
@@ -56,13 +56,13 @@ from raysift.jobs.pool import (
     read_vector_range,
     read_vectors,
 )
-from raysift.jobs.runfolder import write_jsonl, write_parquet
+from raysift.jobs.runfolder import RunFolder, write_jsonl, write_parquet
 from raysift.jobs.runtime import start_ray
 from raysift.jobs.storage import Store
 from raysift.jobs.vectors import check_vectors_ready, vector_dim
 
-GOTD_POTENTIAL = "gotd_potential.parquet"
-PROBABILITIES = "probabilities"
+GOTD_POTENTIAL = RunFolder.GOTD_POTENTIAL
+PROBABILITIES = RunFolder.PROBABILITIES
 
 
 @dataclass
@@ -83,6 +83,11 @@ class Context:
     @property
     def seed(self) -> int:
         return self.cfg.seed
+
+    @property
+    def options(self):
+        """The method's own section of the config (`select.<method>`)."""
+        return getattr(self.cfg.select, self.cfg.select.method)
 
     def target_vectors(self) -> np.ndarray:
         """The M target vectors (the driver may hold what grows with the targets)."""
@@ -108,6 +113,10 @@ class InMemory:
     def seed(self) -> int:
         return self.cfg.seed
 
+    @property
+    def options(self):
+        return getattr(self.cfg.select, self.cfg.select.method)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -117,12 +126,12 @@ class Method:
     local: Callable[[InMemory], Selection] | None = None  # in-process, for pools held in memory
 
 
-def start_cluster(cfg: Config, gpu: str) -> bool:
+def start_cluster(settings: RayConfig, gpu: str) -> bool:
     """Start or join Ray for shard actors; True when each shard should take a GPU (`gpu: auto`
     and the cluster has GPUs)."""
     import ray
 
-    start_ray(cfg)
+    start_ray(settings)
     return gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
 
 
@@ -158,13 +167,13 @@ def knn_part(pool: Pool, part: Part, targets: np.ndarray, mode: str, k: int) -> 
 
 
 def _knn(ctx: Context) -> Selection:
-    refs = map_parts(knn_part, ctx.pool, ctx.target_vectors(), ctx.cfg.select.knn.mode, ctx.budget)
+    refs = map_parts(knn_part, ctx.pool, ctx.target_vectors(), ctx.options.mode, ctx.budget)
     best = merge_ranked(refs, ctx.budget)
     return Selection(best.row, best.score)
 
 
 def _knn_local(a: InMemory) -> Selection:
-    score = knn_scores(a.vectors, a.target_vectors, a.cfg.select.knn.mode).astype(np.float64)
+    score = knn_scores(a.vectors, a.target_vectors, a.options.mode).astype(np.float64)
     best = Ranked(score, a.ids, np.arange(len(a.ids)), score).top(a.budget)
     return Selection(best.row, best.score)
 
@@ -195,7 +204,7 @@ def _tsds_sample(t, sol, ids: np.ndarray, budget: int, seed: int, n: int, info: 
 
 
 def _tsds_local(a: InMemory) -> Selection:
-    t = a.cfg.select.tsds
+    t = a.options
     params, index = _tsds_params(t)
     try:
         run = select_compat if t.mode == "compat" else select_exact
@@ -209,8 +218,8 @@ def _tsds_local(a: InMemory) -> Selection:
 
 
 def _tsds(ctx: Context) -> Selection:
-    t = ctx.cfg.select.tsds
-    use_gpu = start_cluster(ctx.cfg, t.gpu)
+    t = ctx.options
+    use_gpu = start_cluster(ctx.cfg.ray, t.gpu)
     params, index = _tsds_params(t)
     actors = start_shards(
         ctx.pool, t.shards, index, use_gpu=use_gpu, cpus_per_shard=t.cpus_per_shard
@@ -238,8 +247,8 @@ def _tsds(ctx: Context) -> Selection:
 
 
 def _gotd(ctx: Context) -> Selection:
-    o = ctx.cfg.select.gotd
-    use_gpu = start_cluster(ctx.cfg, o.gpu)
+    o = ctx.options
+    use_gpu = start_cluster(ctx.cfg.ray, o.gpu)
     actors = start_ot_shards(
         ctx.pool, ctx.targets, o.shards, epsilon=o.epsilon, cpus_per_shard=o.cpus_per_shard,
         use_gpu=use_gpu, cache_bytes=o.cache_mb << 20, block=o.block,
@@ -272,7 +281,7 @@ def _gotd(ctx: Context) -> Selection:
 
 
 def _gotd_local(a: InMemory) -> Selection:
-    o = a.cfg.select.gotd
+    o = a.options
     shard = SinkhornShard(
         a.vectors, a.target_vectors, n_total=len(a.ids), epsilon=o.epsilon,
         cache_bytes=o.cache_mb << 20, block=o.block,
@@ -293,9 +302,9 @@ def _gotd_local(a: InMemory) -> Selection:
 def _dsir(ctx: Context) -> Selection:
     import ray
 
-    start_ray(ctx.cfg)
+    start_ray(ctx.cfg.ray)
     cpus = ray.cluster_resources().get("CPU", 1)
-    o = ctx.cfg.select.dsir
+    o = ctx.options
     return dsir_select(ctx.pool, ctx.targets, o, ctx.budget, ctx.seed, cpus, ctx.log)
 
 
@@ -376,9 +385,9 @@ def write_selection(ctx: Context, sel: Selection) -> dict:
     keep = list(ctx.cfg.candidates.keep_columns)
     rows = fetch_rows(ctx.pool, sel.indices, ["id", "text", *keep])
     table = selection_table(sel, rows, keep)
-    write_parquet(ctx.run_dir / "selection.parquet", table)
+    write_parquet(ctx.run_dir / RunFolder.SELECTION, table)
     selected = rows.select(["id", "text", *keep]).append_column("rank", table.column("rank"))
-    write_jsonl(ctx.run_dir / "selected.jsonl", selected)
+    write_jsonl(ctx.run_dir / RunFolder.SELECTED, selected)
     return {"method": ctx.cfg.select.method, "rows": len(sel.indices), "pool": ctx.pool.n,
             **sel.info}  # fmt: skip
 

@@ -28,11 +28,12 @@ import uuid
 from pathlib import Path
 
 from raysift.jobs.errors import InputError
+from raysift.jobs.runfolder import RunFolder
 
 # Folders of a run folder (at any depth: evaluate and GradEx sub-runs have their own) whose files
 # the workers write on the run folder's filesystem; the driver's mirror never holds them.
-BULK_DIRS = ("data", "embeddings", "probabilities", "features")
-BULK_PAIRS = (("finetune", "ray"), ("finetune", "tokens"))
+BULK_DIRS = RunFolder.BULK_DIRS
+BULK_PAIRS = RunFolder.BULK_PAIRS
 _MIRRORS: dict[Path, Remote] = {}
 
 

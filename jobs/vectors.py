@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 from raysift.jobs.config import EmbedConfig
 from raysift.jobs.errors import InputError
 from raysift.jobs.pool import Part, Pool, chunks, load_pool, uncovered
+from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.storage import Store
 
 SIDES = ("targets", "candidates")
@@ -49,7 +50,8 @@ def check_settings(store: Store, folder: str, wanted: dict) -> int:
 
 def committed(store: Store, side: str) -> dict[str, list[str]]:
     """digest -> chunk file names, from one recursive listing of embeddings/<side>/."""
-    sel = pafs.FileSelector(store.path(f"embeddings/{side}"), recursive=True, allow_not_found=True)
+    root = store.path(RunFolder.embeddings(side))
+    sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
     out: dict[str, list[str]] = {}
     for info in store.fs.get_file_info(sel):
         if info.type == pafs.FileType.File and not info.base_name.startswith(".tmp-"):
@@ -75,8 +77,8 @@ def embeddings_current(store: Store, cfg: EmbedConfig) -> dict | None:
     for side in SIDES:
         try:
             pool = load_pool(store, side)
-            made = store.read_json(f"embeddings/{side}/_settings.json")
-            summary = store.read_json(f"embeddings/{side}/{SUMMARY}")
+            made = store.read_json(RunFolder.embeddings(side, "_settings.json"))
+            summary = store.read_json(RunFolder.embeddings(side, SUMMARY))
         except (OSError, ValueError):
             return None
         if made != settings(pool, cfg) or summary.get("rows") != pool.n:
@@ -113,7 +115,8 @@ def resolve_threads(cfg: EmbedConfig, gpus: float) -> int:
 
 
 def write_summary(store: Store, side: str, dim: int, rows: int, source: str) -> None:
-    store.write_json(f"embeddings/{side}/{SUMMARY}", {"dim": dim, "rows": rows, "source": source})
+    summary = {"dim": dim, "rows": rows, "source": source}
+    store.write_json(RunFolder.embeddings(side, SUMMARY), summary)
 
 
 SUMMARY = "_summary.json"  # what select checks: the vectors' dimension, rows, where they came from
@@ -121,7 +124,7 @@ SUMMARY = "_summary.json"  # what select checks: the vectors' dimension, rows, w
 
 def vector_dim(store: Store, side: str) -> int:
     """The dimension the embed stage recorded for a side."""
-    return int(store.read_json(f"embeddings/{side}/{SUMMARY}")["dim"])
+    return int(store.read_json(RunFolder.embeddings(side, SUMMARY))["dim"])
 
 
 def check_vectors_ready(store: Store, side: str, cfg: EmbedConfig) -> None:
@@ -129,10 +132,10 @@ def check_vectors_ready(store: Store, side: str, cfg: EmbedConfig) -> None:
 
     pool = load_pool(store, side)
     try:
-        existing = store.read_json(f"embeddings/{side}/_settings.json")
+        existing = store.read_json(RunFolder.embeddings(side, "_settings.json"))
     except (OSError, ValueError):
         existing = None
-    ready = existing == settings(pool, cfg) and store.is_file(f"embeddings/{side}/{SUMMARY}")
+    ready = existing == settings(pool, cfg) and store.is_file(RunFolder.embeddings(side, SUMMARY))
     if not ready or plan(pool, committed(store, side), cfg.shard_rows):
         raise InputError(
             f"{store.uri_of(f'embeddings/{side}')}: vectors missing or made with other settings; "

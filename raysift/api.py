@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from raysift.jobs.config import Config, load_config, validate
 from raysift.jobs.errors import InputError
+from raysift.jobs.runfolder import RunFolder
 
 LOCAL_ROWS = 100_000  # in-process below this many in-memory candidate rows (unless `ray=` says)
 IN_MEMORY = "<in memory>"
@@ -96,7 +97,7 @@ class Run:
 
     def selected(self) -> list[dict]:
         """selected.jsonl: the chosen rows with their text, in rank order."""
-        text = self._store.read_bytes("selected.jsonl").decode()
+        text = self._store.read_bytes(RunFolder.SELECTED).decode()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def result(self) -> Result:
@@ -107,8 +108,6 @@ class Run:
 
 def open_run(path: str | Path) -> Run:
     """Read a run folder (a path or an s3:// / gs:// URI) without touching its bulk folders."""
-    import pyarrow.fs as pafs
-
     from raysift.jobs.storage import Store, filesystem, is_remote
 
     uri = str(path)
@@ -117,14 +116,15 @@ def open_run(path: str | Path) -> Run:
         store = Store(fs, root, uri)
     else:
         store = Store.local(Path(uri))
-    if not store.is_file("manifest.json"):
+    if not store.is_file(RunFolder.MANIFEST):
         raise InputError(f"{uri}: not a raysift run folder (no manifest.json)")
     selection = None
-    if store.is_file("selection.parquet"):
-        selection = store.parquet("selection.parquet").read()
-    evaluation = store.read_json("evaluation.json") if store.is_file("evaluation.json") else None
-    del pafs
-    return Run(uri, selection, store.read_json("manifest.json"), evaluation, store)
+    if store.is_file(RunFolder.SELECTION):
+        selection = store.parquet(RunFolder.SELECTION).read()
+    evaluation = None
+    if store.is_file(RunFolder.EVALUATION):
+        evaluation = store.read_json(RunFolder.EVALUATION)
+    return Run(uri, selection, store.read_json(RunFolder.MANIFEST), evaluation, store)
 
 
 def _extras(store, method: str) -> dict:
@@ -133,8 +133,8 @@ def _extras(store, method: str) -> dict:
     out = {}
     if method == "tsds" and store.exists("probabilities"):
         out["p"] = ds.dataset(store.path("probabilities"), filesystem=store.fs).to_table()
-    if method == "gotd" and store.is_file("gotd_potential.parquet"):
-        out["potentials"] = store.parquet("gotd_potential.parquet").read()
+    if method == "gotd" and store.is_file(RunFolder.GOTD_POTENTIAL):
+        out["potentials"] = store.parquet(RunFolder.GOTD_POTENTIAL).read()
     return out
 
 
@@ -154,7 +154,7 @@ def evaluate(config: str | Path | Config, overrides: Sequence[str] = ()) -> dict
 
     cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
     run_dir = run_evaluate(cfg)
-    return json.loads((Path(run_dir) / "evaluation.json").read_text())
+    return json.loads((Path(run_dir) / RunFolder.EVALUATION).read_text())
 
 
 # -- select ----------------------------------------------------------------------------------------

@@ -45,3 +45,13 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "raysift.api.select" in api and "open_run" in api
     assert "select.tsds.index.nprobe" in (tmp_path / "site" / "config" / "index.html").read_text()
+
+
+def test_the_readme_describes_every_run_folder_path():
+    """`RunFolder` names every path of a run folder; README's table must describe each."""
+    from raysift.jobs.runfolder import RunFolder
+
+    section = (REPO / "README.md").read_text().split("### The run folder")[1].split("\n### ")[0]
+    paths = {v for k, v in vars(RunFolder).items() if k.isupper() and isinstance(v, str)}
+    assert len(paths) >= 18
+    assert sorted(p for p in paths if f"`{p}" not in section) == []
