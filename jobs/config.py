@@ -490,8 +490,10 @@ class EvaluateConfig(Strict):
     )
     methods: Annotated[list[MethodEntry], Field(min_length=1)] = Field(
         default_factory=lambda: [MethodEntry(method=m) for m in ("random", "knn", "tsds", "gotd")],
-        description="what to compare: method names, or {method, options, label} entries "
-        "(e.g. {method: gradex, options: {strategy: random}})",
+        description="what to compare, each with its select.* settings and select.budget: "
+        "method names, or {method, options, label} entries (options: select.<method>.* for that "
+        "entry, e.g. {method: gradex, options: {strategy: random}}; gradex-random and "
+        "gradex-all are read that way); the pool is embedded only when one needs vectors",
     )
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(
         None, description="selection and fine-tune seeds; null = [seed]"

@@ -109,3 +109,34 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(DEMO, ["select.budget=10"])
     again = validate(yaml.safe_load(to_yaml(cfg)))
     assert again == cfg
+
+
+def test_evaluate_methods_take_structured_entries(tmp_path):
+    path = write_config(tmp_path / "c.yaml", **base(tmp_path))
+    cfg = load_config(path, [
+        "evaluate.methods=[knn, {method: gradex, options: {strategy: random}}, gradex-all, "
+        "{method: tsds, options: {alpha: 0.9}, label: tsds-wide}]"])  # fmt: skip
+    entries = cfg.evaluate.methods
+    assert [e.name for e in entries] == ["knn", "gradex-random", "gradex-all", "tsds-wide"]
+    assert [e.method for e in entries] == ["knn", "gradex", "gradex", "tsds"]
+    assert entries[1].options == {"strategy": "random"} and entries[3].options == {"alpha": 0.9}
+    with pytest.raises(InputError, match="two entries have one name"):
+        load_config(path, ["evaluate.methods=[knn, {method: knn}]"])
+    with pytest.raises(InputError, match="evaluate.methods"):
+        load_config(path, ["evaluate.methods=[{method: nope}]"])
+
+
+def test_engine_parameters_are_the_configs():
+    """The config's TSDS, index and Sinkhorn sections are built from the engine's dataclasses:
+    same defaults, bounds enforced, and `.params()` gives the engine object back."""
+    from raysift.engine.params import IndexParams, SinkhornParams, TSDSParams
+    from raysift.jobs.config import GOTDConfig, IndexConfig, TSDSConfig
+
+    assert TSDSConfig().params() == TSDSParams()
+    assert IndexConfig(kind="ivf", nprobe=3).params() == IndexParams(kind="ivf", nprobe=3)
+    gotd = GOTDConfig()
+    assert {k: getattr(gotd, k) for k in ("epsilon", "threshold", "momentum", "max_iterations",
+            "cache_mb", "block")} == vars(SinkhornParams())  # fmt: skip
+    with pytest.raises(ValueError, match="greater than 0"):
+        TSDSConfig(alpha=0)
+    assert "distance scale" in TSDSConfig.model_fields["C"].description
