@@ -56,7 +56,8 @@ def methods() -> dict[str, MethodInfo]:
 @dataclass
 class Result:
     """A selection: `table` has `selection.parquet`'s columns (id, row, rank, score, probability,
-    count, then the candidates' keep columns), best first. `extras` holds what the method adds:
+    count, then the candidates' keep columns), best first. `extras` holds what the method adds
+    (read from the run folder on first use):
     TSDS's `p` (a Table of row, id, probability on the support), GOT-D's `potentials` (a Table
     of target id, f). `run_dir` is the run folder when the selection ran on Ray."""
 
@@ -76,13 +77,19 @@ class Result:
     def ids(self) -> list[str]:
         return self.table.column("id").to_pylist()
 
+    def _extra(self, name: str) -> pa.Table | None:
+        value = self.extras.get(name)
+        if callable(value):  # read from the run folder on first use (TSDS's support can be big)
+            value = self.extras[name] = value()
+        return value
+
     @property
     def p(self) -> pa.Table | None:
-        return self.extras.get("p")
+        return self._extra("p")
 
     @property
     def potentials(self) -> pa.Table | None:
-        return self.extras.get("potentials")
+        return self._extra("potentials")
 
 
 @dataclass
@@ -131,10 +138,11 @@ def _extras(store, method: str) -> dict:
     import pyarrow.dataset as ds
 
     out = {}
-    if method == "tsds" and store.exists("probabilities"):
-        out["p"] = ds.dataset(store.path("probabilities"), filesystem=store.fs).to_table()
+    if method == "tsds" and store.exists(RunFolder.PROBABILITIES):
+        where = store.path(RunFolder.PROBABILITIES)
+        out["p"] = lambda: ds.dataset(where, filesystem=store.fs).to_table()
     if method == "gotd" and store.is_file(RunFolder.GOTD_POTENTIAL):
-        out["potentials"] = store.parquet(RunFolder.GOTD_POTENTIAL).read()
+        out["potentials"] = lambda: store.parquet(RunFolder.GOTD_POTENTIAL).read()
     return out
 
 
