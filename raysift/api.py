@@ -242,6 +242,22 @@ def select(
     `{"embed": {"batch_size": 32}, "ray": {"address": "auto"}}`). `ray`: None = in-process when
     the pool is in memory and small enough, else on Ray; True / False force one. Same seed and
     settings = the same selection, in-process or on Ray (ids, ranks; scores to float tolerance).
+
+    Examples:
+        In-process on a DataFrame (examples/quickstart.py runs these in the test suite):
+
+            import pandas as pd, raysift
+            pool = pd.read_parquet("demo/pool.parquet").head(1000)
+            result = raysift.select(pool, ["a target text", "another"], method="tsds",
+                                    budget=50, keep_columns=["source"], alpha=0.5)
+            result.to_pandas().head()      # id, row, rank, score, probability, count, source
+
+        On Ray, from files, into a run folder:
+
+            result = raysift.select("s3://bucket/pool/", "targets.jsonl", method="gotd",
+                                    budget=10_000, output_dir="s3://bucket/runs/gotd",
+                                    config={"ray": {"address": "auto"}})
+            raysift.open_run("s3://bucket/runs/gotd").manifest["stages"]["select"]
     """
     from raysift.jobs.select import METHODS
 
