@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/raysift demo
 
 test: setup
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow"

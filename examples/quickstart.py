@@ -22,19 +22,21 @@ work = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart")
 demo = files("raysift.demo")
 
 # 1. Select from a DataFrame: the pool and the target texts as a notebook holds them.
-pool = pd.read_parquet(str(demo.joinpath("pool.parquet"))).head(1000)
+pool = pd.read_parquet(str(demo.joinpath("pool.parquet"))).head(500)
 lines = demo.joinpath("targets.jsonl").read_text().splitlines()
-targets = [json.loads(line)["text"] for line in lines]
+targets = [json.loads(line)["text"] for line in lines[:100]]
 print(f"pool: {len(pool)} rows from {pool['source'].nunique()} sources; targets: {len(targets)}")
 
-knn = raysift.select(pool, targets, method="knn", budget=100, keep_columns=["source"])
+BUDGET = 50
+knn = raysift.select(pool, targets, method="knn", budget=BUDGET, keep_columns=["source"])
 print("\nknn, top 5:")
 print(knn.to_pandas()[["id", "rank", "score", "source"]].head(5).to_string(index=False))
 
 # 2. Compare two methods: TSDS balances closeness to the targets with diversity.
-tsds = raysift.select(pool, targets, method="tsds", budget=100, keep_columns=["source"], alpha=0.5)
+tsds = raysift.select(pool, targets, method="tsds", budget=BUDGET, keep_columns=["source"],
+                      alpha=0.5)
 overlap = len(set(knn.ids) & set(tsds.ids))
-print(f"\nknn and tsds share {overlap} of 100 rows; TSDS's p covers {tsds.p.num_rows} rows")
+print(f"\nknn and tsds share {overlap} of {BUDGET} rows; TSDS's p covers {tsds.p.num_rows} rows")
 shares = pd.DataFrame({
     "knn": knn.to_pandas()["source"].value_counts(normalize=True),
     "tsds": tsds.to_pandas()["source"].value_counts(normalize=True),
@@ -44,7 +46,7 @@ print(shares.to_string())
 
 # 3. The same selection as a run on Ray, then read its run folder back.
 run_dir = work / "knn"
-raysift.select(pool, targets, method="knn", budget=100, keep_columns=["source"], ray=True,
+raysift.select(pool, targets, method="knn", budget=BUDGET, keep_columns=["source"], ray=True,
                output_dir=run_dir)
 run = raysift.open_run(run_dir)
 stages = run.manifest["stages"]
