@@ -122,6 +122,19 @@ def _heldout_texts(cfg: Config, run_dir: Path) -> list[str]:
     return read_rows(pool, 0, n, ["text"]).column("text").to_pylist()
 
 
+def sub_config(cfg: Config, entry: MethodEntry | None, folder: Path, seed: int) -> Config:
+    """The config of one evaluated run: the parent's, in its own folder and seed, selecting with
+    the entry's method and options (None: the oracle, which selects nothing)."""
+    tree = cfg.model_dump(mode="json")
+    tree.update(output_dir=str(folder), seed=seed)
+    if entry is None:
+        return Config.model_validate(tree)
+    tree["select"]["method"] = entry.method
+    if entry.options:  # random has no section of its own: only entries with options touch one
+        tree["select"][entry.method] = {**tree["select"].get(entry.method, {}), **entry.options}
+    return validate(tree, f"evaluate.methods: {entry.name}")
+
+
 def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldout, log) -> dict:
     from raysift.jobs.finetune import run_finetune
     from raysift.jobs.pipeline import run
@@ -130,10 +143,8 @@ def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldo
     sub = run_folder(run_dir, method, seed)
     sub.mkdir(parents=True, exist_ok=True)
     data = Store.for_run(run_dir)  # the shared pool and embeddings
-    tree = cfg.model_dump(mode="json")
-    tree.update(output_dir=str(sub), seed=seed)
+    sub_cfg = sub_config(cfg, entry, sub, seed)
     if entry is None:
-        sub_cfg = Config.model_validate(tree)
         _oracle_rows(run_dir, sub / RunFolder.SELECTED, cfg.select.budget, seed)
         log("finetune: running (on the target's own rows)")
         t0 = time.perf_counter()
@@ -141,9 +152,6 @@ def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldo
         log(f"finetune: done in {time.perf_counter() - t0:.1f} s")
         shares = {"share_from_target": 1.0, "label_tv": _label_tv(cfg, run_dir, None)}
     else:
-        tree["select"]["method"] = entry.method
-        tree["select"][entry.method] = {**tree["select"].get(entry.method, {}), **entry.options}
-        sub_cfg = validate(tree, f"evaluate.methods: {method}")
         run(sub_cfg, ["select", "finetune"], log, data=data)
         info = json.loads((sub / RunFolder.MANIFEST).read_text())["stages"]["finetune"]
         selection = pq.read_table(sub / RunFolder.SELECTION)

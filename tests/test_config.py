@@ -140,3 +140,25 @@ def test_engine_parameters_are_the_configs():
     with pytest.raises(ValueError, match="greater than 0"):
         TSDSConfig(alpha=0)
     assert "distance scale" in TSDSConfig.model_fields["C"].description
+
+
+def test_each_evaluate_entry_gets_its_own_sub_config(tmp_path):
+    """Every method of the demo's evaluate (random has no select section), an entry with
+    options, and an option the method does not have (one line naming the entry and field)."""
+    from raysift.jobs.evaluate import sub_config
+
+    path = write_config(tmp_path / "c.yaml", **base(tmp_path))
+    cfg = load_config(path, [
+        "evaluate.methods=[random, knn, tsds, gotd, dsir, gradex, gradex-all, "
+        "{method: tsds, options: {alpha: 0.9}, label: wide}, "
+        "{method: random, options: {x: 1}}]"])  # fmt: skip
+    *good, bad = cfg.evaluate.methods
+    for entry in good:
+        sub = sub_config(cfg, entry, tmp_path / entry.name, 7)
+        assert sub.select.method == entry.method and sub.seed == 7
+        assert sub.output_dir == str(tmp_path / entry.name)
+    assert sub_config(cfg, good[-1], tmp_path / "w", 0).select.tsds.alpha == 0.9
+    assert sub_config(cfg, good[6], tmp_path / "a", 0).select.gradex.strategy == "all"
+    assert sub_config(cfg, None, tmp_path / "o", 0).select.method == cfg.select.method
+    with pytest.raises(InputError, match="evaluate.methods: random-1: select.random"):
+        sub_config(cfg, bad, tmp_path / "b", 0)
