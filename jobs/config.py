@@ -110,9 +110,9 @@ class EmbedConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description=(
-        "auto: bf16 on GPUs that support it (else fp16) and on CPUs with native bf16, "
-        "else fp32; pin fp32 where selections must match across runs that embed in "
-        "different batches"
+            "auto: bf16 on GPUs that support it (else fp16) and on CPUs with native bf16, "
+            "else fp32; pin fp32 where selections must match across runs that embed in "
+            "different batches"
         ),
     )
     num_actors: Annotated[int, Field(ge=1, le=4096)] = Field(
@@ -143,7 +143,7 @@ class KnnConfig(Strict):
     mode: Literal["max", "centroid"] = Field(
         "max",
         description=(
-        "max: score = cosine to the nearest target; centroid: cosine to the targets' mean"
+            "max: score = cosine to the nearest target; centroid: cosine to the targets' mean"
         ),
     )
 
@@ -173,8 +173,8 @@ class TSDSConfig(wraps(TSDSParams, "TSDSFields")):
     sampling: Literal["without_replacement", "multinomial", "top"] = Field(
         "without_replacement",
         description=(
-        "without_replacement (budget distinct rows, seeded), multinomial (the reference's "
-        "draws with replacement; count kept), top (highest p)"
+            "without_replacement (budget distinct rows, seeded), multinomial (the reference's "
+            "draws with replacement; count kept), top (highest p)"
         ),
     )
     shards: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="index shard actors")
@@ -407,8 +407,8 @@ class FinetuneConfig(Strict):
     response_column: str = Field(
         "response",
         description=(
-        "column of the response when a row has a prompt too: then only the response is "
-        "scored"
+            "column of the response when a row has a prompt too: then only the response is "
+            "scored"
         ),
     )
     max_length: Annotated[int, Field(ge=8, le=8192)] = Field(128, description="tokens per row")
@@ -432,8 +432,8 @@ class FinetuneConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description=(
-        "autocast: bf16 on GPUs and bf16-capable CPUs, else fp32 (weights and optimiser "
-        "stay fp32)"
+            "autocast: bf16 on GPUs and bf16-capable CPUs, else fp32 (weights and optimiser "
+            "stay fp32)"
         ),
     )
     num_workers: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="Ray Train workers")
@@ -547,8 +547,8 @@ class Config(Strict):
     seed: Annotated[int, Field(ge=0, lt=2**63)] = Field(
         0,
         description=(
-        "seeds every sampler (random uses sha1(seed:id): no dependence on row order, "
-        "shards, workers)"
+            "seeds every sampler (random uses sha1(seed:id): no dependence on row order, "
+            "shards, workers)"
         ),
     )
     candidates: InputSpec

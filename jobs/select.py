@@ -66,15 +66,11 @@ PROBABILITIES = RunFolder.PROBABILITIES
 
 
 @dataclass
-class Context:
-    """What a method gets: the partitioned pool, the targets, the options, where outputs go."""
+class MethodInput:
+    """What every method's input has: the config, and from it the budget, the seed and the
+    method's own section."""
 
     cfg: Config
-    pool: Pool  # the candidates: parts read by tasks and actors, never by the driver
-    targets: Pool
-    run_dir: Path  # the driver's run folder (small files)
-    out: Store  # the run folder as workers reach it (bulk outputs)
-    log: Callable[[str], None] = print
 
     @property
     def budget(self) -> int:
@@ -89,33 +85,31 @@ class Context:
         """The method's own section of the config (`select.<method>`)."""
         return getattr(self.cfg.select, self.cfg.select.method)
 
+
+@dataclass
+class Context(MethodInput):
+    """What a method gets: the partitioned pool, the targets, the options, where outputs go."""
+
+    pool: Pool  # the candidates: parts read by tasks and actors, never by the driver
+    targets: Pool
+    run_dir: Path  # the driver's run folder (small files)
+    out: Store  # the run folder as workers reach it (bulk outputs)
+    log: Callable[[str], None] = print
+
     def target_vectors(self) -> np.ndarray:
         """The M target vectors (the driver may hold what grows with the targets)."""
         return read_vector_range(self.targets, 0, self.targets.n)
 
 
 @dataclass
-class InMemory:
+class InMemory(MethodInput):
     """What a method's in-process `local` gets (`raysift.select` on a pool that fits in memory,
     no Ray): the pool's ids in row order, its vectors and the target vectors (None for a method
     that needs none), the config. It returns the same `Selection` as its `select` on Ray."""
 
-    cfg: Config
     ids: np.ndarray  # str, the pool's row order
     vectors: np.ndarray | None = None  # (N, d) float32
     target_vectors: np.ndarray | None = None  # (M, d) float32
-
-    @property
-    def budget(self) -> int:
-        return self.cfg.select.budget
-
-    @property
-    def seed(self) -> int:
-        return self.cfg.seed
-
-    @property
-    def options(self):
-        return getattr(self.cfg.select, self.cfg.select.method)
 
 
 @dataclass(frozen=True)

@@ -45,18 +45,17 @@ def _default(field) -> str:
     return "`" + text.replace("|", "\\|") + "`" if text != "" else ""
 
 
+SIGNS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
 def _bounds(field) -> str:
-    parts = []
-    for m in field.metadata:
-        for name, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if getattr(m, name, None) is not None:
-                parts.append(f"{sign} {getattr(m, name)}")
+    # a field's constraints: on the Field itself, or inside Annotated[...] members of its union
+    metadata = list(field.metadata)
     for t in (field.annotation, *typing.get_args(field.annotation)):
         for a in typing.get_args(t) or ():
-            for m in getattr(a, "__metadata__", ()):
-                for name, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-                    if getattr(m, name, None) is not None:
-                        parts.append(f"{sign} {getattr(m, name)}")
+            metadata += getattr(a, "__metadata__", ())
+    parts = [f"{sign} {getattr(m, name)}" for m in metadata for name, sign in SIGNS
+             if getattr(m, name, None) is not None]  # fmt: skip
     choices = _choices(field.annotation)
     out = []
     if choices:
