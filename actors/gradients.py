@@ -68,3 +68,86 @@ class Gradients:
                 "G": vectors_to_arrow(np.concatenate([g for _, g in parts])),
             }
         )
+
+
+class LessFeatures:
+    """LESS's feature pass as an actor callable (`actors.pool.map_actors`): each actor builds the
+    base model with LoRA adapters and reads every warm-up checkpoint (weights and Adam moments)
+    once; a call takes one chunk of a pool's part (`jobs.pool.plan_chunks`), reads its texts
+    itself, and writes `<root>/<part digest>/rows-A-B.parquet` (one `features` row per text: C
+    checkpoints x k, float32, each unit-norm) -- unless that file is already committed. The pool
+    side ("candidates") gets Adam-preconditioned gradients, the targets plain ones. Returns the
+    chunk's row count and whether it computed it."""
+
+    def __init__(
+        self,
+        base: str,
+        lora: dict,
+        states: list[str],
+        store,
+        roots: dict,
+        k: int,
+        seed: int,
+        max_length: int,
+        chunk: int,
+        torch_threads: int | None = None,
+    ):
+        import io
+
+        import torch
+
+        from raysift.engine import gradex, less, lm
+        from raysift.engine.embed import pick_device
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        device = pick_device(None)
+        model, self.tokenizer = lm.load_lm(base, device, attention="eager")  # see Gradients
+        model = lm.with_lora(
+            model, r=lora["r"], alpha=lora["alpha"], dropout=0.0, target_modules=lora["modules"]
+        ).to(device)
+        shapes = gradex.GradientModel.adapter_shapes(model)
+        self.model = gradex.GradientModel(
+            model, gradex.Projector(shapes, k, seed), chunk=chunk, loss="ce"
+        )
+        self.states = []
+        for rel in states:
+            state = torch.load(io.BytesIO(store.read_bytes(rel)), map_location="cpu")
+            less.check_moments(state["moments"], shapes)
+            self.states.append(state)
+        self.roots, self.max_length = roots, max_length
+        self._lm, self._less = lm, less
+
+    def features(self, texts: list[str], side: str) -> np.ndarray:
+        """(n, C, k) unit-norm features of the texts, one per checkpoint; the gradients of every
+        checkpoint are projected together (P's blocks generated once per call)."""
+        import torch
+
+        examples = [self._lm.encode_text(self.tokenizer, t, self.max_length) for t in texts]
+        batch = self._lm.collate(examples, self.tokenizer.pad_token_id)
+        per_checkpoint = []
+        for state in self.states:
+            self.model.set_adapter(state["weights"])
+            _, grads = self.model.sample_grads(batch, on_device=True)  # a GPU keeps them
+            if side == "candidates":
+                grads = self._less.adam_transform(grads, state["moments"])
+            per_checkpoint.append(grads)
+        stacked = {n: torch.cat([g[n] for g in per_checkpoint]) for n in per_checkpoint[0]}
+        out = self.model.projector.project(stacked)  # (C * n, k), checkpoint-major
+        out = out.reshape(len(self.states), len(texts), -1).transpose(1, 0, 2)
+        return self._less.normalise(out)
+
+    def __call__(self, item: dict) -> dict:
+        from raysift.jobs.pool import chunk_file, read_part_rows
+
+        pool = item["pool"]
+        rel = chunk_file(self.roots[pool.side], item)
+        rows = item["b"] - item["a"]
+        if pool.store.is_file(rel):
+            return {"side": pool.side, "rows": rows, "computed": False}
+        texts = read_part_rows(pool.store, pool.part_path(item["part"]), item["a"], item["b"],
+                               ["text"]).column("text").to_pylist()  # fmt: skip
+        feats = self.features(texts, pool.side)
+        pool.store.write_parquet(rel, pa.table({"features": vectors_to_arrow(
+            feats.reshape(len(texts), -1))}))  # fmt: skip
+        return {"side": pool.side, "rows": rows, "computed": True}

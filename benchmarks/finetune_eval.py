@@ -151,6 +151,25 @@ def length_filter_table(thresholds: tuple[int, ...] = (100, 5)) -> None:
         f"{(words < t).mean():.3f}" for t in thresholds) + " |")  # fmt: skip
 
 
+def share_less(name: str, folder: str) -> None:
+    """LESS's warm-up and pool features depend on the pool, not the target: copy them from a
+    target that has them into this target's run folder (each target is its own `raysift
+    evaluate` run folder; its select then computes only the target's features)."""
+    import shutil
+
+    here = OUT / name / folder
+    for other in TARGETS:
+        there = OUT / other / folder
+        if other == name or not (there / "less" / "warmup" / "finetune" / "result.json").is_file():
+            continue
+        if not (here / "less").exists():
+            shutil.copytree(there / "less", here / "less")
+        for feats in (there / "features" / "candidates").glob("less-*"):
+            if not (here / "features" / "candidates" / feats.name).exists():
+                shutil.copytree(feats, here / "features" / "candidates" / feats.name)
+        return
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, nargs="+", default=[500])
@@ -168,7 +187,12 @@ def main() -> None:
         help="select-section overrides, e.g. dsir.min_example_length=5",
     )
     ap.add_argument("--table", action="store_true")
+    ap.add_argument(
+        "--out", default="finetune", help="folder under runs/bench/ (a pool of its own size)"
+    )
     args = ap.parse_args()
+    global OUT
+    OUT = ROOT / "runs" / "bench" / args.out
     if not args.table:
         from raysift.jobs.config import load_config
         from raysift.jobs.evaluate import run_evaluate
@@ -184,6 +208,8 @@ def main() -> None:
                     select.setdefault(section, {})[field] = yaml.safe_load(value)
                 path = config(name, budget, args.seeds, args.methods, not args.no_oracle,
                               args.tag, select)  # fmt: skip
+                if "less" in args.methods:
+                    share_less(name, path.stem)
                 run_dir = run_evaluate(load_config(path))
                 print(f"{name} b{budget}: {time.time() - t0:.0f} s -> {run_dir}", flush=True)
     table()

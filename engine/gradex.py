@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ESTIMATORS = ("offset", "reference", "reference_fast", "functional")
+LOSSES = ("logit", "ce")  # what a per-sample gradient differentiates: GradEx's, LESS's
 
 
 # -- the per-token output -------------------------------------------------------------------------
@@ -86,21 +87,25 @@ class Projector:
         return sum(math.prod(s) for s in self.shapes.values())
 
     def block(self, name: str):
+        """One parameter's rows of P (numel x k float32): random bytes from (seed, name), one
+        sign per bit (numpy's PCG64 bytes + unpackbits: ~4x faster than drawing int8 signs, and
+        what a call spends before its matrix product)."""
         import torch
 
         n = math.prod(self.shapes[name])
-        g = torch.Generator().manual_seed(block_seed(self.seed, name))
-        signs = torch.randint(0, 2, (n, self.k), generator=g, dtype=torch.int8)
-        return (signs.float() * 2.0 - 1.0) / math.sqrt(self.k)
+        raw = np.random.default_rng(block_seed(self.seed, name)).bytes(-(-n * self.k // 8))
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8), count=n * self.k).reshape(n, self.k)
+        scale = torch.tensor(1.0 / math.sqrt(self.k))
+        return torch.where(torch.from_numpy(bits).bool(), scale, -scale)
 
     def project(self, grads: dict) -> np.ndarray:
         """{name: (B, *shape)} per-sample gradients -> (B, k) float32, P^T g for each row."""
         out = None
         for name in self.shapes:
-            g = grads[name]
-            part = g.reshape(g.shape[0], -1).float() @ self.block(name)
+            g = grads[name]  # on any device: the block goes there (generated on the CPU)
+            part = g.reshape(g.shape[0], -1).float() @ self.block(name).to(g.device)
             out = part if out is None else out + part
-        return out.numpy()
+        return out.cpu().numpy()
 
     def lift(self, w: np.ndarray) -> dict:
         """P w as {name: tensor of the parameter's shape}."""
@@ -127,12 +132,26 @@ class Projector:
 
 class GradientModel:
     """A causal LM with LoRA adapters at theta*, as a function of its adapter weights: per-sample
-    mean logits and their projected gradients (torch.func.vmap(grad)), per-token logits and their
-    projected gradients (torch.func.jacrev, chunked), and the loss at theta* + P w."""
+    mean logits (GradEx) or mean cross-entropies (LESS) and their gradients (torch.func.vmap(grad)),
+    projected or not, per-token logits and their projected gradients (torch.func.jacrev,
+    chunked), and the loss at theta* + P w."""
 
-    def __init__(self, model, projector: Projector, *, chunk: int = 8, clip: float | None = None):
+    def __init__(
+        self,
+        model,
+        projector: Projector,
+        *,
+        chunk: int = 8,
+        clip: float | None = None,
+        loss: str = "logit",
+    ):
+        """`loss`: what a sample's gradient differentiates -- "logit", the mean gold-token logit
+        (GradEx), or "ce", the mean token cross-entropy (LESS: HF's `.loss`)."""
         import torch
 
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.loss = loss
         self.model = model.eval()  # no dropout: f and its gradient are deterministic
         self.params = {n: p.detach() for n, p in model.named_parameters() if n in projector.shapes}
         if set(self.params) != set(projector.shapes):
@@ -167,20 +186,43 @@ class GradientModel:
         z = self._logits(params, ids)[:-1]
         return token_logits(z, labels[1:].clamp(min=0), self.clip)
 
-    def _mean_logit(self, params, ids, labels):
+    def _sample_value(self, params, ids, labels):
+        """The sample's mean over its scored next tokens of the gold-token logit ("logit") or of
+        the cross-entropy ("ce")."""
         scored = (labels[1:] >= 0).float()
-        return (self._token_logits(params, ids, labels) * scored).sum() / scored.sum().clamp(min=1)
+        if self.loss == "logit":
+            per_token = self._token_logits(params, ids, labels)
+        else:
+            z = self._logits(params, ids)[:-1]
+            y = labels[1:].clamp(min=0)
+            per_token = z.logsumexp(-1) - z.gather(-1, y[:, None])[:, 0]
+        return (per_token * scored).sum() / scored.sum().clamp(min=1)
+
+    def set_adapter(self, weights: dict) -> None:
+        """Load adapter weights {name: tensor} (a checkpoint) in place: every later gradient is
+        taken there."""
+        if set(weights) != set(self.params):
+            raise ValueError("the weights are not this model's adapter weights")
+        with self._torch.no_grad():
+            for name, value in weights.items():
+                self.params[name].copy_(value.to(self.params[name].device))
 
     def sample_gradients(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(f0 (B,), G (B, k)) for a collated batch: per-sample mean logit and P^T its gradient.
-        Gradients are vmapped `chunk` samples at a time and projected once for the whole batch
-        (P's blocks are generated once per call)."""
+        """(f0 (B,), G (B, k)) for a collated batch: per-sample value (`loss`) and P^T its
+        gradient. Gradients are vmapped `chunk` samples at a time and projected once for the
+        whole batch (P's blocks are generated once per call)."""
+        f0, grads = self.sample_grads(batch, on_device=True)
+        return f0, self.projector.project(grads)
+
+    def sample_grads(self, batch: dict, on_device: bool = False) -> tuple[np.ndarray, dict]:
+        """(f0 (B,), {name: (B, *shape)}): per-sample values and their unprojected gradients, on
+        the CPU (or left on the model's device: `on_device`)."""
         from torch.func import grad, vmap
 
         torch = self._torch
 
         def value_and_aux(params, ids, labels):
-            value = self._mean_logit(params, ids, labels)
+            value = self._sample_value(params, ids, labels)
             return value, value.detach()
 
         per_sample = vmap(grad(value_and_aux, has_aux=True), in_dims=(None, 0, 0))
@@ -192,9 +234,10 @@ class GradientModel:
             width = int(scored.max()) + 1 if len(scored) else 2
             grads, f0 = per_sample(self.params, ids[:, :width], labels[:, :width])
             f_all.append(f0.cpu())
-            g_all.append({n: v.detach().cpu() for n, v in grads.items()})
+            g_all.append({n: v.detach() if on_device else v.detach().cpu()
+                          for n, v in grads.items()})  # fmt: skip
         stacked = {n: torch.cat([g[n] for g in g_all]) for n in self.projector.shapes}
-        return torch.cat(f_all).numpy(), self.projector.project(stacked)
+        return torch.cat(f_all).numpy(), stacked
 
     def token_gradients(self, examples: list) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(f0 (T,), G (T, k))] per sequence (an `Example`): every scored next token's logit and

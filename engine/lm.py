@@ -204,6 +204,14 @@ def perplexity(
     return {"perplexity": math.exp(loss), "loss": loss, "tokens": count, "texts": len(examples)}
 
 
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """The learning rate of optimiser step `step` (0-based) as a fraction of the peak: linear
+    warm-up over `warmup` steps, then linear decay to 0 at `total` -- the fine-tune stage's
+    schedule (LESS weighs its checkpoints by it)."""
+    warm = max(1, warmup)
+    return min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warmup)))
+
+
 def with_lora(model, *, r: int, alpha: float, dropout: float, target_modules: list[str]):
     """Wrap `model` in LoRA adapters (peft): only the rank-r A, B matrices train."""
     from peft import LoraConfig, get_peft_model

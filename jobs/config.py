@@ -363,9 +363,84 @@ class DSIRConfig(Strict):
         return self
 
 
+class LessLoraConfig(Strict):
+    r: Annotated[int, Field(ge=1, le=1024)] = Field(
+        16, description="LoRA rank of the warm-up (the reference: 128; 16 on CPU)"
+    )
+    alpha: Annotated[float, Field(gt=0)] = Field(
+        64.0, description="LoRA alpha (the reference's alpha / r = 4)"
+    )
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.1, description="LoRA dropout while warming up (features are taken with dropout off)"
+    )
+    modules: Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="the linear layers that get LoRA adapters",
+    )
+
+
+class LessConfig(Strict):
+    warmup_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.05, description="share of the pool (seeded by id hash) the warm-up fine-tune trains on"
+    )
+    warmup_max_rows: Annotated[int, Field(ge=1)] = Field(
+        20000, description="at most this many warm-up rows, whatever the pool's size"
+    )
+    warmup_epochs: Annotated[int, Field(ge=1, le=100)] = Field(
+        4, description="warm-up epochs: one checkpoint (weights + Adam moments) per epoch"
+    )
+    warmup_seed: int = Field(
+        0,
+        description="seeds the warm-up rows, its fine-tune and the projection; not the run's "
+        "seed, so every seed and target reuses the pool's features",
+    )
+    learning_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="warm-up peak learning rate; null = finetune.learning_rate"
+    )
+    lora: LessLoraConfig = Field(default_factory=LessLoraConfig)
+    proj_dim: Annotated[int, Field(ge=1, le=65536)] = Field(
+        2048, description="random projection dimensions (the reference: 8192)"
+    )
+    max_length: Annotated[int, Field(ge=8, le=8192)] = Field(
+        64, description="tokens per row, warm-up and gradients (the reference: 2048)"
+    )
+    subtask_column: str | None = Field(
+        None,
+        description="a carried targets column whose values are subtasks: score = max over "
+        "subtasks of the mean over their targets; null = one subtask",
+    )
+    checkpoint_weights: Literal["auto"] | list[Annotated[float, Field(ge=0)]] = Field(
+        "auto",
+        description="weight of each epoch's checkpoint; auto = the epoch's mean learning rate "
+        "(renormalised to sum 1)",
+    )
+    chunk_rows: Annotated[int, Field(ge=1)] = Field(
+        32, description="rows per actor call and per committed feature file (a rerun's unit)"
+    )
+    chunk: Annotated[int, Field(ge=1, le=1024)] = Field(
+        8, description="rows per vmapped gradient call"
+    )
+    num_actors: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        None, description="gradient actors (null: the cluster's CPUs / cpus_per_actor)"
+    )
+    cpus_per_actor: Annotated[float, Field(gt=0, le=256)] = Field(
+        1.0, description="CPUs per gradient actor (one GPU each where the cluster has GPUs)"
+    )
+
+    @model_validator(mode="after")
+    def _weights_per_epoch(self) -> LessConfig:
+        w = self.checkpoint_weights
+        if w != "auto" and (len(w) != self.warmup_epochs or sum(w) <= 0):
+            raise ValueError(
+                f"checkpoint_weights: one non-negative weight per warm-up epoch "
+                f"({self.warmup_epochs}), not all 0; got {w}"
+            )
+        return self
+
+
 # The selection methods, declared once: the method table (`jobs.select.METHODS`) has one entry per
 # name (a test checks it), and the config's choices, the CLI's and the README's follow from here.
-METHOD_NAMES = ("random", "knn", "tsds", "gotd", "gradex", "dsir")
+METHOD_NAMES = ("random", "knn", "tsds", "gotd", "gradex", "dsir", "less")
 MethodName = Literal.__getitem__(METHOD_NAMES)
 
 
@@ -380,6 +455,7 @@ class SelectConfig(Strict):
     gotd: GOTDConfig = Field(default_factory=GOTDConfig)
     gradex: GradExConfig = Field(default_factory=GradExConfig)
     dsir: DSIRConfig = Field(default_factory=DSIRConfig)
+    less: LessConfig = Field(default_factory=LessConfig)
 
 
 class FinetuneConfig(Strict):
@@ -734,6 +810,7 @@ EXECUTION_ONLY: dict[str, set[str] | None] = {
     "select.tsds": {"shards", "cpus_per_shard"},
     "select.gotd": {"shards", "cpus_per_shard"},
     "select.gradex": {"num_actors", "cpus_per_actor", "estimate_tasks", "validate_parallel"},
+    "select.less": {"num_actors", "cpus_per_actor", "chunk_rows", "chunk"},
     "finetune": {"cpus_per_worker", "torch_threads", "checkpoint_every", "num_to_keep"},
 }
 

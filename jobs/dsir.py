@@ -32,7 +32,14 @@ from raysift.engine.selection import Ranked, Selection
 from raysift.jobs.config import DSIRConfig
 from raysift.jobs.console import progress
 from raysift.jobs.errors import InputError
-from raysift.jobs.pool import Pool, as_strings, read_part_rows
+from raysift.jobs.pool import (
+    Pool,
+    as_strings,
+    chunk_file,
+    drop_stale_parts,
+    plan_chunks,
+    read_part_rows,
+)
 from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.storage import Store
 
@@ -46,19 +53,7 @@ def features_root(pool: Pool, o: DSIRConfig) -> str:
 
 def drop_stale(pool: Pool, o: DSIRConfig) -> None:
     """Delete cached features of parts no longer in the pool (a re-ingested, changed input)."""
-    folder = features_root(pool, o)
-    for digest in set(pool.store.folders(folder)) - {p.digest for p in pool.parts}:
-        pool.store.delete(f"{folder}/{digest}")
-
-
-def plan_chunks(pool: Pool, o: DSIRConfig, group_column: str | None = None) -> list[dict]:
-    """Every part cut into chunks of `chunk_rows` rows (the cache's unit)."""
-    return [
-        {"pool": pool, "part": part, "a": a, "b": min(a + o.chunk_rows, part.rows),
-         "group": group_column}
-        for part in pool.parts
-        for a in range(0, part.rows, o.chunk_rows)
-    ]  # fmt: skip
+    drop_stale_parts(pool, features_root(pool, o))
 
 
 def _bucket_type(num_buckets: int) -> pa.DataType:
@@ -86,7 +81,7 @@ def chunk_features(item: dict, featurize: Featurizer | None, o: DSIRConfig):
     Returns (features, whether they were computed)."""
     pool, part = item["pool"], item["part"]
     store = pool.store
-    rel = f"{features_root(pool, o)}/{part.digest}/rows-{item['a']:09d}-{item['b']:09d}.parquet"
+    rel = chunk_file(features_root(pool, o), item)
     if store.is_file(rel):
         return read_features(store, rel, o.ngrams), False
     if featurize is None:
@@ -175,8 +170,8 @@ def dsir_select(
     options = o.model_dump()
     for side in (pool, targets):
         drop_stale(side, o)
-    cand = plan_chunks(pool, o)
-    items = cand + plan_chunks(targets, o, o.target_column)
+    cand = plan_chunks(pool, o.chunk_rows, group=None)
+    items = cand + plan_chunks(targets, o.chunk_rows, group=o.target_column)
     actors = o.num_actors or max(1, int(cpus))
     total = {"candidates": {}, "targets": {}}
     stats = {"rows": 0, "eligible": 0, "chunks_computed": 0, "chunks_reused": 0}

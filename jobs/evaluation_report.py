@@ -36,6 +36,7 @@ SCORE_MEANING = {
     "gradex-random": "none (random sources)",
     "gradex-all": "none (all sources)",
     "dsir": "log importance weight",
+    "less": "checkpoint-weighted gradient cosine to the targets",
 }
 SHOWN_TEXTS = 5  # selected texts shown per method
 SHOWN_CHARS = 160

@@ -42,6 +42,7 @@ from raysift.jobs.storage import Store, shared_path
 
 STATE = "state.pt"
 TOKENS = RunFolder.TOKENS
+EPOCHS = RunFolder.EPOCHS
 
 
 TOKEN_ROWS = 4096  # rows per tokens part
@@ -227,9 +228,8 @@ def train_loop(c: dict) -> None:
     per_epoch, total = plan(n_rows, f, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=f.learning_rate, weight_decay=f.weight_decay)
-    warm = max(1, f.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - f.warmup_steps)))
+        opt, lambda s: lm.lr_factor(s, total, f.warmup_steps)
     )
     step, losses = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -271,6 +271,8 @@ def train_loop(c: dict) -> None:
         opt.zero_grad(set_to_none=True)
         step += 1
         since.append(float(nll.detach()) / max(int(n), 1))
+        if c.get("epoch_states") and rank == 0 and (step % per_epoch == 0 or step == total):
+            save_epoch_state(store, c["epoch_states"], model, opt, step, per_epoch)
         if rank == 0 and c.get("progress") is not None:
             c["progress"].put.remote({"done": step, "loss": float(np.mean(since[-10:])),
                                       "last_checkpoint": saved})  # fmt: skip
@@ -302,6 +304,31 @@ def train_loop(c: dict) -> None:
             )
 
 
+def epoch_state_name(epoch: int) -> str:
+    return f"epoch-{epoch:03d}.pt"
+
+
+def save_epoch_state(store: Store, folder: str, model, opt, step: int, per_epoch: int) -> None:
+    """The end of an epoch (LESS's warm-up checkpoints): the trainable weights and AdamW's
+    moments by parameter name, and the step, as `<folder>/epoch-NNN.pt` (1-based epochs)."""
+    import io
+
+    import torch
+
+    from raysift.engine.less import moments_by_name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    state = {
+        "weights": {n: p.detach().cpu() for n, p in named},
+        "moments": moments_by_name(named, opt),
+        "step": step,
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    epoch = math.ceil(step / per_epoch)
+    store.write_bytes(f"{folder}/{epoch_state_name(epoch)}", buffer.getvalue())
+
+
 def _trainer_class():
     """TorchTrainer whose Ctrl-C / SIGTERM aborts the run and raises `Interrupted` (Ray Train's
     own handler logs a line and exits 1, which the manifest would record as a crash). The
@@ -328,8 +355,12 @@ def _trainer_class():
     return Trainer
 
 
-def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> dict:
-    """Fine-tune on `rows_path` (default: the run's selected.jsonl) into run_dir/finetune/."""
+def run_finetune(
+    cfg: Config, run_dir: Path, rows_path: Path | None = None, epoch_states: bool = False
+) -> dict:
+    """Fine-tune on `rows_path` (default: the run's selected.jsonl) into run_dir/finetune/;
+    `epoch_states`: also keep each epoch's end (weights and optimiser moments) in
+    finetune/epochs/ (LESS's warm-up)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 
@@ -357,6 +388,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
             ckpt_fs.delete_dir_contents(ckpt_path, missing_dir_ok=True)
         shutil.rmtree(out / "model", ignore_errors=True)
         store.delete(TOKENS)
+        store.delete(EPOCHS)
         done.unlink(missing_ok=True)
         write_text(marker, stamp)
     start_ray(cfg.ray)
@@ -367,7 +399,7 @@ def run_finetune(cfg: Config, run_dir: Path, rows_path: Path | None = None) -> d
         train_loop,
         train_loop_config={
             "finetune": f.model_dump(mode="json"), "seed": cfg.seed,
-            "rows": n_rows, "store": store,
+            "rows": n_rows, "store": store, "epoch_states": EPOCHS if epoch_states else None,
         },
         scaling_config=ScalingConfig(
             num_workers=f.num_workers, use_gpu=use_gpu,

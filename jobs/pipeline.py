@@ -128,6 +128,10 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None 
         from raysift.jobs.gradex import check_static
 
         check_static(cfg)
+    if "select" in stages and cfg.select.method == "less":
+        from raysift.jobs.less import check_static as check_less_static
+
+        check_less_static(cfg)
     if "ingest" in stages:
         for side in SIDES:
             check_input(getattr(cfg, side), side)

@@ -116,6 +116,28 @@ def load_pool(store: Store, side: str) -> Pool:
     return Pool(store, side, parts, tuple(index["columns"]), index.get("dim"), index)
 
 
+def plan_chunks(pool: Pool, rows: int, **extra) -> list[dict]:
+    """Every part cut into chunks of `rows` rows: {"pool", "part", "a", "b", **extra}, local rows
+    [a, b) of the part (the unit of a cached feature file: DSIR's, LESS's)."""
+    return [
+        {"pool": pool, "part": part, "a": a, "b": min(a + rows, part.rows), **extra}
+        for part in pool.parts
+        for a in range(0, part.rows, rows)
+    ]
+
+
+def chunk_file(root: str, item: dict) -> str:
+    """A chunk's feature file under `root`: <root>/<part digest>/rows-A-B.parquet."""
+    return f"{root}/{item['part'].digest}/rows-{item['a']:09d}-{item['b']:09d}.parquet"
+
+
+def drop_stale_parts(pool: Pool, root: str) -> None:
+    """Delete cached per-part folders under `root` of parts no longer in the pool (a
+    re-ingested, changed input)."""
+    for digest in set(pool.store.folders(root)) - {p.digest for p in pool.parts}:
+        pool.store.delete(f"{root}/{digest}")
+
+
 # -- worker-side readers ---------------------------------------------------------------------------
 
 

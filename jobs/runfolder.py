@@ -45,6 +45,8 @@ class RunFolder:
     MODEL = "finetune/model"
     FINGERPRINT = "finetune/fingerprint"
     TOKENS = "finetune/tokens"
+    EPOCHS = "finetune/epochs"  # LESS's warm-up: each epoch's weights and Adam moments
+    LESS = "less"  # less/warmup/: the warm-up rows and fine-tune (a sub-run)
     GRADEX = "gradex"  # gradex/meta, gradients/, estimates, result.json, validation.json
     EVALUATE = "evaluate"  # evaluate/base, evaluate/<method>-seed<seed>/ (sub-runs)
     EVALUATION = "evaluation.json"
@@ -52,7 +54,7 @@ class RunFolder:
     CURATE = "curate"  # curate/vNNNN/, curate/latest.json
     # what the workers write on the run folder's filesystem (never mirrored by the driver)
     BULK_DIRS = (DATA, EMBEDDINGS, PROBABILITIES, FEATURES)
-    BULK_PAIRS = ((FINETUNE, "ray"), (FINETUNE, "tokens"))
+    BULK_PAIRS = ((FINETUNE, "ray"), (FINETUNE, "tokens"), (FINETUNE, "epochs"))
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)

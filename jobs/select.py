@@ -308,6 +308,13 @@ def _gradex(ctx: Context) -> Selection:
     return gradex_select(ctx)
 
 
+def _less(ctx: Context) -> Selection:
+    from raysift.jobs.less import less_select
+
+    start_ray(ctx.cfg.ray)
+    return less_select(ctx.cfg, ctx.pool, ctx.targets, ctx.run_dir, ctx.budget, ctx.log)
+
+
 METHODS: dict[str, Method] = {
     "random": Method(_random, frozenset(), "seeded hash rank, uniform over the pool",
                      _random_local),
@@ -318,6 +325,7 @@ METHODS: dict[str, Method] = {
                    _gotd_local),
     "gradex": Method(_gradex, frozenset({"sources"}), "whole data sources chosen by GradEx"),
     "dsir": Method(_dsir, frozenset({"texts"}), "hashed n-gram importance resampling (DSIR)"),
+    "less": Method(_less, frozenset({"texts"}), "Adam-preconditioned LoRA gradients (LESS)"),
 }
 
 
