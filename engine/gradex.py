@@ -216,7 +216,10 @@ class GradientModel:
 
     def sample_grads(self, batch: dict, on_device: bool = False) -> tuple[np.ndarray, dict]:
         """(f0 (B,), {name: (B, *shape)}): per-sample values and their unprojected gradients, on
-        the CPU (or left on the model's device: `on_device`)."""
+        the CPU (or left on the model's device: `on_device`). The samples are vmapped `chunk` at
+        a time in order of length, each chunk cut to its longest sample: padding costs compute
+        (a shuffled batch of mixed lengths pads most samples to the longest); the results come
+        back in the batch's order."""
         from torch.func import grad, vmap
 
         torch = self._torch
@@ -226,18 +229,23 @@ class GradientModel:
             return value, value.detach()
 
         per_sample = vmap(grad(value_and_aux, has_aux=True), in_dims=(None, 0, 0))
+        scored_at = batch["labels"] >= 0
+        last = torch.where(scored_at.any(1), scored_at.int().cumsum(1).argmax(1), 0)
+        order = torch.argsort(last, stable=True)
         f_all, g_all = [], []
-        for start in range(0, batch["input_ids"].shape[0], self.chunk):
-            ids = batch["input_ids"][start : start + self.chunk].to(self.device)
-            labels = batch["labels"][start : start + self.chunk].to(self.device)
-            scored = (labels >= 0).any(0).nonzero()
-            width = int(scored.max()) + 1 if len(scored) else 2
-            grads, f0 = per_sample(self.params, ids[:, :width], labels[:, :width])
+        for start in range(0, len(order), self.chunk):
+            rows = order[start : start + self.chunk]
+            width = max(2, int(last[rows].max()) + 1)
+            ids = batch["input_ids"][rows, :width].to(self.device)
+            labels = batch["labels"][rows, :width].to(self.device)
+            grads, f0 = per_sample(self.params, ids, labels)
             f_all.append(f0.cpu())
             g_all.append({n: v.detach() if on_device else v.detach().cpu()
                           for n, v in grads.items()})  # fmt: skip
-        stacked = {n: torch.cat([g[n] for g in g_all]) for n in self.projector.shapes}
-        return torch.cat(f_all).numpy(), stacked
+        back = torch.argsort(order)
+        stacked = {n: torch.cat([g[n] for g in g_all])[back.to(g_all[0][n].device)]
+                   for n in self.projector.shapes}  # fmt: skip
+        return torch.cat(f_all)[back].numpy(), stacked
 
     def token_gradients(self, examples: list) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(f0 (T,), G (T, k))] per sequence (an `Example`): every scored next token's logit and
