@@ -41,6 +41,7 @@ from raysift.jobs.errors import InputError
 from raysift.jobs.pool import Pool, as_strings, chunk_file, drop_stale_parts, plan_chunks, read_part
 from raysift.jobs.pool import read_part_rows as _rows
 from raysift.jobs.runfolder import RunFolder, write_jsonl, write_text
+from raysift.jobs.storage import Store
 from raysift.jobs.vectors import resolve_threads
 
 WARMUP = f"{RunFolder.LESS}/warmup"
@@ -124,7 +125,7 @@ def warm_up(cfg: Config, folder: Path, pool: Pool, log) -> dict:
     per_epoch, total = plan(table.num_rows, sub.finetune, sub.finetune.num_workers)
     epochs = math.ceil(total / per_epoch)
     states = [f"{EPOCHS}/{epoch_state_name(e)}" for e in range(1, epochs + 1)]
-    store = _store(folder)
+    store = Store.for_run(folder)
     missing = [s for s in states if not store.is_file(s)]
     if missing:
         raise RuntimeError(f"{store.uri_of(missing[0])}: the warm-up left no state for this epoch")
@@ -134,12 +135,6 @@ def warm_up(cfg: Config, folder: Path, pool: Pool, log) -> dict:
     return {"rows": table.num_rows, "steps": total, "per_epoch": per_epoch, "states": states,
             "learning_rates": rates, "store": store, "finetune": info,
             "fingerprint": (folder / RunFolder.FINGERPRINT).read_text()}  # fmt: skip
-
-
-def _store(folder: Path):
-    from raysift.jobs.storage import Store
-
-    return Store.for_run(folder)
 
 
 # -- features -------------------------------------------------------------------------------------
@@ -159,7 +154,7 @@ def features_root(pool: Pool, key: str) -> str:
     return RunFolder.features(pool.side, f"less-{key}")
 
 
-def compute_features(cfg: Config, pool: Pool, targets: Pool, warm: dict, log) -> dict:
+def compute_features(cfg: Config, pool: Pool, targets: Pool, warm: dict) -> dict:
     """Every missing chunk's features, pool and targets, on an actor pool (one GPU each where
     the cluster has GPUs). Returns counts and the feature roots."""
     import ray
@@ -262,7 +257,7 @@ def less_select(
         weights = less.checkpoint_weights(warm["learning_rates"])
     else:
         weights = less.checkpoint_weights(o.checkpoint_weights)
-    feats = compute_features(cfg, pool, targets, warm, log)
+    feats = compute_features(cfg, pool, targets, warm)
     roots = feats.pop("roots")
     G = target_features(targets, roots["targets"], o.chunk_rows, C)
     task = ray.remote(_chunk_best)
