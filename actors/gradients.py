@@ -92,8 +92,6 @@ class LessFeatures:
         chunk: int,
         torch_threads: int | None = None,
     ):
-        import io
-
         import torch
 
         from raysift.engine import gradex, less, lm
@@ -112,7 +110,7 @@ class LessFeatures:
         )
         self.states = []
         for rel in states:
-            state = torch.load(io.BytesIO(store.read_bytes(rel)), map_location="cpu")
+            state = less.read_state(store.read_bytes(rel))
             less.check_moments(state["moments"], shapes)
             self.states.append(state)
         self.roots, self.max_length = roots, max_length

@@ -74,6 +74,16 @@ def check_moments(moments: dict, shapes: dict) -> None:
             raise ValueError(f"{name}: moments of shape {tuple(m.shape)}, weight {shapes[name]}")
 
 
+def read_state(raw: bytes) -> dict:
+    """An epoch state file's content (`jobs.finetune.save_epoch_state`: weights, moments by
+    parameter name, step), on the CPU."""
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(raw), map_location="cpu")
+
+
 def normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (a zero row stays zero)."""
     x = np.asarray(x, np.float32)
@@ -102,10 +112,7 @@ def checkpoint_weights(learning_rates: list[float]) -> np.ndarray:
 
 
 def subtask_codes(labels) -> tuple[np.ndarray, list[str]]:
-    """Each target's subtask as an integer code, and the subtask names (sorted); None labels ->
-    one subtask."""
-    if labels is None:
-        return np.zeros(0, np.int64), ["all"]
+    """Each target's subtask as an integer code, and the subtask names (sorted)."""
     names, codes = np.unique(np.asarray([str(x) for x in labels]), return_inverse=True)
     return codes.astype(np.int64), names.tolist()
 

@@ -21,7 +21,6 @@ pass through it once, into rows.jsonl. The math is in `engine.less`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import time
@@ -228,8 +227,7 @@ def subtasks(cfg: Config, targets: Pool) -> tuple[np.ndarray | None, list[str]]:
             f"select.less.subtask_column: {labels.null_count} target rows have no "
             f"{o.subtask_column!r}"
         )
-    names, codes = np.unique(as_strings(labels), return_inverse=True)
-    return codes.astype(np.int64), names.tolist()
+    return less.subtask_codes(as_strings(labels))
 
 
 def warmup_folder(pool: Pool, run_dir: Path) -> Path:
@@ -261,7 +259,8 @@ def less_select(
     roots = feats.pop("roots")
     G = target_features(targets, roots["targets"], o.chunk_rows, C)
     task = ray.remote(_chunk_best)
-    refs = [task.remote(i, roots["candidates"], C, ray.put(G), weights, groups, budget)
+    G = ray.put(G)  # once: every chunk's task reads the same targets' features
+    refs = [task.remote(i, roots["candidates"], C, G, weights, groups, budget)
             for i in plan_chunks(pool, o.chunk_rows)]  # fmt: skip
     best = merge_ranked(refs, budget)
     sel = Selection(best.row, best.score)
@@ -279,9 +278,7 @@ def less_select(
 
 def load_state(store, rel: str) -> dict:
     """One epoch state (weights, moments, step), on the CPU."""
-    import torch
-
-    return torch.load(io.BytesIO(store.read_bytes(rel)), map_location="cpu")
+    return less.read_state(store.read_bytes(rel))
 
 
 def committed_chunks(store, root: str) -> list[str]:
