@@ -31,7 +31,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check engine actors jobs raysift tests benchmarks examples
+	$(BIN)/ruff check engine actors jobs raysift demo tests benchmarks examples
 
 docs: setup      # the API and config reference (docs/), warnings as errors -> site/
 	$(BIN)/python -m raysift.reference

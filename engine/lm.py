@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from raysift.engine.embed import resolve_precision
+from raysift.engine.loading import quiet
 
 PACKAGED_LM = "smollm2-135m"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,13 +67,14 @@ def _packaged_smollm2(field: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = Path(spec.submodule_search_locations[0])
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF)  # dequantised to fp32
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF)
-    del model.config.quantization_config  # saved as a plain fp32 folder: reloads in 0.2 s
-    model.hf_quantizer = None
     tmp = target.parent / f".tmp-{uuid.uuid4().hex[:8]}-{target.name}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with quiet():
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF)  # fp32
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF)
+        del model.config.quantization_config  # saved as a plain fp32 folder: reloads in 0.2 s
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another process cached it first
@@ -86,7 +88,8 @@ def load_tokenizer(model: str, field: str = "finetune.model"):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_lm_path(model, field)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with quiet():
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:  # BERT-style vocabularies (tiny test models) end on [SEP]
         if tokenizer.sep_token_id is None:
             raise ValueError(f"{field}: the tokenizer of {path} has no end-of-text token")
@@ -109,7 +112,8 @@ def load_lm(
     path = resolve_lm_path(model, field)
     tokenizer = load_tokenizer(model, field)
     extra = {"attn_implementation": attention} if attention else {}
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+    with quiet():
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
     return net.to(device or torch.device("cpu")), tokenizer
 
 
@@ -239,5 +243,7 @@ def load_finetuned(
         from peft import PeftModel
 
         model, tokenizer = load_lm(base, device, attention=attention)
-        return PeftModel.from_pretrained(model, folder).to(model.device), tokenizer
+        with quiet():
+            tuned = PeftModel.from_pretrained(model, folder)
+        return tuned.to(model.device), tokenizer
     return load_lm(str(folder), device, attention=attention)

@@ -16,7 +16,7 @@ import typer
 
 from raysift.jobs import console
 from raysift.jobs.config import METHOD_NAMES
-from raysift.jobs.errors import InputError, Interrupted
+from raysift.jobs.errors import Interrupted, describe, input_error
 from raysift.jobs.runfolder import RunFolder
 
 app = typer.Typer(
@@ -255,18 +255,6 @@ _ABORTS = (click.exceptions.Abort, typer.Abort)
 _USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
 
 
-def _input_error(exc: BaseException) -> InputError | None:
-    """The InputError behind `exc`, also when Ray wrapped it in a task error."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        cause = getattr(exc, "cause", None)  # a RayTaskError (it subclasses the task's error)
-        if isinstance(exc, InputError) and not isinstance(cause, BaseException):
-            return exc
-        exc = cause if isinstance(cause, BaseException) else exc.__cause__
-    return None
-
-
 def _interrupted(exc: Interrupted) -> int:
     where = f" during {exc.stage}" if exc.stage else ""
     print(
@@ -342,16 +330,13 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if interruption(exc) is not None:  # a library wrapped our KeyboardInterrupt
             return _interrupted(interruption(exc))
-        bad = _input_error(exc)
-        if bad is not None:
-            print(f"raysift: error: {bad}", file=sys.stderr)
+        if input_error(exc) is not None:
+            print(f"raysift: error: {describe(exc)}", file=sys.stderr)
             return 2
         if os.environ.get("RAYSIFT_DEBUG"):
             traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
         print(
-            f"raysift: internal error: {type(exc).__name__}: {first} "
-            "(set RAYSIFT_DEBUG=1 for the traceback)",
+            f"raysift: internal error: {describe(exc)} (set RAYSIFT_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -18,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+from raysift.engine.loading import VERBOSE
 from raysift.jobs.runfolder import RunFolder
 
 LOG = logging.getLogger("raysift")
@@ -71,6 +72,7 @@ def configure(verbose: bool = False) -> None:
     _state["verbose"] = verbose
     _state["cli"] = True  # the CLI's own process: Ray Data's global settings are ours to set
     if verbose:
+        os.environ[VERBOSE] = "1"  # the model loads (engine.loading), here and on the workers
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars too
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysift.engine.lm import resolve_lm_path
+from raysift.engine.loading import quiet
 from raysift.jobs.config import Config, FinetuneConfig, result_settings
 from raysift.jobs.errors import InputError
 from raysift.jobs.runfolder import RunFolder, atomic_path, write_json, write_text
@@ -218,7 +219,9 @@ def train_loop(c: dict) -> None:
     if f.init_adapter:  # continue training an adapter (GradEx fine-tunes from theta*)
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, f.init_adapter, is_trainable=True).to(device)
+        with quiet():
+            model = PeftModel.from_pretrained(model, f.init_adapter, is_trainable=True)
+        model = model.to(device)
     elif f.method == "lora":
         model = lm.with_lora(
             model, r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout,
@@ -296,9 +299,10 @@ def train_loop(c: dict) -> None:
                     Path(d) / STATE,
                 )  # fmt: skip
                 if step == total:
-                    model.save_pretrained(Path(d) / "model")
-                    if f.method == "full":
-                        tokenizer.save_pretrained(Path(d) / "model")
+                    with quiet():
+                        model.save_pretrained(Path(d) / "model")
+                        if f.method == "full":
+                            tokenizer.save_pretrained(Path(d) / "model")
             ray.train.report(
                 metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None
             )

@@ -22,7 +22,7 @@ from raysift.jobs.cluster import check_ray_address
 from raysift.jobs.config import Config, to_yaml
 from raysift.jobs.console import attach, say
 from raysift.jobs.embed import embed_sides
-from raysift.jobs.errors import InputError
+from raysift.jobs.errors import InputError, describe
 from raysift.jobs.finetune import check_finetune, run_finetune
 from raysift.jobs.ingest import check_input, fingerprint, ingest_side
 from raysift.jobs.pool import INDEX, load_pool
@@ -198,7 +198,7 @@ def run(
                 if remote is not None:
                     remote.sync()
                 raise stopped from None
-            manifest.fail(stage, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+            manifest.fail(stage, describe(exc))
             if remote is not None:
                 remote.sync()
             raise

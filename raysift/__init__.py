@@ -1,14 +1,17 @@
 """raysift: select the candidate rows that will most help a target task, on Ray.
 
-The Python API (`raysift.api`)::
+The Python API (`raysift.api`):
 
-    import raysift
+```python
+import raysift
 
-    result = raysift.select(candidates, targets, method="knn", budget=100)
-    result.table                      # pyarrow Table: selection.parquet's columns
-    run_dir = raysift.run("configs/demo.yaml")
-    run = raysift.open_run(run_dir)   # selection, manifest, evaluation of a run folder
-    raysift.methods()                 # the selection methods and what each needs
+candidates = ["a cat sat on the mat", "dogs bark loudly", "def add(a, b): return a + b"]
+result = raysift.select(candidates, ["a kitten"], method="knn", budget=1)
+result.table                      # pyarrow Table: selection.parquet's columns
+raysift.methods()                 # the selection methods and what each needs
+run_dir = raysift.run("configs/demo.yaml", overrides=["candidates.limit=300"])
+run = raysift.open_run(run_dir)   # selection, manifest, evaluation of a run folder
+```
 
 Import names: `raysift.engine` (the math, no Ray), `raysift.actors` (Ray actors and tasks),
 `raysift.jobs` (stages, pipelines, the CLI). In a checkout they are the top-level folders

@@ -8,11 +8,15 @@ in-process form (DSIR, GradEx) run the pipeline on Ray (`ray.address` in `config
 cluster), in a run folder (`output_dir`, else a temporary folder). Either way the result has
 `selection.parquet`'s columns. Nothing here changes the caller's global Ray Data context.
 
-    import raysift
+```python
+import raysift
+from raysift.demo import load
 
-    result = raysift.select(df, targets, method="tsds", budget=100, seed=0, alpha=0.5)
-    result.table              # id, row, rank, score, probability, count, + keep_columns
-    result.p                  # TSDS: (row, id, probability) on its support
+demo = load(rows=1000)
+result = raysift.select(demo.pool, demo.targets, method="tsds", budget=100, seed=0, alpha=0.5)
+result.table              # id, row, rank, score, probability, count, + keep_columns
+result.p                  # TSDS: (row, id, probability) on its support
+```
 """
 
 from __future__ import annotations
@@ -243,21 +247,46 @@ def select(
     the pool is in memory and small enough, else on Ray; True / False force one. Same seed and
     settings = the same selection, in-process or on Ray (ids, ranks; scores to float tolerance).
 
-    Examples:
-        In-process on a DataFrame (examples/quickstart.py runs these in the test suite):
+    A list of texts, in-process (every example here runs in the test suite, as written):
 
-            import pandas as pd, raysift
-            pool = pd.read_parquet("demo/pool.parquet").head(1000)
-            result = raysift.select(pool, ["a target text", "another"], method="tsds",
-                                    budget=50, keep_columns=["source"], alpha=0.5)
-            result.to_pandas().head()      # id, row, rank, score, probability, count, source
+    ```python
+    import raysift
 
-        On Ray, from files, into a run folder:
+    pool = ["a cat sat on the mat", "dogs bark loudly", "def add(a, b): return a + b"]
+    raysift.select(pool, ["a kitten"], method="knn", budget=1).ids
+    ```
 
-            result = raysift.select("s3://bucket/pool/", "targets.jsonl", method="gotd",
-                                    budget=10_000, output_dir="s3://bucket/runs/gotd",
-                                    config={"ray": {"address": "auto"}})
-            raysift.open_run("s3://bucket/runs/gotd").manifest["stages"]["select"]
+    A DataFrame, carrying a column into the result:
+
+    ```python
+    import pandas as pd
+    import raysift
+
+    pool = pd.read_parquet("demo/pool.parquet").head(1000)
+    result = raysift.select(pool, ["a target text", "another"], method="tsds",
+                            budget=50, keep_columns=["source"], alpha=0.5)
+    result.to_pandas().head()      # id, row, rank, score, probability, count, source
+    ```
+
+    On Ray, from files, into a run folder:
+
+    ```python
+    import raysift
+
+    result = raysift.select("demo/pool.parquet", "demo/targets.jsonl", method="gotd",
+                            budget=100, output_dir="runs/gotd",
+                            config={"candidates": {"limit": 500}})  # any config section
+    raysift.open_run("runs/gotd").manifest["stages"]["select"]
+    ```
+
+    The same on a cluster, with the run folder on S3:
+
+    <!-- example: skip needs a running cluster and an S3 bucket -->
+    ```python
+    result = raysift.select("s3://bucket/pool/", "s3://bucket/targets.jsonl", method="gotd",
+                            budget=10_000, output_dir="s3://bucket/runs/gotd",
+                            config={"ray": {"address": "auto"}})
+    ```
     """
     from raysift.jobs.select import METHODS
 
@@ -320,8 +349,9 @@ def _select_local(candidates, targets, tree: dict) -> Result:
     if "vectors" in METHODS[cfg.select.method].needs:
         data.vectors, data.target_vectors = _embed(cfg, pool, tgt)
     sel = METHODS[cfg.select.method].local(data)
-    rows = pool.select(list(c.keep_columns)).take(pa.array(sel.indices, pa.int64()))
-    rows = rows.append_column("id", pa.array(ids[sel.indices], pa.string()))
+    chosen = pa.array(sel.indices, pa.int64())
+    rows = pa.table({"id": pa.array(ids[sel.indices], pa.string()),
+                     **{k: pool.column(k).take(chosen) for k in c.keep_columns}})  # fmt: skip
     extras = {}
     if sel.potential is not None:
         extras["potentials"] = pa.table({"id": pa.array(target_ids, pa.string()),

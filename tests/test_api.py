@@ -1,12 +1,10 @@
 """The Python API: `raysift.select` in-process equals the same selection on Ray (every method with
 an in-process form), `open_run` reads the run folder back, the caller's Ray Data context is left
-alone, bad input is one clear InputError, and examples/quickstart.py runs."""
+alone, bad input is one clear InputError. (examples/quickstart.py runs in test_examples.py.)"""
 
 from __future__ import annotations
 
 import json
-import runpy
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,7 +14,7 @@ import raysift
 from raysift.jobs.config import METHOD_NAMES
 from raysift.jobs.errors import InputError
 from raysift.jobs.select import METHODS
-from tests.conftest import DEMO_POOL, DEMO_TARGETS, REPO
+from tests.conftest import DEMO_POOL, DEMO_TARGETS
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +93,50 @@ def test_bad_input_is_one_clear_error(inputs):
         assert "\n" not in str(err.value)
 
 
+TEXTS = ["a cat sat on the mat", "dogs bark loudly at night", "def add(a, b): return a + b",
+         "a kitten naps in the sun", "the stock market fell today"]  # fmt: skip
+
+
+def _kinds():
+    """Every input kind the docs name, as a new user passes them (no optional arguments)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    frame = pd.DataFrame({"text": TEXTS})
+    return {
+        "list": (TEXTS, ["a kitten"], {}),
+        "dataframe": (frame, pd.DataFrame({"text": ["a kitten"]}), {}),
+        "table": (pa.table({"text": TEXTS}), pa.table({"text": ["a kitten"]}), {}),
+        "ids": (frame.assign(doc=[f"d{i}" for i in range(5)]), ["a kitten"], {"id_column": "doc"}),
+        "keep": (frame.assign(src=list("abcde")), ["a kitten"], {"keep_columns": ["src"]}),
+    }
+
+
+def test_every_input_kind_selects_in_process():
+    """The first call a new user makes (it failed with ArrowInvalid without keep_columns)."""
+    from raysift.engine.ids import content_ids
+
+    for kind, (pool, targets, extra) in _kinds().items():
+        result = raysift.select(pool, targets, method="knn", budget=2, **extra)
+        keep = extra.get("keep_columns", [])
+        assert result.table.column_names == [
+            "id", "row", "rank", "score", "probability", "count", *keep], kind  # fmt: skip
+        assert result.table.column("row").to_pylist() == [3, 0], kind  # the two cat texts
+        want = ["d3", "d0"] if kind == "ids" else [content_ids([TEXTS[3]])[0],
+                                                   content_ids([TEXTS[0]])[0]]  # fmt: skip
+        assert result.ids == want, kind
+        if keep:
+            assert result.table.column("src").to_pylist() == ["d", "a"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_quickstart_runs(tmp_path, monkeypatch, capsys, ray_cluster):
-    """examples/quickstart.py as a user runs it (here in this process, on the tests' cluster:
-    its Ray part joins the running cluster as a script in a notebook would)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["quickstart.py", str(tmp_path / "qs")])
-    runpy.run_path(str(REPO / "examples" / "quickstart.py"), run_name="__main__")
-    out = capsys.readouterr().out
-    assert "knn and tsds share" in out
-    assert "same rows, in the same order, as in-process: True" in out
-    assert (tmp_path / "qs" / "knn" / "selection.parquet").is_file()
+def test_input_kinds_on_ray_give_the_in_process_columns(tmp_path, ray_cluster):
+    for kind in ("list", "ids"):
+        pool, targets, extra = _kinds()[kind]
+        args = dict(method="knn", budget=2, config={"embed": {"precision": "fp32"}}, **extra)
+        local = raysift.select(pool, targets, **args)
+        on_ray = raysift.select(pool, targets, ray=True, output_dir=tmp_path / kind, **args)
+        assert on_ray.table.column_names == local.table.column_names, kind
+        assert on_ray.ids == local.ids and on_ray.run_dir == tmp_path / kind, kind
+

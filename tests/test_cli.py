@@ -1,5 +1,6 @@
 """`raysift` exit codes: 0 success, 2 bad input or config (one line on stderr), 1 internal."""
 
+import json
 import os
 import subprocess
 import sys
@@ -469,6 +470,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys, request):
     assert not (tmp_path / "run" / "gradex").exists()
     if case not in MADE_A_RUN_FOLDER:
         assert not (tmp_path / "run").exists()
+    manifest = tmp_path / "run" / "manifest.json"
+    stages = json.loads(manifest.read_text())["stages"] if manifest.is_file() else {}
+    failed = [s["error"] for s in stages.values() if s.get("status") == "failed"]
+    assert failed in ([], [lines[-1].removeprefix("raysift: error: ")]), failed  # what was shown
+    if case is malformed_jsonl_line:
+        assert failed, stages
 
 
 def test_help_and_validate_exit_0(tmp_path):
@@ -491,6 +498,29 @@ def test_internal_failure_exits_1(tmp_path, monkeypatch, capsys):
         "raysift: internal error: RuntimeError: disk on fire "
         "(set RAYSIFT_DEBUG=1 for the traceback)"
     ]
+
+
+def test_a_failed_ray_task_is_named_by_its_error(ray_cluster):
+    """A task's error reaches the user (and the manifest) as its type and message: not the
+    RayTaskError's first line (`ray::task()` in terminal colours, pid and address)."""
+    import ray
+
+    from raysift.jobs.errors import InputError, describe
+
+    @ray.remote
+    def read_piece(kind):
+        if kind == "input":
+            raise InputError("bad.jsonl: line 101 is not valid JSON (Expecting ',' delimiter)")
+        raise FileNotFoundError(2, "No such file or directory", "/data/part-00001.parquet")
+
+    for kind, want in (("input", "bad.jsonl: line 101 is not valid JSON (Expecting ',' "
+                                 "delimiter)"),
+                       ("lost", "FileNotFoundError: [Errno 2] No such file or directory: "
+                                "'/data/part-00001.parquet'")):  # fmt: skip
+        with pytest.raises(Exception) as caught:
+            ray.get(read_piece.remote(kind))
+        assert "\x1b" in str(caught.value) or "ray::" in str(caught.value)  # what Ray shows
+        assert describe(caught.value) == want
 
 
 def test_a_failed_submitted_job_exits_1(tmp_path, monkeypatch, capsys):

@@ -87,3 +87,29 @@ def test_lora_trains_only_adapters_and_changes_the_loss(tiny_lm):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="finetune.model: .*no config.json"):
         lm.resolve_lm_path(str(tmp_path / "nope"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_loading_is_quiet_unless_verbose(tmp_path, monkeypatch, capfd):
+    """Converting the packaged SmolLM2 from its GGUF file (tqdm bars from transformers and the
+    GGUF reader, then a save's bar) and loading it print nothing; the caller's own progress-bar
+    setting comes back afterwards, and RAYSIFT_VERBOSE=1 leaves the libraries alone."""
+    from transformers.utils import logging as hf_logging
+
+    from raysift.engine.loading import quiet
+
+    monkeypatch.setenv("RAYSIFT_CACHE", str(tmp_path / "cache"))  # a first conversion
+    monkeypatch.delenv("RAYSIFT_VERBOSE", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    model, tok = lm.load_lm(lm.PACKAGED_LM)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", ""), (out[-500:], err[-500:])
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting, restored
+    with quiet():
+        assert not hf_logging.is_progress_bar_enabled()
+    monkeypatch.setenv("RAYSIFT_VERBOSE", "1")
+    with quiet():
+        assert hf_logging.is_progress_bar_enabled()

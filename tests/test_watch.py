@@ -259,6 +259,9 @@ def test_demo_interrupted_in_embed_resumes_and_prints_little(tmp_path, tiny_lm):
     assert "<svg" in (out / "report.html").read_text()
     log = (out / "logs" / "raysift.log").read_text()  # the full record, sub-runs included
     assert "embed: running" in log and "knn, seed 0: finetune: done" in log
+    # no loading bars (model loads, the fine-tune's save): console and log alike
+    bars = re.compile(r"\d+%\||it/s\]|Loading weights|de-quantizing|Writing model shards")
+    assert [x for x in [*lines, *log.splitlines()] if bars.search(x)] == []
 
 
 # A fine-tune's progress lines, Ctrl-C, SIGKILL, resume and reuse under a new torch_threads:
