@@ -250,7 +250,7 @@ def train_loop(c: dict) -> None:
     cpu0 = time.process_time() - (state.get("cpu_seconds", 0.0) if checkpoint else 0.0)
     net = prepare_model(model)  # DDP across workers; the device move
     net.train()
-    since, loaded = [], None
+    since, loaded, t_loop = [], None, time.perf_counter()
     while step < total:
         epoch, i = divmod(step, per_epoch)
         order = np.random.default_rng([c["seed"], epoch]).permutation(n_rows)
@@ -285,7 +285,8 @@ def train_loop(c: dict) -> None:
         losses.append([step, float(np.mean(since))])
         metrics = {"step": step, "total_steps": total, "loss": losses[-1][1],
                    "losses": [list(x) for x in losses], "resumed_from": resumed_from,
-                   "epoch": epoch, "cpu_seconds": time.process_time() - cpu0}  # fmt: skip
+                   "epoch": epoch, "cpu_seconds": time.process_time() - cpu0,
+                   "loop_seconds": time.perf_counter() - t_loop}  # this run's steps, no start-up
         since = []
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
@@ -436,6 +437,7 @@ def run_finetune(
         "workers": f.num_workers,
         "gpu": use_gpu,
         "train_seconds": round(time.perf_counter() - t0, 1),
+        "steps_per_s": round((m["step"] - m["resumed_from"]) / max(m["loop_seconds"], 1e-9), 3),
         "cpu_seconds": round(m["cpu_seconds"], 1),  # rank 0's process: every thread, this run
         "model": str(out / "model"),
     }
