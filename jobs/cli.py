@@ -4,6 +4,7 @@ interrupted by SIGINT / SIGTERM (one line; what was committed is kept and a reru
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sys
@@ -25,7 +26,24 @@ app = typer.Typer(
     help="Select the candidate rows that will most help a target task, on Ray.",
 )
 
+class Job(str, enum.Enum):
+    """What `raysift submit` runs on the cluster."""
+
+    run = "run"
+    curate = "curate"
+    evaluate = "evaluate"
+    estimate = "estimate"
+
+
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/ and the README)")]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait", min=0, metavar="SECONDS",
+        help="when another run holds the run folder: wait up to SECONDS for it (default: refuse "
+        "at once, exit 2)",
+    ),
+]  # fmt: skip
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a config field, e.g. --set embed.batch_size=128"),
@@ -54,6 +72,13 @@ def _load(config: Path, overrides: list[str] | None):
     return load_config(config, overrides or [])
 
 
+def _wait(seconds: float) -> None:
+    """How long this command waits for a run folder another run holds (jobs.runlock)."""
+    from raysift.jobs.runlock import WAITING
+
+    WAITING["seconds"] = seconds
+
+
 _log = console.say
 
 
@@ -73,9 +98,11 @@ def _options(
     console.configure(verbose)
 
 
-def _run(config: Path, overrides: list[str] | None, stages: list[str] | None) -> Path:
+def _run(config: Path, overrides: list[str] | None, stages: list[str] | None,
+         wait: float = 0) -> Path:  # fmt: skip
     from raysift.jobs.pipeline import run
 
+    _wait(wait)
     cfg = _load(config, overrides)
     run_dir = run(cfg, stages, log=_log)
     typer.echo(f"run folder: {cfg.output_dir}")
@@ -85,43 +112,44 @@ def _run(config: Path, overrides: list[str] | None, stages: list[str] | None) ->
 
 
 @app.command("run")
-def run_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
+def run_cmd(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None:
     """Run every stage the config lists (ingest -> embed -> select)."""
-    _run(config, set_, None)
+    _run(config, set_, None, wait_)
 
 
 @app.command()
-def ingest(config: ConfigArg, set_: SetOpt = None) -> None:
+def ingest(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None:
     """Read and clean candidates and targets into the run folder (data/)."""
-    _run(config, set_, ["ingest"])
+    _run(config, set_, ["ingest"], wait_)
 
 
 @app.command()
-def embed(config: ConfigArg, set_: SetOpt = None) -> None:
+def embed(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None:
     """Embed the ingested rows on a Ray actor pool (resumes committed shards)."""
-    _run(config, set_, ["embed"])
+    _run(config, set_, ["embed"], wait_)
 
 
 @app.command(
     help="Select candidates with the configured method (select.method: "
     f"{', '.join(METHOD_NAMES)})."
 )
-def select(config: ConfigArg, set_: SetOpt = None) -> None:
-    _run(config, set_, ["select"])
+def select(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None:
+    _run(config, set_, ["select"], wait_)
 
 
 @app.command()
-def finetune(config: ConfigArg, set_: SetOpt = None) -> None:
+def finetune(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None:
     """Fine-tune the configured causal LM on selected.jsonl with Ray Train (resumes)."""
-    _run(config, set_, ["finetune"])
+    _run(config, set_, ["finetune"], wait_)
 
 
 @app.command()
-def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
+def evaluate(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None:
     """Select with each method at one budget, fine-tune on each, score the target's held-out
     perplexity; writes evaluation.json and report.html."""
     from raysift.jobs.evaluate import run_evaluate
 
+    _wait(wait_)
     cfg = _load(config, set_)
     run_dir = run_evaluate(cfg, log=_log)
     typer.echo(f"report: {run_dir / 'report.html'}")
@@ -139,11 +167,13 @@ def estimate(
             help="also fine-tune N sampled subsets for real and write gradex/validation.json",
         ),
     ] = 0,
+    wait_: WaitOpt = 0,
 ) -> None:
     """GradEx: estimate fine-tuning on subsets of the pool's data sources from gradients at a
     meta-initialisation, score the sources and choose them (gradex/ in the run folder)."""
     from raysift.jobs.gradex_estimate import run_estimate
 
+    _wait(wait_)
     cfg = _load(config, set_)
     run_dir = run_estimate(cfg, validate_, log=_log)
     result = json.loads((run_dir / RunFolder.GRADEX / "result.json").read_text())
@@ -171,11 +201,12 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def curate(config: ConfigArg, set_: SetOpt = None) -> None:
+def curate(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None:
     """Incremental curation of a growing pool folder: embed only new rows, re-select, write a
     new version under curate/ with a diff against the previous one (nothing new: no-op)."""
     from raysift.jobs.curate import run_curate
 
+    _wait(wait_)
     summary = run_curate(_load(config, set_), log=_log)
     typer.echo(json.dumps(summary))
 
@@ -195,12 +226,20 @@ def submit(
         bool, typer.Option("--wait/--no-wait", help="wait for the job and exit with its result")
     ] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 24 * 3600,
+    command: Annotated[Job, typer.Option(help="what the job runs on the config")] = Job.run,
+    folder_wait: Annotated[
+        float,
+        typer.Option(min=0, metavar="SECONDS",
+                     help="the job's --wait: how long it waits for a run folder another run "
+                     "holds (default: it refuses at once)"),
+    ] = 0,
 ) -> None:
-    """Submit `raysift run CONFIG` to a running cluster as a Ray job (this checkout uploaded as
-    the working_dir); with --wait, follow it to the end."""
+    """Submit `raysift COMMAND CONFIG` (run by default) to a running cluster as a Ray job (this
+    checkout uploaded as the working_dir); with --wait, follow it to the end."""
     from raysift.jobs import cluster
 
-    job_id = cluster.submit(config, address, list(set_ or []))
+    job_id = cluster.submit(config, address, list(set_ or []), command=command.value,
+                            folder_wait=folder_wait)  # fmt: skip
     typer.echo(f"submitted: {job_id}")
     typer.echo(f"follow it: ray job logs -f {job_id} --address {address}")
     if not wait_:
@@ -227,6 +266,7 @@ def demo(
             help="also fine-tune SmolLM2 on each selection and write report.html",
         ),
     ] = True,
+    wait_: WaitOpt = 0,
 ) -> None:
     """The whole path on the shipped demo: embed, select (knn), then fine-tune SmolLM2 on knn's,
     random's and the target's own rows and compare target perplexity in report.html."""
@@ -237,7 +277,7 @@ def demo(
     output_dir = output_dir or demo_output_default(config)
     if output_dir is not None:
         overrides.insert(0, f"output_dir={output_dir.resolve()}")
-    run_dir = _run(config, overrides, None)
+    run_dir = _run(config, overrides, None, wait_)
     source_table(run_dir)
     if evaluate_:
         from raysift.jobs.evaluate import run_evaluate

@@ -104,8 +104,12 @@ def submit(
     *,
     working_dir: Path | None = None,
     submission_id: str | None = None,
+    command: str = "run",
+    folder_wait: float = 0,
 ) -> str:
-    """Submit `raysift run CONFIG --set ...` as a Ray job; returns the job's submission id.
+    """Submit `raysift COMMAND CONFIG --set ...` as a Ray job (`run`, `curate`, `evaluate`,
+    `estimate`); returns the job's submission id. `folder_wait`: the job's `--wait` for a run
+    folder another run holds.
 
     The config path must lie inside `working_dir` (it travels with the upload)."""
     working_dir = working_dir or upload_root()
@@ -116,9 +120,11 @@ def submit(
         raise InputError(
             f"{config}: the config must be inside the uploaded folder {working_dir}"
         ) from None
-    args = ["python", "-m", "raysift", "run", rel.as_posix()]
+    args = ["python", "-m", "raysift", command, rel.as_posix()]
     for item in overrides:
         args += ["--set", item]
+    if folder_wait:
+        args += ["--wait", f"{folder_wait:g}"]
     client = _client(address)
     try:
         return client.submit_job(

@@ -33,6 +33,7 @@ from raysift.jobs.config import Config, result_settings
 from raysift.jobs.ingest import check_input, fingerprint
 from raysift.jobs.pool import Part, Pool, load_pool, read_vector_range, read_vectors
 from raysift.jobs.runfolder import Manifest, RunFolder, atomic_path, write_json
+from raysift.jobs.runlock import writes_run_folder
 from raysift.jobs.storage import Store, open_run
 from raysift.jobs.vectors import SIDES
 
@@ -101,6 +102,7 @@ def _incremental_gotd(cfg: Config, run_dir: Path, pool: Pool, targets: Pool, pre
     return sel
 
 
+@writes_run_folder
 def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """One scheduled curation run; returns what it did (also in curate/vNNNN/info.json)."""
     from raysift.jobs.pipeline import run

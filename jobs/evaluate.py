@@ -39,6 +39,7 @@ from raysift.jobs.evaluation_report import render, run_folder
 from raysift.jobs.ingest import check_input, ingest_side
 from raysift.jobs.pool import load_pool, read_rows
 from raysift.jobs.runfolder import RunFolder, write_json, write_jsonl, write_text
+from raysift.jobs.runlock import writes_run_folder
 from raysift.jobs.storage import Store
 
 
@@ -69,6 +70,7 @@ def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
     log(prefix + message)
 
 
+@writes_run_folder
 def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     from raysift.jobs.pipeline import run
     from raysift.jobs.runtime import start_ray

@@ -19,6 +19,7 @@ from raysift.jobs.finetune import run_finetune
 from raysift.jobs.gradex import Estimator, _sub_config, check_static, estimate_sources
 from raysift.jobs.pipeline import run
 from raysift.jobs.runfolder import RunFolder, write_json, write_jsonl, write_text
+from raysift.jobs.runlock import writes_run_folder
 
 # -- validation -----------------------------------------------------------------------------------
 
@@ -163,6 +164,7 @@ def _real_loss(cfg: Config, folder: Path, texts: list[str]) -> float:
     return heldout_perplexity(scored, folder / RunFolder.MODEL, texts, folder)["loss"]
 
 
+@writes_run_folder
 def run_estimate(cfg: Config, validate_n: int = 0, log: Callable[[str], None] = print) -> Path:
     """`raysift estimate`: ingest, then GradEx's source estimates (and --validate N)."""
     if cfg.select.method != "gradex":

@@ -12,7 +12,6 @@ and merges: it reads the pool's index, never its rows.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from raysift.jobs.finetune import check_finetune, run_finetune
 from raysift.jobs.ingest import check_input, fingerprint, ingest_side
 from raysift.jobs.pool import INDEX, load_pool
 from raysift.jobs.runfolder import Manifest, RunFolder, clean_leftovers, write_text
+from raysift.jobs.runlock import hold
 from raysift.jobs.runtime import interruption, start_ray
 from raysift.jobs.select import check_budget, needs_vectors, run_select
 from raysift.jobs.storage import Store, open_run
@@ -98,19 +98,10 @@ def check_layout(store: Store) -> None:
             load_pool(store, side)  # raises the one-line explanation
 
 
-def check_output_dir(run_dir: Path) -> None:
-    """The run folder exists or can be made: else one line naming output_dir (before any work)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        why = exc.strerror or errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-        raise InputError(f"output_dir: cannot create {run_dir} ({why})") from None
-
-
 def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None = None) -> None:
-    """Every check that needs no cluster, before one starts: a typo fails in a second."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"output_dir: {run_dir} exists and is not a folder")
+    """Every check that needs no cluster, before one starts: a typo fails in a second. (The run
+    folder itself was made by its lock, `jobs.runlock.hold`, which removes it again when a check
+    fails and nothing else is in it.)"""
     check_ray_address(cfg.ray.address)
     if "embed" in stages and not cfg.candidates.vector_column:
         try:
@@ -145,7 +136,6 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None 
             if "embed" not in stages and needs_vectors(cfg.select.method):
                 for side in SIDES:
                     check_vectors_ready(store, side, cfg.embed)
-    check_output_dir(run_dir)  # last: a failed check leaves no folder behind
 
 
 def run(
@@ -160,6 +150,11 @@ def run(
     select and fine-tune from the shared one; only select and finetune run then). `append`:
     ingest only new input files, after the pool's rows (`raysift curate`)."""
     stages = [s for s in STAGES if s in (stages or cfg.stages)]
+    with hold(cfg.output_dir) as lock:  # one writer per run folder
+        return _run(cfg, stages, log, data, append, lock)
+
+
+def _run(cfg: Config, stages: list[str], log, data: Store | None, append: bool, lock) -> Path:
     run_dir, remote = open_run(cfg.output_dir)  # a URI: a local mirror, synced as files land
     preflight(cfg, stages, run_dir, data)
     clean_leftovers(run_dir)
@@ -168,6 +163,8 @@ def run(
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
     manifest.save()
     for stage in stages:
+        if lock is not None:
+            lock.check()  # an object-store lock taken over: stop before the next stage
         if stage == "embed" and "select" in stages and not needs_vectors(cfg.select.method):
             log(f"embed: skipped, {cfg.select.method} needs no embeddings")
             continue

@@ -52,6 +52,7 @@ class RunFolder:
     EVALUATION = "evaluation.json"
     REPORT = "report.html"
     CURATE = "curate"  # curate/vNNNN/, curate/latest.json
+    LOCK = ".raysift.lock"  # the run folder's one-writer lock (jobs.runlock): who holds it
     # what the workers write on the run folder's filesystem (never mirrored by the driver)
     BULK_DIRS = (DATA, EMBEDDINGS, PROBABILITIES, FEATURES)
     BULK_PAIRS = ((FINETUNE, "ray"), (FINETUNE, "tokens"), (FINETUNE, "epochs"))

@@ -46,8 +46,9 @@ def is_bulk(rel: str) -> bool:
 
 
 def _mirrored(rel: str) -> bool:
-    """Whether the mirror keeps a run-folder-relative path (every small file)."""
-    return not is_bulk(rel)
+    """Whether the mirror keeps a run-folder-relative path (every small file but the lock
+    object, which only conditional writes may touch: `jobs.runlock`)."""
+    return not is_bulk(rel) and rel != RunFolder.LOCK
 
 
 def is_remote(uri: str) -> bool:

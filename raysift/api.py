@@ -391,11 +391,17 @@ def _embed(cfg: Config, pool: pa.Table, targets: pa.Table) -> tuple[np.ndarray, 
 
 
 def _select_on_ray(candidates, targets, tree: dict, output_dir) -> Result:
-    from raysift.jobs.pipeline import run as run_pipeline
+    from raysift.jobs.runlock import hold
 
     run_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="raysift-"))
     if tree["output_dir"] == IN_MEMORY:
         tree["output_dir"] = str(run_dir)
+    with hold(tree["output_dir"]):  # the inputs are written into the run folder too
+        return _inputs_and_run(candidates, targets, tree)
+
+
+def _inputs_and_run(candidates, targets, tree: dict) -> Result:
+    from raysift.jobs.pipeline import run as run_pipeline
     from raysift.jobs.storage import is_remote
 
     # In-memory inputs are written once, by this process, to a file the ingest reads: into the

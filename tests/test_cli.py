@@ -534,3 +534,25 @@ def test_a_failed_submitted_job_exits_1(tmp_path, monkeypatch, capsys):
     assert cli.main(["submit", str(good(tmp_path)), "--address", "http://127.0.0.1:1"]) == 1
     captured = capsys.readouterr()
     assert "raysubmit_1: FAILED" in captured.out and "raysift: error: something" in captured.err
+
+
+def test_submit_runs_the_command_asked_for(tmp_path, monkeypatch):
+    """`raysift submit --command curate --folder-wait 3600` submits `raysift curate CONFIG
+    --wait 3600` (a scheduled curation), `run` by default."""
+    from raysift.jobs import cluster
+
+    sent = []
+
+    class Client:
+        def submit_job(self, entrypoint, runtime_env, submission_id):
+            sent.append(entrypoint)
+            return "raysubmit_2"
+
+    monkeypatch.setattr(cluster, "_client", lambda address: Client())
+    monkeypatch.setattr(cluster, "runtime_env", lambda working_dir: {})
+    monkeypatch.setattr(cluster, "upload_root", lambda: tmp_path)
+    config = write_config(tmp_path / "c.yaml", output_dir="s3://b/r")
+    for extra in ([], ["--command", "curate", "--folder-wait", "3600"]):
+        assert cli.main(["submit", str(config), "--no-wait", *extra, "--set", "seed=1"]) == 0
+    assert sent == ["python -m raysift run c.yaml --set seed=1",
+                    "python -m raysift curate c.yaml --set seed=1 --wait 3600"]  # fmt: skip

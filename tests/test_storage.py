@@ -251,3 +251,45 @@ def test_inputs_on_s3_are_read_by_the_workers_and_fingerprinted(s3_env, tmp_path
     info = json.loads(third.stdout.strip().splitlines()[-1])
     assert info["appended"] and info["files_read"] == 1 and info["rows_added"] == 20
     assert info["version"] == 1 and len(info["new_files"]) == 3  # the first curated version
+
+
+def test_object_store_lock_refuses_renews_expires_and_is_taken_over(s3_env, monkeypatch):
+    """The run lock on S3: a conditional create; a second writer sees the holder while the
+    holder renews it; a holder that stopped renewing (a killed run) loses it after the expiry
+    to a conditional takeover, and finds out at its next renewal (its run stops there)."""
+    import boto3
+
+    from raysift.jobs import runlock
+    from raysift.jobs.runlock import FolderBusy, ObjectLock, S3Object, hold, holder
+
+    monkeypatch.setenv("RAYSIFT_LOCK_EXPIRY", "2")  # renewed every 0.5 s
+    uri = f"s3://{BUCKET}/locked"
+    key = "locked/.raysift.lock"
+    client = boto3.client("s3")
+    other = ObjectLock(S3Object(uri))  # another machine's run: not this process's registry
+    mine = holder("raysift curate")
+    with hold(uri, command="raysift curate") as lock:
+        body = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        assert body["pid"] == os.getpid() and body["command"] == "raysift curate"
+        time.sleep(3)  # past the expiry: renewals keep it
+        seen = other.try_acquire(holder("raysift run"))
+        assert seen["pid"] == os.getpid() and seen["renewed"] > body["renewed"]
+        ours = runlock._HELD.pop(uri)  # ask as another process would (not re-entrant)
+        try:
+            with pytest.raises(FolderBusy, match=f"{uri} is in use by raysift curate"):
+                with hold(uri):
+                    pass
+        finally:
+            runlock._HELD[uri] = ours
+        lock._stop.set()  # a run that stopped renewing (killed, or cut off)
+        time.sleep(2.5)
+        assert other.try_acquire(mine) is None  # taken over after the expiry
+        assert not lock.backend.renew(lock.info)  # the old holder's renewal fails: it knows
+        lock.lost = True
+        with pytest.raises(FolderBusy, match="taken over by another run"):
+            lock.check()
+    # the old holder's release left the new holder's lock alone
+    assert json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())["renewed"]
+    other.release()
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket=BUCKET, Key=key)
