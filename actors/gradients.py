@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysift.actors.embedder import vectors_to_arrow
+from raysift.actors.features import ChunkFeatures
 
 
 class Gradients:
@@ -70,14 +71,12 @@ class Gradients:
         )
 
 
-class LessFeatures:
-    """LESS's feature pass as an actor callable (`actors.pool.map_actors`): each actor builds the
-    base model with LoRA adapters and reads every warm-up checkpoint (weights and Adam moments)
-    once; a call takes one chunk of a pool's part (`jobs.pool.plan_chunks`), reads its texts
-    itself, and writes `<root>/<part digest>/rows-A-B.parquet` (one `features` row per text: C
-    checkpoints x k, float32, each unit-norm) -- unless that file is already committed. The pool
-    side ("candidates") gets Adam-preconditioned gradients, the targets plain ones. Returns the
-    chunk's row count and whether it computed it."""
+class LessFeatures(ChunkFeatures):
+    """LESS's feature pass (`actors.features.ChunkFeatures`: a chunk per call, committed as
+    `<root>/<part digest>/rows-A-B.parquet`): each actor builds the base model with LoRA adapters
+    and reads every warm-up checkpoint (weights and Adam moments) once; one `features` row per
+    text: C checkpoints x k, float32, each unit-norm. The pool side ("candidates") gets
+    Adam-preconditioned gradients, the targets plain ones."""
 
     def __init__(
         self,
@@ -116,6 +115,8 @@ class LessFeatures:
         self.roots, self.max_length = roots, max_length
         self._lm, self._less = lm, less
 
+    column = "features"
+
     def features(self, texts: list[str], side: str) -> np.ndarray:
         """(n, C, k) unit-norm features of the texts, one per checkpoint; the gradients of every
         checkpoint are projected together (P's blocks generated once per call)."""
@@ -134,18 +135,3 @@ class LessFeatures:
         out = self.model.projector.project(stacked)  # (C * n, k), checkpoint-major
         out = out.reshape(len(self.states), len(texts), -1).transpose(1, 0, 2)
         return self._less.normalise(out)
-
-    def __call__(self, item: dict) -> dict:
-        from raysift.jobs.pool import chunk_file, read_part_rows
-
-        pool = item["pool"]
-        rel = chunk_file(self.roots[pool.side], item)
-        rows = item["b"] - item["a"]
-        if pool.store.is_file(rel):
-            return {"side": pool.side, "rows": rows, "computed": False}
-        texts = read_part_rows(pool.store, pool.part_path(item["part"]), item["a"], item["b"],
-                               ["text"]).column("text").to_pylist()  # fmt: skip
-        feats = self.features(texts, pool.side)
-        pool.store.write_parquet(rel, pa.table({"features": vectors_to_arrow(
-            feats.reshape(len(texts), -1))}))  # fmt: skip
-        return {"side": pool.side, "rows": rows, "computed": True}

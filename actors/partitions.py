@@ -46,6 +46,19 @@ def _take(pool: Pool, part, local: np.ndarray, columns: list[str]) -> pa.Table:
     return read_part(pool, part, columns).take(pa.array(local))
 
 
+def _fold(fn: Callable, args: tuple, *parts):
+    return fn(list(parts), *args)
+
+
+def merge_tree(refs: list, fn: Callable, *args):
+    """`fn(values, *args)` folded over the refs' values in a tree of tasks (FANIN per task): the
+    driver receives the final value only. `fn` must merge its own outputs too (associative)."""
+    task = ray.remote(_fold)
+    while len(refs) > 1:
+        refs = [task.remote(fn, args, *refs[i : i + FANIN]) for i in range(0, len(refs), FANIN)]
+    return ray.get(refs[0])
+
+
 def fetch_rows(pool: Pool, rows: np.ndarray, columns: list[str]) -> pa.Table:
     """`columns` of the given global rows, in the given order, read by one task per part that
     holds any of them (the driver receives these rows only)."""

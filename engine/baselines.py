@@ -7,6 +7,10 @@ random: each candidate gets u_i = H(seed, id_i) uniform in [0, 1); the budget B 
 knn, `max`: score_i = max_j <x_i, q_j>, the cosine similarity of candidate i to its nearest target
     (embeddings are unit-norm); top B.
 knn, `centroid`: score_i = <x_i, c / |c|> with c the mean target embedding; top B.
+knn, `subtask_mean_max` (LESS's aggregation): score_i = max over subtasks s of the mean over the
+    targets j of s of <x_i, q_j>; with one subtask, the mean similarity to the targets; top B.
+knn, `round_robin` (RDS+'s): each target in turn takes its most similar candidate not taken yet
+    (`engine.round_robin`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 from raysift.engine.ids import hash_uniform
 from raysift.engine.selection import Selection, check_budget, top_k
 
-KNN_MODES = ("max", "centroid")
+KNN_MODES = ("max", "centroid", "subtask_mean_max", "round_robin")
 
 
 def random_keys(ids: np.ndarray, seed: int) -> np.ndarray:
@@ -59,12 +63,22 @@ def knn_select(
     return Selection(chosen, score[chosen])
 
 
-def knn_scores(candidates: np.ndarray, targets: np.ndarray, mode: str = "max") -> np.ndarray:
-    """Each candidate's knn score, float32: its cosine to the nearest target (`max`) or to the
-    targets' mean direction (`centroid`). Row by row: any split of the pool gives the same."""
+def knn_scores(
+    candidates: np.ndarray, targets: np.ndarray, mode: str = "max", groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Each candidate's knn score, float32: its cosine to the nearest target (`max`), to the
+    targets' mean direction (`centroid`), or the best subtask's mean cosine (`subtask_mean_max`,
+    `groups`: each target's subtask code; None: one subtask). Row by row: any split of the pool
+    gives the same. (`round_robin` has no per-row score: `engine.round_robin`.)"""
     if mode == "max":
         return max_similarity(candidates, targets)
     if mode == "centroid":
         c = targets.astype(np.float64).mean(axis=0)
         return (candidates @ (c / np.linalg.norm(c)).astype(np.float32)).astype(np.float32)
-    raise ValueError(f"knn mode must be one of {KNN_MODES}, got {mode!r}")
+    if mode == "subtask_mean_max":
+        sims = np.ascontiguousarray(candidates, np.float32) @ np.ascontiguousarray(
+            targets, np.float32).T  # fmt: skip
+        codes = np.zeros(len(targets), np.int64) if groups is None else np.asarray(groups)
+        per = [sims[:, codes == g].astype(np.float64).mean(axis=1) for g in np.unique(codes)]
+        return np.max(per, axis=0).astype(np.float32)
+    raise ValueError(f"knn mode must be one of {KNN_MODES[:3]}, got {mode!r}")

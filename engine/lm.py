@@ -127,7 +127,8 @@ class Example:
 
 def encode_text(tokenizer, text: str, max_length: int) -> Example:
     """A plain text (continued pre-training): every token is a target, the end token included."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
+    ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)
+    ids = ids["input_ids"][: max_length - 1]
     ids = ids + [tokenizer.eos_token_id]
     return Example(ids, list(ids))
 

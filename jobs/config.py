@@ -7,13 +7,15 @@ move together); paths given with `--set` are resolved against the working direct
 from __future__ import annotations
 
 import copy
-import os
+import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,6 +31,16 @@ from raysift.jobs.errors import InputError
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+EXECUTION_ONLY = "execution_only"
+
+
+def execution_only(default: Any, description: str) -> Any:
+    """A field that decides where and how fast work runs, never what it computes (the tests check
+    results are equal across it): reuse keys leave it out (`result_settings`), so changing it
+    reuses finished results."""
+    return Field(default, description=description, json_schema_extra={EXECUTION_ONLY: True})
 
 
 class InputSpec(Strict):
@@ -76,21 +88,21 @@ class InputSpec(Strict):
 
 
 class IngestConfig(Strict):
-    part_mb: Annotated[float, Field(gt=0)] = Field(
+    part_mb: Annotated[float, Field(gt=0)] = execution_only(
         128.0,
         description="input bytes per part (parquet: row groups up to it; JSON lines: byte "
         "ranges; a CSV or datasets arrow file is one part)",
     )
-    id_buckets: Annotated[int, Field(ge=1, le=4096)] = Field(
+    id_buckets: Annotated[int, Field(ge=1, le=4096)] = execution_only(
         64, description="buckets of the shuffle by id that finds duplicates (at most one per part)"
     )
 
 
 class RayConfig(Strict):
-    address: str | None = Field(
+    address: str | None = execution_only(
         None, description="cluster to join ('auto', 'ray://host:10001'); null starts a local one"
     )
-    num_cpus: Annotated[int, Field(ge=1)] | None = Field(
+    num_cpus: Annotated[int, Field(ge=1)] | None = execution_only(
         None, description="CPUs of the local cluster (null: all of this machine's)"
     )
 
@@ -115,18 +127,16 @@ class EmbedConfig(Strict):
             "different batches"
         ),
     )
-    num_actors: Annotated[int, Field(ge=1, le=4096)] = Field(
-        1,
-        description="size of the embedding actor pool",
+    num_actors: Annotated[int, Field(ge=1, le=4096)] = execution_only(
+        1, description="size of the embedding actor pool"
     )
-    cpus_per_actor: Annotated[float, Field(gt=0, le=64)] = Field(
-        1.0,
-        description="logical CPUs per embedding actor (fractional allowed)",
+    cpus_per_actor: Annotated[float, Field(gt=0, le=64)] = execution_only(
+        1.0, description="logical CPUs per embedding actor (fractional allowed)"
     )
     gpus_per_actor: Literal["auto"] | Annotated[float, Field(ge=0, le=8)] = Field(
         "auto", description="'auto': 1 per actor when the cluster has GPUs, else 0"
     )
-    torch_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
+    torch_threads: Annotated[int, Field(ge=1, le=256)] | None = execution_only(
         None, description="intra-op threads per actor (null: cpus of this machine / num_actors)"
     )
     shard_rows: Annotated[int, Field(ge=1)] = Field(
@@ -139,12 +149,61 @@ class EmbedConfig(Strict):
     )
 
 
+AGGREGATIONS = ("max", "centroid", "round_robin", "subtask_mean_max")
+
+
 class KnnConfig(Strict):
-    mode: Literal["max", "centroid"] = Field(
-        "max",
-        description=(
-            "max: score = cosine to the nearest target; centroid: cosine to the targets' mean"
-        ),
+    aggregation: Literal["max", "centroid", "round_robin", "subtask_mean_max"] | None = Field(
+        None,
+        validation_alias=AliasChoices("aggregation", "mode"),  # `mode` before 0.3
+        description="max: score = cosine to the nearest target; centroid: to the targets' mean; "
+        "round_robin: each target in turn takes its best candidate not yet taken (RDS+); "
+        "subtask_mean_max: the best subtask's mean cosine (LESS's); null = max (rds: "
+        "round_robin, less: subtask_mean_max)",
+    )
+    subtask_column: str | None = Field(
+        None,
+        description="subtask_mean_max: a carried targets column whose values are subtasks; null "
+        "= one subtask",
+    )
+
+    @model_validator(mode="after")
+    def _subtasks_need_their_aggregation(self) -> KnnConfig:
+        if self.subtask_column is not None and self.aggregation != "subtask_mean_max":
+            raise ValueError(
+                f"subtask_column: subtasks are knn's subtask_mean_max aggregation's, not "
+                f"{self.aggregation or 'max'}'s"
+            )
+        return self
+
+
+class LmHiddenConfig(Strict):
+    """RDS+'s representation: the causal LM's position-weighted final hidden states."""
+
+    model: str | None = Field(
+        None,
+        description="the causal LM whose hidden states represent the rows: null = "
+        "finetune.model (the model the fine-tune trains), or any local causal LM folder",
+    )
+    max_length: Annotated[int, Field(ge=8, le=8192)] | None = Field(
+        None, description="tokens per row (the end token included); null = finetune.max_length"
+    )
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(
+        16, description="rows per forward pass (sorted by length, padded per batch)"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 on GPUs and CPUs with native bf16, else fp32 (the reference: "
+        "bf16); pin fp32 where vectors must match across batch sizes",
+    )
+    chunk_rows: Annotated[int, Field(ge=1)] = execution_only(
+        512, description="rows per actor call and per committed file (a rerun's unit)"
+    )
+    num_actors: Annotated[int, Field(ge=1, le=4096)] | None = execution_only(
+        None, description="representation actors (null: the cluster's CPUs / cpus_per_actor)"
+    )
+    cpus_per_actor: Annotated[float, Field(gt=0, le=256)] = execution_only(
+        1.0, description="CPUs per actor (one GPU each where the cluster has GPUs)"
     )
 
 
@@ -177,10 +236,11 @@ class TSDSConfig(wraps(TSDSParams, "TSDSFields")):
             "draws with replacement; count kept), top (highest p)"
         ),
     )
-    shards: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="index shard actors")
-    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = Field(
-        1.0,
-        description="CPUs per FAISS shard actor (its threads)",
+    shards: Annotated[int, Field(ge=1, le=4096)] = execution_only(
+        1, description="index shard actors"
+    )
+    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = execution_only(
+        1.0, description="CPUs per FAISS shard actor (its threads)"
     )
     gpu: Literal["auto", "never"] = Field(
         "auto", description="auto = a GPU per shard when the cluster has GPUs and FAISS has GPU"
@@ -203,10 +263,11 @@ class TSDSConfig(wraps(TSDSParams, "TSDSFields")):
 class GOTDConfig(wraps(SinkhornParams, "GOTDFields")):
     """`engine.sinkhorn.SinkhornParams` plus how the select stage runs it."""
 
-    shards: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="candidate shard actors")
-    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = Field(
-        1.0,
-        description="CPUs per Sinkhorn shard actor",
+    shards: Annotated[int, Field(ge=1, le=4096)] = execution_only(
+        1, description="candidate shard actors"
+    )
+    cpus_per_shard: Annotated[float, Field(gt=0, le=256)] = execution_only(
+        1.0, description="CPUs per Sinkhorn shard actor"
     )
     gpu: Literal["auto", "never"] = Field(
         "auto",
@@ -290,7 +351,7 @@ class GradExConfig(Strict):
         1,
         description="epochs of each --validate fine-tune from theta*",
     )
-    validate_parallel: Annotated[int, Field(ge=1, le=1024)] = Field(
+    validate_parallel: Annotated[int, Field(ge=1, le=1024)] = execution_only(
         1, description="--validate fine-tunes run at once (each takes finetune.* resources)"
     )
     chunk: Annotated[int, Field(ge=1, le=1024)] = Field(
@@ -299,12 +360,13 @@ class GradExConfig(Strict):
     rows_per_call: Annotated[int, Field(ge=1)] = Field(
         64, description="rows per actor call and per committed gradient shard"
     )
-    num_actors: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="gradient actors")
-    cpus_per_actor: Annotated[float, Field(gt=0, le=256)] = Field(
-        1.0,
-        description="CPUs per gradient actor",
+    num_actors: Annotated[int, Field(ge=1, le=4096)] = execution_only(
+        1, description="gradient actors"
     )
-    estimate_tasks: Annotated[int, Field(ge=1, le=4096)] = Field(
+    cpus_per_actor: Annotated[float, Field(gt=0, le=256)] = execution_only(
+        1.0, description="CPUs per gradient actor"
+    )
+    estimate_tasks: Annotated[int, Field(ge=1, le=4096)] = execution_only(
         2, description="Ray tasks the subset estimates are spread over"
     )
 
@@ -414,16 +476,16 @@ class LessConfig(Strict):
         description="weight of each epoch's checkpoint; auto = the epoch's mean learning rate "
         "(renormalised to sum 1)",
     )
-    chunk_rows: Annotated[int, Field(ge=1)] = Field(
+    chunk_rows: Annotated[int, Field(ge=1)] = execution_only(
         32, description="rows per actor call and per committed feature file (a rerun's unit)"
     )
-    chunk: Annotated[int, Field(ge=1, le=1024)] = Field(
+    chunk: Annotated[int, Field(ge=1, le=1024)] = execution_only(
         8, description="rows per vmapped gradient call"
     )
-    num_actors: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+    num_actors: Annotated[int, Field(ge=1, le=4096)] | None = execution_only(
         None, description="gradient actors (null: the cluster's CPUs / cpus_per_actor)"
     )
-    cpus_per_actor: Annotated[float, Field(gt=0, le=256)] = Field(
+    cpus_per_actor: Annotated[float, Field(gt=0, le=256)] = execution_only(
         1.0, description="CPUs per gradient actor (one GPU each where the cluster has GPUs)"
     )
 
@@ -438,24 +500,87 @@ class LessConfig(Strict):
         return self
 
 
-# The selection methods, declared once: the method table (`jobs.select.METHODS`) has one entry per
-# name (a test checks it), and the config's choices, the CLI's and the README's follow from here.
-METHOD_NAMES = ("random", "knn", "tsds", "gotd", "gradex", "dsir", "less")
-MethodName = Literal.__getitem__(METHOD_NAMES)
+# The selection methods and the representations, declared once: the method and representation
+# tables (`jobs.methods`) have one entry per name (a test checks it), and the config's choices,
+# the CLI's and the README's follow from here.
+MethodName = Literal["random", "knn", "tsds", "gotd", "gradex", "dsir", "rds", "less"]
+METHOD_NAMES: tuple[str, ...] = typing.get_args(MethodName)
+RepresentationName = Literal["embedding", "vectors", "lm_hidden", "less"]
+REPRESENTATION_NAMES: tuple[str, ...] = typing.get_args(RepresentationName)
+VECTOR_SELECTORS = ("knn", "tsds", "gotd")  # they run on any representation
+# Presets: a method name that is a selector on a representation with an aggregation.
+PRESETS: dict[str, tuple[str, str, str]] = {
+    "rds": ("knn", "lm_hidden", "round_robin"),  # RDS+ (Ivison et al. 2025)
+    "less": ("knn", "less", "subtask_mean_max"),  # LESS (Xia et al. 2024)
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a select section resolves to: the selector that runs, on which representation
+    (None: the method has features of its own), with which knn aggregation."""
+
+    method: str  # as configured (a preset's name included)
+    selector: str
+    representation: str | None
+    aggregation: str | None
 
 
 class SelectConfig(Strict):
-    method: MethodName = Field("knn", description="the selection method (README: Methods)")
+    method: MethodName = Field(
+        "knn",
+        description="the selection method: a selector (random, knn, tsds, gotd, gradex, dsir) or "
+        "a preset (rds = knn on lm_hidden, round robin; less = knn on less, subtask_mean_max)",
+    )
+    representation: Literal["auto"] | RepresentationName = Field(
+        "auto",
+        description="what a row is to knn, tsds and gotd: embedding (the sentence encoder, "
+        "embed.*), vectors (the candidates.vector_column), lm_hidden (the causal LM's hidden "
+        "states, select.lm_hidden.*), less (LESS's gradient features, select.less.*); auto = "
+        "vectors when a vector_column is given, else embedding",
+    )
     budget: Annotated[int, Field(ge=1)] = Field(
         500,
         description="rows to select (must not exceed the pool)",
     )
     knn: KnnConfig = Field(default_factory=KnnConfig)
+    lm_hidden: LmHiddenConfig = Field(default_factory=LmHiddenConfig)
     tsds: TSDSConfig = Field(default_factory=TSDSConfig)
     gotd: GOTDConfig = Field(default_factory=GOTDConfig)
     gradex: GradExConfig = Field(default_factory=GradExConfig)
     dsir: DSIRConfig = Field(default_factory=DSIRConfig)
     less: LessConfig = Field(default_factory=LessConfig)
+
+    @model_validator(mode="after")
+    def _presets_fix_their_axes(self) -> SelectConfig:
+        preset = PRESETS.get(self.method)
+        if preset is None:
+            return self
+        selector, representation, aggregation = preset
+        if "representation" in self.model_fields_set and self.representation not in (
+            "auto", representation):  # fmt: skip
+            raise ValueError(
+                f"representation: {self.method} is {selector} on {representation}; for "
+                f"{selector} on {self.representation} use method: {selector}"
+            )
+        if self.knn.aggregation not in (None, aggregation):
+            raise ValueError(
+                f"knn.aggregation: {self.method} aggregates by {aggregation}; for "
+                f"{self.knn.aggregation} use method: knn with representation: {representation}"
+            )
+        return self
+
+    def plan(self, vector_column: str | None = None) -> Plan:
+        """The selector, representation and aggregation this section runs."""
+        if self.method in PRESETS:
+            return Plan(self.method, *PRESETS[self.method])
+        if self.method not in VECTOR_SELECTORS:
+            return Plan(self.method, self.method, None, None)
+        rep = self.representation
+        if rep == "auto":
+            rep = "vectors" if vector_column else "embedding"
+        aggregation = (self.knn.aggregation or "max") if self.method == "knn" else None
+        return Plan(self.method, self.method, rep, aggregation)
 
 
 class FinetuneConfig(Strict):
@@ -513,18 +638,19 @@ class FinetuneConfig(Strict):
         ),
     )
     num_workers: Annotated[int, Field(ge=1, le=4096)] = Field(1, description="Ray Train workers")
-    cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = Field(
-        1.0,
-        description="logical CPUs per Ray Train worker",
+    cpus_per_worker: Annotated[float, Field(gt=0, le=256)] = execution_only(
+        1.0, description="logical CPUs per Ray Train worker"
     )
     gpu: Literal["auto", "never"] = Field("auto", description="auto = one GPU per worker if any")
-    torch_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
+    torch_threads: Annotated[int, Field(ge=1, le=256)] | None = execution_only(
         None, description="intra-op threads per worker (null: this machine's cpus / workers)"
     )
-    checkpoint_every: Annotated[int, Field(ge=1)] = Field(
+    checkpoint_every: Annotated[int, Field(ge=1)] = execution_only(
         50, description="steps between checkpoints: the most a killed run loses"
     )
-    num_to_keep: Annotated[int, Field(ge=1)] = Field(2, description="Ray Train checkpoints kept")
+    num_to_keep: Annotated[int, Field(ge=1)] = execution_only(
+        2, description="Ray Train checkpoints kept"
+    )
 
     @model_validator(mode="after")
     def _adapter_is_lora(self) -> FinetuneConfig:
@@ -534,19 +660,28 @@ class FinetuneConfig(Strict):
 
 
 class MethodEntry(Strict):
-    """One entry of `evaluate.methods`: a method, its own options, and its name in the report."""
+    """One entry of `evaluate.methods`: a method, on a representation, its own options, and its
+    name in the report."""
 
     method: MethodName
+    representation: RepresentationName | None = Field(
+        None, description="knn, tsds, gotd: what a row is (null: select.representation)"
+    )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="select.<method>.* settings for this entry only"
+        default_factory=dict,
+        description="the method's own section's settings for this entry only (select.<method>.*; "
+        "rds: select.lm_hidden.*, less: select.less.*)",
     )
     label: str | None = Field(
-        None, description="its name in the report and run folder (default: method-<values>)"
+        None,
+        description="its name in the report and run folder (default: method[-representation]"
+        "-<option values>)",
     )
 
     @property
     def name(self) -> str:
-        return self.label or "-".join([self.method, *map(str, self.options.values())])
+        parts = [self.method, *([self.representation] if self.representation else [])]
+        return self.label or "-".join([*parts, *map(str, self.options.values())])
 
 
 def _method_entry(value: Any) -> Any:
@@ -641,6 +776,32 @@ class Config(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
 
+    def plan(self) -> Plan:
+        """The selector, representation and aggregation the select stage runs."""
+        return self.select.plan(self.candidates.vector_column)
+
+    @model_validator(mode="after")
+    def _representation_fits(self) -> Config:
+        s, given = self.select, self.candidates.vector_column
+        explicit = "representation" in s.model_fields_set and s.representation != "auto"
+        if explicit and s.method not in VECTOR_SELECTORS and s.method not in PRESETS:
+            raise ValueError(
+                f"select.representation: {s.method} has features of its own (a representation "
+                "is for knn, tsds and gotd); remove select.representation"
+            )
+        rep = self.plan().representation
+        if rep == "vectors" and not given:
+            raise ValueError(
+                "select.representation: vectors are the candidates' own vectors: set "
+                "candidates.vector_column (and targets.vector_column)"
+            )
+        if rep == "embedding" and given:
+            raise ValueError(
+                f"select.representation: embedding embeds the texts, but candidates.vector_column "
+                f"({given!r}) brings vectors: use representation: vectors, or drop vector_column"
+            )
+        return self
+
     @model_validator(mode="after")
     def _vectors_on_both_sides(self) -> Config:
         have = [side for side in ("candidates", "targets") if getattr(self, side).vector_column]
@@ -666,27 +827,6 @@ class Config(Strict):
                 )
         return self
 
-    @model_validator(mode="after")
-    def _shards_fit_a_local_cluster(self) -> Config:
-        # Shard actors that ask for more CPUs than a local cluster has never start: the select
-        # stage would wait forever. (A remote cluster may autoscale: not checked there; with a
-        # GPU each shard takes a GPU instead of CPUs.)
-        if self.ray.address is not None or self.select.method not in ("tsds", "gotd"):
-            return self
-        section = getattr(self.select, self.select.method)
-        if section.gpu == "auto" and Path("/dev/nvidia0").exists():
-            return self
-        cpus = self.ray.num_cpus or os.cpu_count() or 1
-        wanted = section.shards * section.cpus_per_shard
-        if wanted > cpus:
-            name = f"select.{self.select.method}"
-            raise ValueError(
-                f"{name}.shards x {name}.cpus_per_shard = {wanted:g} is more than the local "
-                f"cluster's {cpus} CPUs (the shards would never start); lower cpus_per_shard "
-                "(fractions are fine)"
-            )
-        return self
-
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -696,6 +836,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = "unknown key"
     elif kind == "missing":
         msg = "required field is missing"
+    elif kind == "value_error":  # a validator's own message names the field below its section
+        msg = msg.removeprefix("Value error, ")
+        named = re.match(r"([A-Za-z_][\w.]*): ", msg)
+        if named:
+            section = [str(p) for p in first["loc"]]
+            field, msg = ".".join([*section, named[1]]), msg[named.end() :]
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {field}: {msg}{more}"
 
@@ -799,35 +945,32 @@ def to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-# Settings that decide where and how fast work runs, never what it computes (the tests check the
-# results equal across them: shards, actors, threads). Reuse keys leave them out -- the fine-tune
-# fingerprint, curate's config key -- so changing one reuses finished results. A section's name
-# alone (None) means every field of it.
-EXECUTION_ONLY: dict[str, set[str] | None] = {
-    "ray": None,
-    "ingest": None,
-    "embed": {"num_actors", "cpus_per_actor", "torch_threads"},
-    "select.tsds": {"shards", "cpus_per_shard"},
-    "select.gotd": {"shards", "cpus_per_shard"},
-    "select.gradex": {"num_actors", "cpus_per_actor", "estimate_tasks", "validate_parallel"},
-    "select.less": {"num_actors", "cpus_per_actor", "chunk_rows", "chunk"},
-    "finetune": {"cpus_per_worker", "torch_threads", "checkpoint_every", "num_to_keep"},
-}
+def execution_only_paths(model: type[BaseModel] = None, prefix: tuple[str, ...] = ()) -> list:
+    """The dotted paths of every field marked `execution_only`, in `model` (default: Config)."""
+    model = model or Config
+    out = []
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get(EXECUTION_ONLY):
+            out.append((*prefix, name))
+            continue
+        for t in (info.annotation, *typing.get_args(info.annotation)):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                out += execution_only_paths(t, (*prefix, name))
+    return out
 
 
 def result_settings(tree: dict) -> dict:
-    """A config tree (model_dump(mode="json"), whole or some sections) without EXECUTION_ONLY."""
+    """A config tree (model_dump(mode="json"), whole or some sections) without the fields marked
+    execution-only: what reuse keys are made of (the fine-tune's fingerprint, curate's key)."""
     out = copy.deepcopy(tree)
-    for dotted, fields in EXECUTION_ONLY.items():
-        *path, last = dotted.split(".")
-        node = out
-        for key in path:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        if not isinstance(node, dict) or last not in node:
-            continue
-        if fields is None:
-            del node[last]
-        else:
-            for name in fields:
-                node[last].pop(name, None)
+    for path in execution_only_paths():
+        nodes = [out]
+        for key in path[:-1]:
+            nodes.append(nodes[-1].get(key) if isinstance(nodes[-1], dict) else None)
+        if isinstance(nodes[-1], dict):
+            nodes[-1].pop(path[-1], None)
+            for parent, key in zip(nodes[-2::-1], path[-2::-1], strict=False):
+                if parent.get(key) == {}:  # a section that was all execution-only: gone
+                    del parent[key]
     return out

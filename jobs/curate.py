@@ -42,7 +42,7 @@ LATEST = "latest.json"
 
 def _config_key(cfg: Config) -> str:
     """What decides the selection besides the data: every field but paths of the run itself
-    and the execution-only settings (`config.EXECUTION_ONLY`)."""
+    and the execution-only settings (fields marked `execution_only` in `jobs.config`)."""
     tree = result_settings(cfg.model_dump(mode="json"))
     for key in ("output_dir", "stages", "evaluate", "finetune"):
         tree.pop(key, None)
@@ -91,7 +91,7 @@ def _incremental_gotd(cfg: Config, run_dir: Path, pool: Pool, targets: Pool, pre
     g_prev = -prev.column("score").to_numpy() / (1 + 1 / n_prev) - eps * np.log(n / n_prev)
     old_rows = prev.column("row").to_numpy()
     old = Ranked(-g_prev, old_rows, old_rows, g_prev)
-    new = Pool(pool.store, pool.side, tuple(pool.overlapping(n_prev, n)), pool.columns, pool.dim)
+    new = pool.only(pool.overlapping(n_prev, n))
     refs = map_parts(ctransform_part, new, read_vector_range(targets, 0, targets.n), f, eps,
                      n_prev, budget)  # fmt: skip
     best = Ranked.merge([old, merge_ranked(refs, budget)], budget)
@@ -105,14 +105,9 @@ def _incremental_gotd(cfg: Config, run_dir: Path, pool: Pool, targets: Pool, pre
 @writes_run_folder
 def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """One scheduled curation run; returns what it did (also in curate/vNNNN/info.json)."""
+    from raysift.jobs.methods import Context
     from raysift.jobs.pipeline import run
-    from raysift.jobs.select import (
-        GOTD_POTENTIAL,
-        Context,
-        needs_vectors,
-        run_select,
-        write_selection,
-    )
+    from raysift.jobs.select import GOTD_POTENTIAL, needs_embed_stage, run_select, write_selection
 
     inputs = _inputs(cfg)  # the input checks come first: a bad path writes nothing
     key = _config_key(cfg)
@@ -122,7 +117,7 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if latest and latest["inputs"] == inputs and latest["config"] == key:
         log(f"curate: nothing new since v{latest['version']:04d}")
         return {"version": latest["version"], "new_version": False}
-    run(cfg, ["ingest", "embed"] if needs_vectors(cfg.select.method) else ["ingest"], log,
+    run(cfg, ["ingest", "embed"] if needs_embed_stage(cfg) else ["ingest"], log,
         append=True)  # fmt: skip
     manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
     ingested = manifest.stage("ingest").get("candidates", {})
@@ -135,6 +130,7 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     incremental = (
         cfg.select.method == "gotd"
         and cfg.curate.gotd == "c_transform"
+        and needs_embed_stage(cfg)  # f was solved against the embed stage's vectors
         and latest is not None
         and latest["config"] == key
         and latest["inputs"]["targets"] == inputs["targets"]

@@ -32,11 +32,12 @@ import pyarrow.parquet as pq
 
 from raysift.engine.embed import pick_device
 from raysift.engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_lm_path
-from raysift.jobs.config import Config, MethodEntry, validate
+from raysift.jobs.config import PRESETS, VECTOR_SELECTORS, Config, MethodEntry, validate
 from raysift.jobs.console import progress, say
 from raysift.jobs.errors import InputError
 from raysift.jobs.evaluation_report import render, run_folder
 from raysift.jobs.ingest import check_input, ingest_side
+from raysift.jobs.methods import METHODS
 from raysift.jobs.pool import load_pool, read_rows
 from raysift.jobs.runfolder import RunFolder, write_json, write_jsonl, write_text
 from raysift.jobs.runlock import writes_run_folder
@@ -74,14 +75,14 @@ def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
 def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     from raysift.jobs.pipeline import run
     from raysift.jobs.runtime import start_ray
-    from raysift.jobs.select import check_budget, needs_vectors
+    from raysift.jobs.select import check_budget, needs_embed_stage
 
     e = cfg.evaluate
     seeds = e.seeds or [cfg.seed]
     check_evaluate(cfg)
     run_dir = run(cfg, ["ingest"], log)
     check_budget(cfg, load_pool(Store.for_run(run_dir), "candidates"))  # before the embedding
-    if any(needs_vectors(m.method) for m in e.methods):
+    if any(needs_embed_stage(sub_config(cfg, m, run_dir, cfg.seed)) for m in e.methods):
         run(cfg, ["embed"], log)
     start_ray(cfg.ray)
     heldout = _heldout_texts(cfg, run_dir)
@@ -132,8 +133,15 @@ def sub_config(cfg: Config, entry: MethodEntry | None, folder: Path, seed: int) 
     if entry is None:
         return Config.model_validate(tree)
     tree["select"]["method"] = entry.method
+    if entry.representation is not None:
+        tree["select"]["representation"] = entry.representation
+    elif entry.method in PRESETS or entry.method not in VECTOR_SELECTORS:
+        tree["select"]["representation"] = "auto"  # the parent's applies to its own method
     if entry.options:  # random has no section of its own: only entries with options touch one
-        tree["select"][entry.method] = {**tree["select"].get(entry.method, {}), **entry.options}
+        section = METHODS[entry.method].section
+        if section is None:
+            raise InputError(f"evaluate.methods: {entry.name}: {entry.method} has no options")
+        tree["select"][section] = {**tree["select"].get(section, {}), **entry.options}
     return validate(tree, f"evaluate.methods: {entry.name}")
 
 
@@ -162,9 +170,14 @@ def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldo
             "label_tv": _label_tv(cfg, run_dir, selection),
         }
     ppl = heldout_perplexity(sub_cfg, sub / RunFolder.MODEL, heldout, sub)
+    plan = sub_cfg.plan() if entry is not None else None
     return {
         "method": method,
         "seed": seed,
+        "selector": plan.selector if plan else None,
+        "representation": plan.representation if plan else None,
+        "aggregation": plan.aggregation if plan else None,
+        "score": METHODS[plan.method].score if plan else None,
         **{k: ppl[k] for k in ("perplexity", "loss")},
         **shares,
         "steps": info["steps"],
@@ -264,6 +277,7 @@ def summarise(runs: list[dict], base: dict) -> dict:
         shares = [r["share_from_target"] for r in rs if r["share_from_target"] is not None]
         tvs = [r["label_tv"] for r in rs if r["label_tv"] is not None]
         out[method] = {
+            **{k: rs[0].get(k) for k in ("selector", "representation", "aggregation", "score")},
             "seeds": len(rs),
             "perplexity_mean": float(ppl.mean()),
             "perplexity_std": float(ppl.std(ddof=1)) if len(ppl) > 1 else None,  # one seed

@@ -27,17 +27,6 @@ from raysift.jobs.runfolder import RunFolder
 COLOURS = ["#4e7aa6", "#f49037", "#de5959", "#599b4e", "#ff90ff", "#00d3d3", "#4e43b1", "#6f4e21",
            "#a6006f", "#d3c837", "#f4b1c8", "#debc85", "#006459", "#854e64", "#0090ff", "#00de9b",
            "#c8b1ff", "#21c8ff", "#7a7a00", "#ff6fa6"]  # fmt: skip
-SCORE_MEANING = {
-    "random": "seeded hash rank (uniform)",
-    "knn": "max cosine similarity to a target",
-    "tsds": "TSDS probability p",
-    "gotd": "OT gradient (more negative = closer)",
-    "gradex": "minus the source's estimated target loss",
-    "gradex-random": "none (random sources)",
-    "gradex-all": "none (all sources)",
-    "dsir": "log importance weight",
-    "less": "checkpoint-weighted gradient cosine to the targets",
-}
 SHOWN_TEXTS = 5  # selected texts shown per method
 SHOWN_CHARS = 160
 W = 760  # chart width in px
@@ -252,7 +241,9 @@ def score_charts(result: dict, run_dir: Path) -> str:
             continue
         counts, edges = np.histogram(scores, bins=30)
         w, h, left, top = 350, 150, 10, 24
-        body = [_text(left, 14, f"{m}: {SCORE_MEANING.get(m, 'score')}", 12, weight="bold")]
+        info = result["summary"][m]
+        on = f" on {info['representation']}" if info.get("representation") else ""
+        body = [_text(left, 14, f"{m}: {info.get('score') or 'score'}{on}", 12, weight="bold")]
         peak = counts.max() or 1
         bw = (w - 2 * left) / len(counts)
         for i, c in enumerate(counts):

@@ -178,7 +178,7 @@ def load_tokens(store: Store, wanted: np.ndarray) -> dict:
 def fingerprint(rows_path: Path, f: FinetuneConfig, seed: int) -> str:
     """What the fine-tuned model depends on: the rows, the settings that change the result
     (model, hyper-parameters, workers -- the global batch --, precision, device), the seed; not
-    the execution-only ones (`config.EXECUTION_ONLY`: threads, CPUs, checkpoint cadence)."""
+    the execution-only ones (fields marked `execution_only`: threads, CPUs, checkpoint cadence)."""
     h = hashlib.sha256()
     with rows_path.open("rb") as fh:
         while block := fh.read(1 << 22):

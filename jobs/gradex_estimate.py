@@ -1,6 +1,6 @@
 """`raysift estimate`: GradEx's source estimates on their own, and their validation against real
-fine-tunes (`--validate N`): a workflow over the GradEx method (`jobs.gradex`), the pipeline's
-ingest, the fine-tune stage and the evaluation's held-out scorer.
+fine-tunes (`--validate N`): a workflow over the GradEx method (`jobs.methods.gradex`), the
+pipeline's ingest, the fine-tune stage and the evaluation's held-out scorer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from raysift.engine import gradex as gx
 from raysift.jobs.config import Config, to_yaml
 from raysift.jobs.evaluate import heldout_perplexity
 from raysift.jobs.finetune import run_finetune
-from raysift.jobs.gradex import Estimator, _sub_config, check_static, estimate_sources
+from raysift.jobs.methods.gradex import Estimator, _sub_config, check_static, estimate_sources
 from raysift.jobs.pipeline import run
 from raysift.jobs.runfolder import RunFolder, write_json, write_jsonl, write_text
 from raysift.jobs.runlock import writes_run_folder

@@ -28,7 +28,8 @@ from raysift.jobs.pool import INDEX, load_pool
 from raysift.jobs.runfolder import Manifest, RunFolder, clean_leftovers, write_text
 from raysift.jobs.runlock import hold
 from raysift.jobs.runtime import interruption, start_ray
-from raysift.jobs.select import check_budget, needs_vectors, run_select
+from raysift.jobs.select import check_budget, needs_embed_stage, run_select
+from raysift.jobs.select import checks as select_checks
 from raysift.jobs.storage import Store, open_run
 from raysift.jobs.vectors import SIDES, check_vectors_ready, embeddings_current
 
@@ -115,14 +116,8 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None 
             resolve_lm_path(cfg.finetune.model)
         except FileNotFoundError as exc:
             raise InputError(str(exc)) from None
-    if "select" in stages and cfg.select.method == "gradex":
-        from raysift.jobs.gradex import check_static
-
-        check_static(cfg)
-    if "select" in stages and cfg.select.method == "less":
-        from raysift.jobs.less import check_static as check_less_static
-
-        check_less_static(cfg)
+    if "select" in stages:
+        select_checks(cfg)  # the method's and its representation's (the tables' records)
     if "ingest" in stages:
         for side in SIDES:
             check_input(getattr(cfg, side), side)
@@ -133,7 +128,7 @@ def preflight(cfg: Config, stages: list[str], run_dir: Path, data: Store | None 
             load_pool(store, side)  # the index exists (run the ingest stage first, else)
         if "select" in stages:
             check_budget(cfg, load_pool(store, "candidates"))
-            if "embed" not in stages and needs_vectors(cfg.select.method):
+            if "embed" not in stages and needs_embed_stage(cfg):
                 for side in SIDES:
                     check_vectors_ready(store, side, cfg.embed)
 
@@ -165,8 +160,10 @@ def _run(cfg: Config, stages: list[str], log, data: Store | None, append: bool, 
     for stage in stages:
         if lock is not None:
             lock.check()  # an object-store lock taken over: stop before the next stage
-        if stage == "embed" and "select" in stages and not needs_vectors(cfg.select.method):
-            log(f"embed: skipped, {cfg.select.method} needs no embeddings")
+        if stage == "embed" and "select" in stages and not needs_embed_stage(cfg):
+            plan = cfg.plan()
+            what = f"on {plan.representation}" if plan.representation else "needs no embeddings"
+            log(f"embed: skipped, {cfg.select.method} {what}")
             continue
         if stage == "ingest" and ingest_is_current(cfg, run_dir, manifest):
             log("ingest: inputs unchanged since the last run, reusing data/")

@@ -25,6 +25,7 @@ own part or row range, on whatever filesystem the run folder lives on (`jobs.sto
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -55,8 +56,28 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Vectors:
+    """Where a side's vectors for the selectors are: a representation's committed chunks
+    `<root>/<part digest>/rows-A-B.parquet`, their `column` (a fixed-size list of floats), and
+    per-block weights applied as they are read (`block_scale`: the vector cut into that many equal
+    blocks, block i times block_scale[i]; LESS's sqrt(w_i) per checkpoint), or none."""
+
+    root: str
+    column: str = "vector"
+    block_scale: tuple[float, ...] | None = None
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.block_scale is None:
+            return x
+        blocks = len(self.block_scale)
+        scale = np.asarray(self.block_scale, np.float32)[None, :, None]
+        return (x.reshape(len(x), blocks, -1) * scale).reshape(len(x), -1)
+
+
+@dataclass(frozen=True)
 class Pool:
-    """One side of the ingested pool as tasks and actors see it (picklable, O(parts))."""
+    """One side of the ingested pool as tasks and actors see it (picklable, O(parts)). `vectors`
+    says which representation the selectors read (None: the embed stage's, embeddings/<side>)."""
 
     store: Store  # the run folder that holds data/ and embeddings/
     side: str
@@ -64,6 +85,7 @@ class Pool:
     columns: tuple[str, ...] = ()  # every column of a part, `row` first
     dim: int | None = None  # of the given vectors, when the input had them
     info: dict = field(default_factory=dict, compare=False, hash=False)
+    vectors: Vectors | None = None
 
     @property
     def n(self) -> int:
@@ -73,7 +95,17 @@ class Pool:
         return RunFolder.data(self.side, part.name)
 
     def chunk_dir(self, part: Part) -> str:
-        return RunFolder.embeddings(self.side, part.digest)
+        if self.vectors is None:
+            return RunFolder.embeddings(self.side, part.digest)
+        return f"{self.vectors.root}/{part.digest}"
+
+    def with_vectors(self, vectors: Vectors | None) -> Pool:
+        """The same pool, its selectors reading `vectors`."""
+        return dataclasses.replace(self, vectors=vectors)
+
+    def only(self, parts: list[Part] | tuple[Part, ...]) -> Pool:
+        """The same pool listing only these parts (what one task or shard needs)."""
+        return dataclasses.replace(self, parts=tuple(parts), info={})
 
     def overlapping(self, a: int, b: int) -> list[Part]:
         """The parts holding any of rows [a, b)."""
@@ -89,7 +121,7 @@ class Pool:
 
     def restrict(self, a: int, b: int) -> Pool:
         """The same pool, listing only the parts that hold rows [a, b) (what one shard needs)."""
-        return Pool(self.store, self.side, tuple(self.overlapping(a, b)), self.columns, self.dim)
+        return self.only(self.overlapping(a, b))
 
     def where(self, rows: np.ndarray) -> np.ndarray:
         """The index of the part holding each global row."""
@@ -224,8 +256,10 @@ def read_vectors(pool: Pool, part: Part, a: int = 0, b: int | None = None) -> np
         if lo > at:
             break
         path = pool.store.path(f"{pool.chunk_dir(part)}/{chunk_name(lo, hi)}")
-        col = pq.read_table(path, columns=["vector"], filesystem=pool.store.fs)["vector"]
-        out.append(matrix(col)[at - lo : min(b, hi) - lo])
+        column = pool.vectors.column if pool.vectors else "vector"
+        col = pq.read_table(path, columns=[column], filesystem=pool.store.fs)[column]
+        x = matrix(col)[at - lo : min(b, hi) - lo]
+        out.append(pool.vectors.apply(x) if pool.vectors else x)
         at = min(b, hi)
     if at < b:
         raise InputError(

@@ -21,6 +21,7 @@ result.p                  # TSDS: (row, id, probability) on its support
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from collections.abc import Sequence
@@ -43,18 +44,24 @@ IN_MEMORY = "<in memory>"
 class MethodInfo:
     name: str
     summary: str
-    needs: tuple[str, ...]  # "vectors" (embeddings), "texts", "sources" (a source column)
-    in_process: bool  # whether `select` can run it without Ray
+    needs: tuple[str, ...]  # "vectors" (a representation), "texts", "sources" (a source column)
+    in_process: bool  # whether `select` can run it without Ray (on an in-process representation)
 
 
 def methods() -> dict[str, MethodInfo]:
-    """The selection methods, from the method table (`raysift.jobs.select.METHODS`)."""
-    from raysift.jobs.select import METHODS
+    """The selection methods, from the method table (`raysift.jobs.methods.METHODS`)."""
+    from raysift.jobs.methods import METHODS
 
-    return {
-        name: MethodInfo(name, m.summary, tuple(sorted(m.needs)), m.local is not None)
-        for name, m in METHODS.items()
-    }
+    return {name: MethodInfo(name, m.summary, tuple(sorted(m.needs)), m.in_process)
+            for name, m in METHODS.items()}  # fmt: skip
+
+
+def representations() -> dict[str, str]:
+    """What a row can be to knn, tsds and gotd: name -> summary (`jobs.methods.REPRESENTATIONS`;
+    `select(..., representation=name)`)."""
+    from raysift.jobs.methods import REPRESENTATIONS
+
+    return {name: r.summary for name, r in REPRESENTATIONS.items()}
 
 
 @dataclass
@@ -139,15 +146,11 @@ def open_run(path: str | Path) -> Run:
 
 
 def _extras(store, method: str) -> dict:
-    import pyarrow.dataset as ds
+    """What the method adds to its result (`Method.outputs`), each read on first use."""
+    from raysift.jobs.methods import METHODS
 
-    out = {}
-    if method == "tsds" and store.exists(RunFolder.PROBABILITIES):
-        where = store.path(RunFolder.PROBABILITIES)
-        out["p"] = lambda: ds.dataset(where, filesystem=store.fs).to_table()
-    if method == "gotd" and store.is_file(RunFolder.GOTD_POTENTIAL):
-        out["potentials"] = lambda: store.parquet(RunFolder.GOTD_POTENTIAL).read()
-    return out
+    outputs = METHODS[method].outputs if method in METHODS else {}
+    return {name: functools.partial(read, store) for name, read in outputs.items()}
 
 
 def run(config: str | Path | Config, stages: Sequence[str] | None = None,
@@ -229,6 +232,7 @@ def select(
     targets=None,
     *,
     method: str = "knn",
+    representation: str | None = None,
     budget: int = 100,
     seed: int = 0,
     ray: bool | None = None,
@@ -239,10 +243,13 @@ def select(
     config: dict | None = None,
     **options,
 ) -> Result:
-    """Select `budget` candidate rows for the targets with `method` (`methods()` lists them).
+    """Select `budget` candidate rows for the targets with `method` (`methods()` lists them),
+    for knn, tsds and gotd on `representation` (`representations()`; None: embedding, or your
+    vectors when `config` names a vector_column).
 
-    `options` are the method's own settings (`select.<method>.*` in a config, e.g. `mode="max"`
-    for knn, `alpha=0.5` for tsds); `config` adds any other config sections (e.g.
+    `options` are the method's own settings (its config section, e.g. `aggregation="round_robin"`
+    for knn (`select.knn.*`), `alpha=0.5` for tsds, `model=` for rds (`select.lm_hidden.*`));
+    `config` adds any other config sections (e.g.
     `{"embed": {"batch_size": 32}, "ray": {"address": "auto"}}`). `ray`: None = in-process when
     the pool is in memory and small enough, else on Ray; True / False force one. Same seed and
     settings = the same selection, in-process or on Ray (ids, ranks; scores to float tolerance).
@@ -288,11 +295,19 @@ def select(
                             config={"ray": {"address": "auto"}})
     ```
     """
-    from raysift.jobs.select import METHODS
+    from raysift.jobs.methods import METHODS, REPRESENTATIONS
 
     if method not in METHODS:
         raise InputError(f"method: {method!r} is not one of {sorted(METHODS)}")
-    local = METHODS[method].local
+    if representation is not None and representation not in REPRESENTATIONS:
+        raise InputError(
+            f"representation: {representation!r} is not one of {sorted(REPRESENTATIONS)}"
+        )
+    tree = _tree(method, representation, budget, seed, text_column, id_column, keep_columns,
+                 config, options)  # fmt: skip
+    plan = validate(tree, "raysift.select").plan()  # a bad combination fails here, before work
+    rep = REPRESENTATIONS[plan.representation] if plan.representation else None
+    local = METHODS[method].local if rep is None or rep.local is not None else None
     needs = METHODS[method].needs
     if targets is None and needs & {"vectors", "texts"}:
         raise InputError(f"targets: method {method!r} selects for targets; pass them")
@@ -305,7 +320,6 @@ def select(
     if ray is False and not (in_memory and local):
         why = "it has no in-process form" if not local else "the inputs are not in memory"
         raise InputError(f"ray=False: method {method!r} needs Ray here ({why})")
-    tree = _tree(method, budget, seed, text_column, id_column, keep_columns, config, options)
     if ray is None:
         ray = not (in_memory and local and candidates.num_rows <= LOCAL_ROWS)
     if not ray:
@@ -313,7 +327,10 @@ def select(
     return _select_on_ray(candidates, targets, tree, output_dir)
 
 
-def _tree(method, budget, seed, text_column, id_column, keep_columns, config, options) -> dict:
+def _tree(method, representation, budget, seed, text_column, id_column, keep_columns, config,
+          options) -> dict:  # fmt: skip
+    from raysift.jobs.methods import METHODS
+
     tree = {k: dict(v) if isinstance(v, dict) else v for k, v in (config or {}).items()}
     side = {"path": IN_MEMORY, "text_column": text_column, "id_column": id_column}
     tree.setdefault("output_dir", IN_MEMORY)
@@ -322,15 +339,24 @@ def _tree(method, budget, seed, text_column, id_column, keep_columns, config, op
     tree["targets"] = {**side, "id_column": None, **tree.get("targets", {})}
     sel = tree.setdefault("select", {})
     sel.update(method=method, budget=budget)
+    if representation is not None:
+        sel["representation"] = representation
     if options:
-        sel[method] = {**sel.get(method, {}), **options}
+        section = METHODS[method].section
+        if section is None:
+            raise InputError(f"{sorted(options)[0]}: method {method!r} has no options")
+        sel[section] = {**sel.get(section, {}), **options}
     return tree
 
 
 def _select_local(candidates, targets, tree: dict) -> Result:
-    from raysift.jobs.select import METHODS, InMemory, selection_table
+    from raysift.jobs.methods import METHODS, REPRESENTATIONS, InMemory
+    from raysift.jobs.select import checks, selection_table
 
     cfg = validate(tree, "raysift.select")
+    checks(cfg)
+    plan = cfg.plan()
+    method = METHODS[plan.method]
     c, t = cfg.candidates, cfg.targets
     pool, ids = _clean(_as_table(candidates, "candidates", c.text_column), "candidates",
                        c.text_column, c.id_column)  # fmt: skip
@@ -346,9 +372,11 @@ def _select_local(candidates, targets, tree: dict) -> Result:
     if targets is not None:
         tgt, target_ids = _clean(_as_table(targets, "targets", t.text_column), "targets",
                                  t.text_column, t.id_column)  # fmt: skip
-    if "vectors" in METHODS[cfg.select.method].needs:
-        data.vectors, data.target_vectors = _embed(cfg, pool, tgt)
-    sel = METHODS[cfg.select.method].local(data)
+        data.target_table = tgt
+    if plan.representation is not None:
+        represent = REPRESENTATIONS[plan.representation].local
+        data.vectors, data.target_vectors = represent(cfg, pool, tgt)
+    sel = method.local(data)
     chosen = pa.array(sel.indices, pa.int64())
     rows = pa.table({"id": pa.array(ids[sel.indices], pa.string()),
                      **{k: pool.column(k).take(chosen) for k in c.keep_columns}})  # fmt: skip
@@ -356,38 +384,15 @@ def _select_local(candidates, targets, tree: dict) -> Result:
     if sel.potential is not None:
         extras["potentials"] = pa.table({"id": pa.array(target_ids, pa.string()),
                                          "f": pa.array(sel.potential, pa.float32())})  # fmt: skip
-    if cfg.select.method == "tsds" and sel.p is not None:
+    if "p" in method.outputs and sel.p is not None:
         support, p = sel.p
         extras["p"] = pa.table({"row": pa.array(support, pa.int64()),
                                 "id": pa.array(ids[support], pa.string()),
                                 "probability": pa.array(p, pa.float64())})  # fmt: skip
     table = selection_table(sel, rows, list(c.keep_columns))
-    return Result(cfg.select.method, table, {**sel.info, "in_process": True}, extras)
-
-
-_ENCODED: dict = {}  # the last texts embedded per side: comparing methods on one pool embeds once
-
-
-def _embed(cfg: Config, pool: pa.Table, targets: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """Both sides' vectors with the embed stage's encoder and settings, in this process."""
-    from raysift.engine.embed import encode, load_encoder
-
-    e = cfg.embed
-    key = (e.model, e.max_length, e.batch_size, e.precision, e.gpus_per_actor)
-    out = []
-    for side, table, column in (("candidates", pool, cfg.candidates.text_column),
-                                ("targets", targets, cfg.targets.text_column)):  # fmt: skip
-        texts = table.column(column).to_pylist()
-        cached = _ENCODED.get(side)
-        if cached is None or cached[0] != key or cached[1] != texts:
-            if _ENCODED.get("encoder", (None,))[0] != key:
-                gpu = None if e.gpus_per_actor == "auto" else e.gpus_per_actor > 0
-                _ENCODED["encoder"] = (key, load_encoder(
-                    e.model, max_length=e.max_length, batch_size=e.batch_size,
-                    precision=e.precision, num_threads=e.torch_threads, use_gpu=gpu))  # fmt: skip
-            _ENCODED[side] = (key, texts, encode(_ENCODED["encoder"][1], texts))
-        out.append(_ENCODED[side][2])
-    return out[0], out[1]
+    info = {**sel.info, "in_process": True, "selector": plan.selector,
+            "representation": plan.representation, "aggregation": plan.aggregation}  # fmt: skip
+    return Result(cfg.select.method, table, info, extras)
 
 
 def _select_on_ray(candidates, targets, tree: dict, output_dir) -> Result:

@@ -15,10 +15,8 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from raysift.jobs.config import Config
-from raysift.jobs.select import METHODS
-
-BLOCKS = ("config", "methods")
+from raysift.jobs.config import PRESETS, VECTOR_SELECTORS, Config
+from raysift.jobs.methods import METHODS, REPRESENTATIONS
 
 
 def _submodel(annotation) -> type[BaseModel] | None:
@@ -96,22 +94,48 @@ def config_table() -> str:
 
 
 def methods_table() -> str:
-    lines = ["| method | what it selects | needs | in-process (`raysift.select`) |",
+    lines = ["| method | what it selects | runs | in-process (`raysift.select`) |",
              "|---|---|---|---|"]  # fmt: skip
     for name, m in METHODS.items():
-        needs = ", ".join(sorted(m.needs)) or "nothing"
-        lines.append(f"| `{name}` | {m.summary} | {needs} | {'yes' if m.local else 'no: Ray'} |")
+        if name in PRESETS:
+            selector, rep, aggregation = PRESETS[name]
+            runs = f"`{selector}` on `{rep}`, `{aggregation}`"
+        elif name in VECTOR_SELECTORS:
+            runs = "any representation"
+        else:
+            runs = {"texts": "its own n-gram features", "sources": "a source column"}.get(
+                next(iter(m.needs), ""), "ids only")
+        in_process = "yes" if m.local else "no: Ray"
+        if name in PRESETS and not REPRESENTATIONS[PRESETS[name][1]].local:
+            in_process = "no: Ray"
+        elif m.local and name in VECTOR_SELECTORS:
+            in_process = "yes, on " + ", ".join(
+                f"`{r}`" for r, rep in REPRESENTATIONS.items() if rep.local)
+        lines.append(f"| `{name}` | {m.summary} | {runs} | {in_process} |")
     return "\n".join(lines)
 
 
+def representations_table() -> str:
+    lines = ["| representation | what a row is | computed by | similarity |", "|---|---|---|---|"]
+    for name, r in REPRESENTATIONS.items():
+        stage = "the embed stage" if r.embed_stage else "the select stage (cached, reused)"
+        lines.append(f"| `{name}` | {r.summary} | {stage} | {r.similarity} |")
+    return "\n".join(lines)
+
+
+TABLES = {"config": config_table, "methods": methods_table,
+          "representations": representations_table}  # fmt: skip
+
+
 def render(readme: str) -> str:
-    for block, table in (("config", config_table()), ("methods", methods_table())):
+    """The generated blocks a file has, rewritten from the code."""
+    for block, table in TABLES.items():
         start, end = f"<!-- generated:{block} -->", f"<!-- /generated:{block} -->"
         if start not in readme or end not in readme:
-            raise ValueError(f"README.md: no {start} ... {end} block")
+            continue
         head, rest = readme.split(start, 1)
         _, tail = rest.split(end, 1)
-        readme = f"{head}{start}\n{table}\n{end}{tail}"
+        readme = f"{head}{start}\n{table()}\n{end}{tail}"
     return readme
 
 

@@ -160,5 +160,5 @@ def test_each_evaluate_entry_gets_its_own_sub_config(tmp_path):
     assert sub_config(cfg, good[-1], tmp_path / "w", 0).select.tsds.alpha == 0.9
     assert sub_config(cfg, good[6], tmp_path / "a", 0).select.gradex.strategy == "all"
     assert sub_config(cfg, None, tmp_path / "o", 0).select.method == cfg.select.method
-    with pytest.raises(InputError, match="evaluate.methods: random-1: select.random"):
+    with pytest.raises(InputError, match="evaluate.methods: random-1: random has no options"):
         sub_config(cfg, bad, tmp_path / "b", 0)

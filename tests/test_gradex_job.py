@@ -15,8 +15,8 @@ from raysift.engine import gradex as gx
 from raysift.engine import lm
 from raysift.engine.baselines import random_select
 from raysift.jobs.config import load_config
-from raysift.jobs.gradex import load_target, load_train, shard_files
 from raysift.jobs.gradex_estimate import run_estimate
+from raysift.jobs.methods.gradex import load_target, load_train, shard_files
 from raysift.jobs.pipeline import run
 
 from .conftest import DEMO_POOL, DEMO_TARGETS, pool_table, write_config

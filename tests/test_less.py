@@ -13,7 +13,7 @@ from raysift.actors.gradients import LessFeatures
 from raysift.engine import less, lm
 from raysift.engine.gradex import GradientModel, Projector
 from raysift.jobs.finetune import epoch_state_name, save_epoch_state
-from raysift.jobs.less import load_state
+from raysift.jobs.methods.less import load_state
 from raysift.jobs.storage import Store
 
 from .test_gradex import TEXTS as GRADEX_TEXTS
@@ -81,7 +81,9 @@ def test_batched_features_equal_a_per_example_autograd_loop(warmed, tiny_lm):
             want = flat @ P
             want /= np.linalg.norm(want)
             err = np.linalg.norm(got[side][i] - want) / np.linalg.norm(want)
-            assert err < 1e-6, (side, i, err)
+            # the projection sums d float32 products (threaded, in no fixed order): its rounding
+            # is ~sqrt(d) x 6e-8; measured up to 2.5e-6 on an AMD EPYC (AVX-512), run to run.
+            assert err < 1e-5, (side, i, err)
     # the unprojected Gamma too, elementwise, batched (vmap in chunks of 3) vs the loop
     batch = lm.collate([lm.encode_text(tok, t, 24) for t in TEXTS], tok.pad_token_id)
     _, grads = actor.model.sample_grads(batch)
@@ -93,7 +95,8 @@ def test_batched_features_equal_a_per_example_autograd_loop(warmed, tiny_lm):
                 b2 * state["moments"][n][1] + (1 - b2) * g[n] ** 2 + 1e-8
             )
             err = float((gamma[n][i] - want).norm() / want.norm())
-            assert err < 1e-6, (n, i, err)
+            # float32, threaded reductions in no fixed order: measured up to 1.0e-6 run to run
+            assert err < 5e-6, (n, i, err)
 
 
 def test_the_moments_are_the_right_parameters(warmed):

@@ -15,7 +15,7 @@ import pytest
 from raysift.engine import less
 from raysift.jobs.config import load_config
 from raysift.jobs.finetune import epoch_state_name
-from raysift.jobs.less import WARMUP, committed_chunks, load_state, read_chunk
+from raysift.jobs.methods.less import WARMUP, committed_chunks, load_state, read_chunk
 from raysift.jobs.pipeline import run
 from raysift.jobs.storage import Store
 

@@ -18,8 +18,6 @@ The driver holds count vectors (num_buckets) and the B chosen rows, never the po
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pyarrow as pa
 import ray
@@ -32,6 +30,7 @@ from raysift.engine.selection import Ranked, Selection
 from raysift.jobs.config import DSIRConfig
 from raysift.jobs.console import progress
 from raysift.jobs.errors import InputError
+from raysift.jobs.methods.base import Context, Method, cluster_cpus
 from raysift.jobs.pool import (
     Pool,
     as_strings,
@@ -41,6 +40,7 @@ from raysift.jobs.pool import (
     read_part_rows,
 )
 from raysift.jobs.runfolder import RunFolder
+from raysift.jobs.runtime import start_ray
 from raysift.jobs.storage import Store
 
 FEATURES = RunFolder.FEATURES
@@ -152,16 +152,13 @@ def _chunk_best(item: dict, options: dict, ld: np.ndarray, k: list[int], seed: i
     return out if len(out) > 1 else out[0]
 
 
-def dsir_select(
-    pool: Pool,
-    targets: Pool,
-    o: DSIRConfig,
-    budget: int,
-    seed: int,
-    cpus: float,
-    log: Callable[[str], None] = print,
-) -> Selection:
-    """The DSIR selection of `budget` rows of `pool` for `targets` (see the module docstring)."""
+def select(ctx: Context) -> Selection:
+    """The DSIR selection of the budget's rows of the pool for the targets (the module
+    docstring)."""
+    start_ray(ctx.cfg.ray)
+    pool, targets, o, budget, seed, log = (ctx.pool, ctx.targets, ctx.cfg.select.dsir, ctx.budget,
+                                           ctx.seed, ctx.log)  # fmt: skip
+    cpus = cluster_cpus()
     if o.target_column is not None and o.target_column not in targets.columns:
         raise InputError(
             f"select.dsir.target_column: {o.target_column!r} is not a targets column (add it to "
@@ -269,3 +266,13 @@ def dsir_select(
     if o.target_column is not None:
         sel.info["budget_per_target"] = {str(g): n for g, n in zip(sets, share, strict=True)}
     return sel
+
+
+METHOD = Method(
+    name="dsir",
+    summary="hashed n-gram importance resampling (DSIR)",
+    select=select,
+    score="log importance weight (hashed n-grams)",
+    needs=frozenset({"texts"}),
+    options=DSIRConfig,
+)

@@ -1,4 +1,5 @@
-"""LESS as a select method: a warm-up fine-tune, gradient features of every pool row, a score.
+"""LESS (Xia et al. ICML 2024) as a representation, and the `less` method (knn on it, LESS's
+subtask mean-max): a warm-up fine-tune, gradient features of every row.
 
     less/warmup/rows.jsonl          the warm-up rows: min(warmup_fraction x N, warmup_max_rows)
                                     rows of smallest H(warmup_seed, id)
@@ -12,12 +13,13 @@
 
 `<key>` digests what the features depend on (the warm-up's fingerprint, the projection, the token
 length, the model), never the run's seed or the targets: every seed, target and `raysift evaluate`
-run reuses the pool's features. The score of a row (engine.less.scores) is computed by one task per
-chunk against the targets' features, whose best B merge in a tree of tasks. The driver holds the
-targets' features (M x C x proj_dim) and B rows; the warm-up's rows (at most warmup_max_rows)
-pass through it once, into rows.jsonl. The math is in `engine.less`.
+run reuses the pool's features. As a representation a row is one vector, the concatenation of
+sqrt(w_c) x its checkpoint-c feature (w_c the checkpoint weights, sum 1): a plain inner product is
+LESS's weighted sum (engine.less.scores), so knn, tsds and gotd all run on it; `method: less` is
+knn with the subtask mean-max aggregation, LESS's own score. The driver holds the targets'
+features (M x C x proj_dim) and B rows; the warm-up's rows (at most warmup_max_rows) pass through
+it once, into rows.jsonl. The math is in `engine.less`.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -33,13 +35,23 @@ from raysift.actors.partitions import fetch_rows, map_parts, merge_ranked
 from raysift.actors.pool import map_actors
 from raysift.engine import less
 from raysift.engine.ids import hash_uniform
-from raysift.engine.selection import Ranked, Selection
-from raysift.jobs.config import Config, to_yaml
+from raysift.engine.selection import Ranked
+from raysift.jobs.config import Config, LessConfig, to_yaml
 from raysift.jobs.console import progress
 from raysift.jobs.errors import InputError
-from raysift.jobs.pool import Pool, as_strings, chunk_file, drop_stale_parts, plan_chunks, read_part
-from raysift.jobs.pool import read_part_rows as _rows
+from raysift.jobs.methods import knn
+from raysift.jobs.methods.base import Context, Method, Representation
+from raysift.jobs.pool import (
+    Pool,
+    Vectors,
+    as_strings,
+    chunk_file,
+    drop_stale_parts,
+    plan_chunks,
+    read_part,
+)
 from raysift.jobs.runfolder import RunFolder, write_jsonl, write_text
+from raysift.jobs.runtime import start_ray
 from raysift.jobs.storage import Store
 from raysift.jobs.vectors import resolve_threads
 
@@ -204,32 +216,6 @@ def target_features(targets: Pool, root: str, chunk_rows: int, checkpoints: int)
                            for i in items])  # fmt: skip
 
 
-# -- scores ---------------------------------------------------------------------------------------
-
-
-def _chunk_best(item: dict, root: str, checkpoints: int, G, weights, groups, k: int) -> Ranked:
-    """A task: the chunk's LESS scores and its best k rows (ties by id)."""
-    pool = item["pool"]
-    feats = read_chunk(pool.store, chunk_file(root, item), checkpoints)
-    s = less.scores(feats, G, weights, groups)
-    ids = as_strings(_rows(pool.store, pool.part_path(item["part"]), item["a"], item["b"],
-                           ["id"]).column("id"))  # fmt: skip
-    return Ranked(s, ids, item["part"].first + item["a"] + np.arange(len(ids)), s).top(k)
-
-
-def subtasks(cfg: Config, targets: Pool) -> tuple[np.ndarray | None, list[str]]:
-    o = cfg.select.less
-    if o.subtask_column is None:
-        return None, ["all"]
-    labels = fetch_rows(targets, np.arange(targets.n), [o.subtask_column]).column(0)
-    if labels.null_count:
-        raise InputError(
-            f"select.less.subtask_column: {labels.null_count} target rows have no "
-            f"{o.subtask_column!r}"
-        )
-    return less.subtask_codes(as_strings(labels))
-
-
 def warmup_folder(pool: Pool, run_dir: Path) -> Path:
     """Where the warm-up lives: beside the pool when the pool's run folder is local (every
     `raysift evaluate` sub-run and seed shares it), else in this run's folder."""
@@ -240,16 +226,16 @@ def warmup_folder(pool: Pool, run_dir: Path) -> Path:
     return run_dir / WARMUP
 
 
-def less_select(
-    cfg: Config, pool: Pool, targets: Pool, run_dir: Path, budget: int, log
-) -> Selection:
-    """The LESS selection of `budget` rows of `pool` for `targets` (see the module docstring)."""
-    import ray
-
+def prepare(ctx: Context) -> tuple[Pool, Pool, dict]:
+    """The `less` representation: warm up (reused), compute every missing chunk's features of
+    both sides, and return the pools reading them as vectors: row i's vector is the concatenation
+    of sqrt(w_c) x its unit-norm feature of checkpoint c, so a plain inner product of a pool row
+    and a target is LESS's sum_c w_c Gamma_c . G_c (and the vector has unit norm: sum w_c = 1)."""
+    cfg, pool, targets = ctx.cfg, ctx.pool, ctx.targets
     o = cfg.select.less
+    start_ray(cfg.ray)
     check_less(cfg, targets)
-    groups, names = subtasks(cfg, targets)
-    warm = warm_up(cfg, warmup_folder(pool, run_dir), pool, log)
+    warm = warm_up(cfg, warmup_folder(pool, ctx.run_dir), pool, ctx.log)
     C = len(warm["states"])
     if o.checkpoint_weights == "auto":
         weights = less.checkpoint_weights(warm["learning_rates"])
@@ -257,23 +243,38 @@ def less_select(
         weights = less.checkpoint_weights(o.checkpoint_weights)
     feats = compute_features(cfg, pool, targets, warm)
     roots = feats.pop("roots")
-    G = target_features(targets, roots["targets"], o.chunk_rows, C)
-    task = ray.remote(_chunk_best)
-    G = ray.put(G)  # once: every chunk's task reads the same targets' features
-    refs = [task.remote(i, roots["candidates"], C, G, weights, groups, budget)
-            for i in plan_chunks(pool, o.chunk_rows)]  # fmt: skip
-    best = merge_ranked(refs, budget)
-    sel = Selection(best.row, best.score)
-    sel.info = {
+    scale = tuple(float(x) for x in np.sqrt(weights))
+    info = {
         "warmup_rows": warm["rows"],
         "warmup_steps": warm["steps"],
         "checkpoints": C,
         "checkpoint_weights": [round(float(w), 6) for w in weights],
-        "subtasks": names,
         "proj_dim": o.proj_dim,
+        "dim": C * o.proj_dim,
         **feats,
     }
-    return sel
+    return (pool.with_vectors(Vectors(roots["candidates"], "features", scale)),
+            targets.with_vectors(Vectors(roots["targets"], "features", scale)), info)  # fmt: skip
+
+
+REPRESENTATION = Representation(
+    name="less",
+    summary="LESS's Adam-preconditioned LoRA gradients after a warm-up (checkpoints x proj_dim)",
+    prepare=prepare,
+    similarity="checkpoint-weighted cosine of LoRA gradient features (LESS)",
+    options=LessConfig,
+    checks=check_static,
+)
+
+METHOD = Method(
+    name="less",
+    summary="LESS: knn on the less representation, subtask mean-max",
+    select=knn.select,
+    score="LESS gradient cosine, subtask mean-max",
+    needs=frozenset({"vectors"}),
+    options=LessConfig,
+    checks=lambda cfg: (check_static(cfg), knn.checks(cfg)),
+)
 
 
 def load_state(store, rel: str) -> dict:

@@ -35,9 +35,10 @@ from raysift.actors.partitions import column_counts, fetch_rows, map_parts
 from raysift.engine import gradex as gx
 from raysift.engine.ids import hash_uniform
 from raysift.engine.selection import Ranked, Selection
-from raysift.jobs.config import Config, to_yaml
+from raysift.jobs.config import Config, GradExConfig, to_yaml
 from raysift.jobs.console import progress
 from raysift.jobs.errors import InputError
+from raysift.jobs.methods.base import Context, Method
 from raysift.jobs.pool import Pool, as_strings, load_pool, read_part, read_rows
 from raysift.jobs.runfolder import (
     TMP_PREFIX,
@@ -486,8 +487,8 @@ def estimate_sources(cfg: Config, run_dir: Path, log=print, data: Store | None =
     return {**ctx, "mask": mask, "result": result, "size": size, "scores": scores}
 
 
-def gradex_select(ctx) -> Selection:
-    """The select stage's GradEx (a `jobs.select.Context`): the chosen sources' pool rows, up to
+def select(ctx: Context) -> Selection:
+    """The select stage's GradEx: the chosen sources' pool rows, up to
     the budget, in a seeded id-hash order (per-part tasks, merged on the workers); the score of a
     row is minus its source's ensemble score."""
     cfg = ctx.cfg
@@ -528,3 +529,14 @@ def check_static(cfg: Config) -> None:
         resolve_lm_path(cfg.finetune.model)
     except FileNotFoundError as exc:
         raise InputError(str(exc)) from None
+
+
+METHOD = Method(
+    name="gradex",
+    summary="whole data sources chosen by GradEx",
+    select=select,
+    score="minus the row's source's estimated target loss (0: random / all sources)",
+    needs=frozenset({"sources"}),
+    options=GradExConfig,
+    checks=check_static,
+)
