@@ -39,8 +39,15 @@ class ChunkFeatures:
         x = self.features(texts, pool.side)
         table = pa.table({self.column: vectors_to_arrow(x.reshape(len(texts), -1))})
         pool.store.write_parquet(rel, table)
-        return {"side": pool.side, "rows": rows, "computed": True, "dim": int(table.schema.field(
-            self.column).type.list_size)}  # fmt: skip
+        return {"side": pool.side, "rows": rows, "computed": True, "node": _node(),
+                "dim": int(table.schema.field(self.column).type.list_size)}  # fmt: skip
+
+
+def _node() -> str:
+    """The node this actor runs on (where the autoscaler put it), short."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12]
 
 
 class HiddenStates(ChunkFeatures):

@@ -68,11 +68,25 @@ def build(per_source: int) -> None:
     pool[["id", "source", "label", "text"]].to_parquet(OUT / "pool.parquet")
 
 
+def entries(methods: list[str], seeds: list[int], more: list[int], contenders: dict) -> list:
+    """`method` or `method:representation` -> evaluate.methods entries; the contenders of this
+    target get the extra seeds too."""
+    out = []
+    for item in methods:
+        method, _, rep = item.partition(":")
+        entry = {"method": method, **({"representation": rep} if rep else {})}
+        name = "-".join([method, *([rep] if rep else [])])
+        if more and name in contenders:
+            entry["seeds"] = sorted(set(seeds) | set(more))
+        out.append(entry)
+    return out
+
+
 def config(
     name: str,
     budget: int,
     seeds: list[int],
-    methods: list[str],
+    methods: list,
     oracle: bool,
     tag: str = "",
     select: dict | None = None,
@@ -97,38 +111,43 @@ def config(
 
 
 def table() -> None:
-    print("| target | budget | method | perplexity (mean ± sd) | seeds | vs random | share from "
-          "target | label TV | selection (select stage) | wall per fine-tune |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    """One markdown table of every finished evaluation.json: per target and method, perplexity
+    (mean ± sd over seeds), the paired difference to random and to the target's best method with
+    its 95% bootstrap interval over the held-out texts, the share from the target, and what the
+    selection cost (the select stage, its representation included; the embed stage is shared by
+    the embedding methods and listed once per target)."""
+    print("| target | method | on | perplexity (mean ± sd) | seeds | vs random [95% paired] | "
+          "vs best [95% paired] | share from target | selection (s) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in TARGETS:
         for path in sorted((OUT / name).glob("b*/evaluation.json")):
             r = json.loads(path.read_text())
-            tag = path.parent.name.partition("-")[2]
-            print(f"| {name} | {r['budget']} | no fine-tune | {r['base']['perplexity']:.2f} "
-                  "| - | - | - | - | - | - |")  # fmt: skip
-            s = r["summary"]
-            for m in sorted(s, key=lambda k: s[k]["perplexity_mean"]):
+            s, paired = r["summary"], r.get("paired", {})
+            ranked = sorted(s, key=lambda k: s[k]["perplexity_mean"])
+            best = next((m for m in ranked if m != "oracle"), ranked[0])
+            embed = r.get("embed_seconds")
+            shared = f"embed stage {embed:.0f}" if embed else ""
+            print(f"| {name} | no fine-tune | | {r['base']['perplexity']:.2f} | | | | | "
+                  f"{shared} |")  # fmt: skip
+            for m in ranked:
                 x = s[m]
-                label = f"{m} ({tag})" if tag and m != "random" else m
                 sd = f" ± {x['perplexity_std']:.2f}" if x["seeds"] > 1 else ""
-                vs = "" if x["vs_random"] is None else f"{x['vs_random']:+.2f}"
                 share = "" if x["share_from_target"] is None else f"{x['share_from_target']:.3f}"
-                tv = "" if x["label_tv"] is None else f"{x['label_tv']:.3f}"
-                wall = f"{x['train_seconds_mean']:.0f} s"
-                cost = _select_seconds(path.parent, r, m)
-                print(f"| {name} | {r['budget']} | {label} | {x['perplexity_mean']:.2f}{sd} | "
-                      f"{x['seeds']} | {vs} | {share} | {tv} | {cost} | {wall} |")  # fmt: skip
+                cost = x.get("selection_seconds_mean")
+                print(f"| {name} | {m} | {x.get('representation') or ''} | "
+                      f"{x['perplexity_mean']:.2f}{sd} | {x['seeds']} | "
+                      f"{_paired(paired, m, 'random')} | {_paired(paired, m, best)} | {share} | "
+                      f"{'' if cost is None else f'{cost:.1f}'} |")  # fmt: skip
+            if "verdict" in r:
+                print(f"| {name} | **{r['verdict']}** | | | | | | | |")
 
 
-def _select_seconds(run_dir: Path, result: dict, method: str) -> str:
-    """Mean wall of the select stage over a method's runs (embedding not included)."""
-    seconds = []
-    for run in result["runs"]:
-        manifest = run_dir / run["folder"] / "manifest.json"
-        if run["method"] == method and manifest.is_file():
-            stage = json.loads(manifest.read_text())["stages"].get("select", {})
-            seconds += [stage["seconds"]] if "seconds" in stage else []
-    return f"{np.mean(seconds):.1f} s" if seconds else "-"
+def _paired(paired: dict, a: str, b: str) -> str:
+    v = paired.get(a, {}).get(b)
+    if v is None:
+        return ""
+    text = f"{v['diff']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}]"
+    return f"**{text}**" if v["high"] < 0 or v["low"] > 0 else text
 
 
 def length_filter_table(thresholds: tuple[int, ...] = (100, 5)) -> None:
@@ -151,23 +170,24 @@ def length_filter_table(thresholds: tuple[int, ...] = (100, 5)) -> None:
         f"{(words < t).mean():.3f}" for t in thresholds) + " |")  # fmt: skip
 
 
-def share_less(name: str, folder: str) -> None:
-    """LESS's warm-up and pool features depend on the pool, not the target: copy them from a
-    target that has them into this target's run folder (each target is its own `raysift
-    evaluate` run folder; its select then computes only the target's features)."""
+def share_features(name: str, folder: str) -> None:
+    """LESS's warm-up and pool features and the pool's lm_hidden vectors depend on the pool, not
+    the target: copy them from a target that has them into this target's run folder (each target
+    is its own `raysift evaluate` run folder; its select then computes only the target's own)."""
     import shutil
 
     here = OUT / name / folder
     for other in TARGETS:
         there = OUT / other / folder
-        if other == name or not (there / "less" / "warmup" / "finetune" / "result.json").is_file():
+        if other == name:
             continue
-        if not (here / "less").exists():
+        if (there / "less" / "warmup" / "finetune" / "result.json").is_file() and not (
+                here / "less").exists():  # fmt: skip
             shutil.copytree(there / "less", here / "less")
-        for feats in (there / "features" / "candidates").glob("less-*"):
+        for feats in [*(there / "features" / "candidates").glob("less-*"),
+                      *(there / "features" / "candidates").glob("hidden-*")]:  # fmt: skip
             if not (here / "features" / "candidates" / feats.name).exists():
                 shutil.copytree(feats, here / "features" / "candidates" / feats.name)
-        return
 
 
 def main() -> None:
@@ -176,7 +196,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--per-source", type=int, default=1000)
-    ap.add_argument("--methods", nargs="+", default=["random", "knn", "tsds", "gotd"])
+    ap.add_argument("--methods", nargs="+", default=["random", "knn", "tsds", "gotd"],
+                    help="method or method:representation, e.g. tsds:lm_hidden")
+    ap.add_argument("--more-seeds", type=int, nargs="*", default=[],
+                    help="extra seeds for each target's contenders (--contenders)")
+    ap.add_argument("--contenders", nargs="*", default=[], metavar="TARGET=NAME,NAME",
+                    help="per target, the entries that get --more-seeds")
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--tag", default="", help="run folder suffix, e.g. -dsir")
     ap.add_argument(
@@ -206,10 +231,11 @@ def main() -> None:
                     key, _, value = item.partition("=")
                     section, _, field = key.partition(".")
                     select.setdefault(section, {})[field] = yaml.safe_load(value)
-                path = config(name, budget, args.seeds, args.methods, not args.no_oracle,
+                chosen = dict(c.split("=", 1) for c in args.contenders).get(name, "")
+                methods = entries(args.methods, args.seeds, args.more_seeds, chosen.split(","))
+                path = config(name, budget, args.seeds, methods, not args.no_oracle,
                               args.tag, select)  # fmt: skip
-                if "less" in args.methods:
-                    share_less(name, path.stem)
+                share_features(name, path.stem)
                 run_dir = run_evaluate(load_config(path))
                 print(f"{name} b{budget}: {time.time() - t0:.0f} s -> {run_dir}", flush=True)
     table()

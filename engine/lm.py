@@ -156,8 +156,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token NLL, number of scored tokens) over a collated batch, in fp32."""
+def token_nll(
+    model, batch: dict[str, torch.Tensor], per_row: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token NLL, number of scored tokens) over a collated batch, in fp32; with
+    `per_row`, each row's (B,) of both."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits = logits[:, :-1].float()
     shift_labels = batch["labels"][:, 1:]
@@ -165,9 +168,12 @@ def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),
         ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return nll, (shift_labels != IGNORE).sum()
+        reduction="none",
+    ).reshape(shift_labels.shape)
+    scored = shift_labels != IGNORE
+    if per_row:
+        return nll.sum(dim=1), scored.sum(dim=1)
+    return nll.sum(), scored.sum()
 
 
 def autocast(device: torch.device, precision: str):
@@ -189,24 +195,28 @@ def perplexity(
     """exp(total NLL / total scored tokens) over `examples`, batched by length (dynamic padding).
     `on_batch(texts done)` after each batch (progress).
 
-    Returns {"perplexity", "loss" (mean token NLL), "tokens", "texts"}.
+    Returns {"perplexity", "loss" (mean token NLL), "tokens", "texts", "per_text"}: `per_text`
+    is each example's [summed NLL, scored tokens], in input order (what paired comparisons of
+    two models on the same texts resample).
     """
     model.eval()
     device = next(model.parameters()).device
     order = np.argsort([-len(e.input_ids) for e in examples], kind="stable")
-    total, count = 0.0, 0
+    per_text = np.zeros((len(examples), 2))
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        rows = order[start : start + batch_size]
+        batch = collate([examples[i] for i in rows], pad_id)
         with autocast(device, precision):
-            nll, n = token_nll(model, {k: v.to(device) for k, v in batch.items()})
-        total += float(nll)
-        count += int(n)
+            nll, n = token_nll(model, {k: v.to(device) for k, v in batch.items()}, per_row=True)
+        per_text[rows, 0], per_text[rows, 1] = nll.double().cpu().numpy(), n.cpu().numpy()
         if on_batch is not None:
             on_batch(min(start + batch_size, len(order)))
+    total, count = float(per_text[:, 0].sum()), int(per_text[:, 1].sum())
     if count == 0:
         raise ValueError("no scored tokens: every evaluation text is empty after tokenising")
     loss = total / count
-    return {"perplexity": math.exp(loss), "loss": loss, "tokens": count, "texts": len(examples)}
+    return {"perplexity": math.exp(loss), "loss": loss, "tokens": count, "texts": len(examples),
+            "per_text": per_text.tolist()}  # fmt: skip
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

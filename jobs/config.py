@@ -677,6 +677,9 @@ class MethodEntry(Strict):
         description="its name in the report and run folder (default: method[-representation]"
         "-<option values>)",
     )
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(
+        None, description="this entry's seeds (more for the contenders); null = evaluate.seeds"
+    )
 
     @property
     def name(self) -> str:

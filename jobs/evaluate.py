@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysift.engine.compare import paired_bootstrap, winner
 from raysift.engine.embed import pick_device
 from raysift.engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_lm_path
 from raysift.jobs.config import PRESETS, VECTOR_SELECTORS, Config, MethodEntry, validate
@@ -78,7 +79,8 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     from raysift.jobs.select import check_budget, needs_embed_stage
 
     e = cfg.evaluate
-    seeds = e.seeds or [cfg.seed]
+    default_seeds = e.seeds or [cfg.seed]
+    seeds = sorted({s for m in e.methods for s in (m.seeds or default_seeds)} | set(default_seeds))
     check_evaluate(cfg)
     run_dir = run(cfg, ["ingest"], log)
     check_budget(cfg, load_pool(Store.for_run(run_dir), "candidates"))  # before the embedding
@@ -91,7 +93,8 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     log(f"evaluate: base model: done, perplexity {base['perplexity']:.3f}")
     runs = []
     methods = [*e.methods, *([None] if e.oracle else [])]  # None: the oracle
-    todo = [(seed, method) for seed in seeds for method in methods]
+    todo = [(seed, method) for seed in seeds for method in methods
+            if seed in ((method.seeds if method else None) or default_seeds)]  # fmt: skip
     for k, (seed, method) in enumerate(todo, 1):
         label = method.name if method else "oracle"
         name = f"run {k}/{len(todo)}: {label}, seed {seed}"
@@ -101,6 +104,8 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
         runs.append(_one(cfg, run_dir, method, seed, heldout, sub_log))
         log(f"evaluate: {name}: done in {time.perf_counter() - t0:.1f} s, "
             f"perplexity {runs[-1]['perplexity']:.3f}")  # fmt: skip
+    per_text = {(r["method"], r["seed"]): np.asarray(r.pop("per_text")) for r in runs}
+    shared = json.loads((run_dir / RunFolder.MANIFEST).read_text())["stages"].get("embed", {})
     result = {
         "budget": cfg.select.budget,
         "model": cfg.finetune.model,
@@ -110,7 +115,10 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
         "base": base,
         "runs": runs,
         "summary": summarise(runs, base),
+        "paired": paired(runs, per_text),
+        "embed_seconds": shared.get("seconds"),  # the embed stage, shared by embedding methods
     }
+    result["verdict"] = verdict(result)
     write_json(run_dir / RunFolder.EVALUATION, result)
     write_text(run_dir / RunFolder.REPORT, render(result, run_dir))
     return run_dir
@@ -161,9 +169,12 @@ def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldo
         info = run_finetune(sub_cfg, sub)
         log(f"finetune: done in {time.perf_counter() - t0:.1f} s")
         shares = {"share_from_target": 1.0, "label_tv": _label_tv(cfg, run_dir, None)}
+        cost = None
     else:
         run(sub_cfg, ["select", "finetune"], log, data=data)
-        info = json.loads((sub / RunFolder.MANIFEST).read_text())["stages"]["finetune"]
+        stages = json.loads((sub / RunFolder.MANIFEST).read_text())["stages"]
+        info = stages["finetune"]
+        cost = selection_cost(stages["select"])
         selection = pq.read_table(sub / RunFolder.SELECTION)
         shares = {
             "share_from_target": _share(cfg, selection),
@@ -183,8 +194,30 @@ def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldo
         "steps": info["steps"],
         "final_train_loss": info["final_loss"],
         "train_seconds": info["train_seconds"],
+        "selection_cost": cost,
         "folder": str(sub.relative_to(run_dir)),
+        "per_text": ppl["per_text"],  # summed NLL and tokens per held-out text (popped later)
     }
+
+
+def selection_cost(stage: dict) -> dict:
+    """What a selection cost: the select stage's wall (the representation it computed included),
+    and that wall times the cluster's CPUs / GPUs (what the cluster gave it, an upper bound on
+    what it used)."""
+    import ray
+
+    seconds = float(stage.get("seconds", 0.0))
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return {"seconds": round(seconds, 2),
+            "representation_seconds": stage.get("representation_seconds"),
+            "cluster_core_seconds": round(seconds * cpus, 1),
+            "cluster_gpu_seconds": round(seconds * gpus, 1)}  # fmt: skip
+
+
+def _mean_cost(runs: list[dict], key: str) -> float | None:
+    values = [r["selection_cost"][key] for r in runs if r.get("selection_cost")]
+    return float(np.mean(values)) if values else None
 
 
 def _oracle_rows(run_dir: Path, out: Path, budget: int, seed: int) -> None:
@@ -242,7 +275,7 @@ def heldout_perplexity(cfg: Config, trained: Path | None, texts: list[str], fold
     cache = folder / "perplexity.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("key") == key.hexdigest():
+        if saved.get("key") == key.hexdigest() and "per_text" in saved["result"]:
             return saved["result"]
     torch.set_num_threads(os.cpu_count() or 1)
     device = pick_device(None if cfg.finetune.gpu == "auto" else False)
@@ -258,6 +291,37 @@ def heldout_perplexity(cfg: Config, trained: Path | None, texts: list[str], fold
         )  # fmt: skip
     write_json(cache, {"key": key.hexdigest(), "result": result})
     return result
+
+
+def _seed_mean(runs: list[dict], per_text: dict, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """A method's per-text NLL averaged over its seeds, and the texts' tokens."""
+    mine = [per_text[(r["method"], r["seed"])] for r in runs if r["method"] == method]
+    return np.mean([m[:, 0] for m in mine], axis=0), mine[0][:, 1]
+
+
+def paired(runs: list[dict], per_text: dict, resamples: int = 2000) -> dict:
+    """For every ordered pair of methods: the perplexity difference on the same held-out texts
+    (NLL averaged over seeds) and its 95% paired-bootstrap interval over texts
+    (`engine.compare`)."""
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    nll = {m: _seed_mean(runs, per_text, m) for m in methods}
+    out: dict = {}
+    for a in methods:
+        for b in methods:
+            if a != b:
+                d, low, high = paired_bootstrap(nll[a][0], nll[b][0], nll[a][1],
+                                                resamples=resamples)  # fmt: skip
+                out.setdefault(a, {})[b] = {"diff": d, "low": low, "high": high}
+    return out
+
+
+def verdict(result: dict) -> str:
+    """The one line naming the selection method to trust for this target (the oracle, which
+    trains on the targets themselves, is not a candidate)."""
+    means = {m: s["perplexity_mean"] for m, s in result["summary"].items() if m != "oracle"}
+    intervals = {(a, b): (v["low"], v["high"]) for a, row in result["paired"].items()
+                 for b, v in row.items()}  # fmt: skip
+    return winner(means, intervals)
 
 
 def summarise(runs: list[dict], base: dict) -> dict:
@@ -288,5 +352,7 @@ def summarise(runs: list[dict], base: dict) -> dict:
             "share_from_target": float(np.mean(shares)) if shares else None,
             "label_tv": float(np.mean(tvs)) if tvs else None,
             "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rs])),
+            "selection_seconds_mean": _mean_cost(rs, "seconds"),
+            "selection_core_seconds_mean": _mean_cost(rs, "cluster_core_seconds"),
         }
     return out

@@ -266,24 +266,46 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 
 def summary_table(result: dict) -> str:
-    head = ("method", "seeds", "perplexity", "± std", "vs random", "vs no fine-tune",
-            "share from target", "label TV")  # fmt: skip
+    head = ("method", "on", "seeds", "perplexity", "± std", "vs random", "vs no fine-tune",
+            "share from target", "label TV", "selection s")  # fmt: skip
     rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     base = result["base"]
     rows.append(
-        f"<tr><td>no fine-tune</td><td>–</td><td>{base['perplexity']:.2f}</td>"
-        + "<td>–</td>" * 5
+        f"<tr><td>no fine-tune</td><td>–</td><td>–</td><td>{base['perplexity']:.2f}</td>"
+        + "<td>–</td>" * 6
         + "</tr>"
     )
     summary = result["summary"]
     for m in sorted(summary, key=lambda k: summary[k]["perplexity_mean"]):
         s = summary[m]
         std = s["perplexity_std"] if s["seeds"] > 1 else None  # one seed has no spread
-        cells = (m, s["seeds"], _fmt(s["perplexity_mean"], ".2f"), _fmt(std, ".2f"),
-                 _fmt(s["vs_random"], "+.2f"), _fmt(s["vs_base"], "+.2f"),
-                 _fmt(s["share_from_target"]), _fmt(s["label_tv"]))  # fmt: skip
+        cells = (m, s.get("representation") or "–", s["seeds"], _fmt(s["perplexity_mean"], ".2f"),
+                 _fmt(std, ".2f"), _fmt(s["vs_random"], "+.2f"), _fmt(s["vs_base"], "+.2f"),
+                 _fmt(s["share_from_target"]), _fmt(s["label_tv"]),
+                 _fmt(s.get("selection_seconds_mean"), ".1f"))  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "<table>" + "".join(rows) + "</table>"
+
+
+def paired_table(result: dict) -> str:
+    """Row method minus column method, in perplexity on the same held-out texts, with its 95%
+    paired-bootstrap interval; bold where the interval excludes 0."""
+    paired, summary = result.get("paired") or {}, result["summary"]
+    methods = sorted(paired, key=lambda k: summary[k]["perplexity_mean"])
+    rows = ["<tr><th>row − column</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods)
+            + "</tr>"]  # fmt: skip
+    for a in methods:
+        cells = []
+        for b in methods:
+            if a == b:
+                cells.append("<td>–</td>")
+                continue
+            v = paired[a][b]
+            text = f"{v['diff']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}]"
+            clear = v["high"] < 0 or v["low"] > 0
+            cells.append(f"<td>{'<b>' + text + '</b>' if clear else text}</td>")
+        rows.append(f"<tr><td>{html.escape(a)}</td>{''.join(cells)}</tr>")
+    return "<table class='paired'>" + "".join(rows) + "</table>"
 
 
 STYLE = """
@@ -297,6 +319,8 @@ ol.texts { font-size: 12px; margin: 0; padding-left: 22px; color: #333; }
 ol.texts li { margin: 2px 0; }
 .tag { font-size: 10px; padding: 1px 5px; border-radius: 3px; white-space: nowrap; }
 table { border-collapse: collapse; font-size: 13px; margin-top: 8px; }
+table.paired { font-size: 11px; }
+.verdict { font-size: 15px; }
 th, td { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 """
@@ -316,6 +340,8 @@ def render(result: dict, run_dir: Path) -> str:
         "<h2>Target perplexity after fine-tuning</h2>",
         perplexity_chart(result),
     ]
+    if result.get("verdict"):
+        parts.append(f"<p class='verdict'><b>{html.escape(result['verdict'])}</b></p>")
     if composition:
         parts += [
             "<h2>Where each selection came from</h2>",
@@ -335,6 +361,12 @@ def render(result: dict, run_dir: Path) -> str:
         f"<div>{score_charts(result, run_dir)}</div>",
         "<h2>Numbers</h2>",
         summary_table(result),
+        *(["<h2>Paired differences on the same held-out texts</h2>",
+            "<p class='meta'>row method's perplexity minus the column method's, with the 95% "
+            "bootstrap interval over the held-out texts (NLL averaged over seeds); bold: the "
+            "interval excludes 0. It measures what the choice of texts explains, not the "
+            "fine-tune's seed-to-seed spread (± std above).</p>",
+            paired_table(result)] if result.get("paired") else []),
         "<p class='meta'>Perplexity: exp of the mean token NLL over the held-out texts. Share "
         "from target: selected rows matching <code>evaluate.target_rows</code>. Label TV: "
         "total-variation distance between the selection's and the targets' label histograms. "

@@ -32,7 +32,7 @@ _checkout = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "jobs").is_dir() and (_checkout / "jobs" / "cli.py").is_file():
     __path__.append(str(_checkout))  # noqa: F821 - a package's own __path__
 
-_API = ("select", "run", "evaluate", "open_run", "methods", "Result", "Run")
+_API = ("select", "run", "evaluate", "open_run", "methods", "representations", "Result", "Run")
 
 
 def __getattr__(name: str):

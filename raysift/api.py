@@ -81,6 +81,13 @@ class Result:
     def to_pandas(self):
         return self.table.to_pandas()
 
+    def to_ray_dataset(self):
+        """The selection as a Ray Dataset (`ray.data.from_arrow`): what a Ray Data pipeline
+        reads next (joins on `id` with the pool, a `map_batches`, a `write_parquet`)."""
+        import ray.data
+
+        return ray.data.from_arrow(self.table)
+
     def __len__(self) -> int:
         return self.table.num_rows
 

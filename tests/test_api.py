@@ -25,13 +25,19 @@ def inputs():
 
 
 def test_method_names_are_declared_once():
+    from raysift.jobs.config import REPRESENTATION_NAMES
+    from raysift.jobs.methods import REPRESENTATIONS
+
     assert tuple(METHODS) == METHOD_NAMES
     assert sorted(raysift.methods()) == sorted(METHOD_NAMES)
+    assert tuple(REPRESENTATIONS) == REPRESENTATION_NAMES == tuple(raysift.representations())
+    for name, m in METHODS.items():  # a method with options names its section
+        assert (m.section is None) == (m.options is None), name
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_in_process_equals_ray_and_open_run_reads_it_back(inputs, tmp_path, ray_cluster):
+def test_in_process_equals_ray_and_open_run_reads_it_back(inputs, tmp_path, ray_cluster, tiny_lm):
     from ray.data import DataContext
 
     pool, targets = inputs
@@ -39,10 +45,12 @@ def test_in_process_equals_ray_and_open_run_reads_it_back(inputs, tmp_path, ray_
     before = (ctx.enable_progress_bars, ctx.execution_options.preserve_order,
               ctx.raise_original_map_exception)  # fmt: skip
     run_dir = tmp_path / "run"
-    for method, options in (("random", {}), ("knn", {"mode": "centroid"}), ("tsds", {}),
-                            ("gotd", {"epsilon": 0.05})):  # fmt: skip
+    options = {"knn": {"aggregation": "centroid"}, "gotd": {"epsilon": 0.05},
+               "rds": {"precision": "fp32", "chunk_rows": 100}}  # fmt: skip
+    for method in [name for name, m in METHODS.items() if m.in_process]:  # the table's
+        config = {"embed": {"precision": "fp32"}, "finetune": {"model": str(tiny_lm)}}
         args = dict(method=method, budget=40, seed=3, keep_columns=["source", "label"],
-                    config={"embed": {"precision": "fp32"}}, **options)  # fmt: skip
+                    config=config, **options.get(method, {}))  # fmt: skip
         local = raysift.select(pool, targets, **args)
         assert local.info["in_process"] and local.run_dir is None
         on_ray = raysift.select(pool, targets, ray=True, output_dir=run_dir, **args)
@@ -70,6 +78,18 @@ def test_in_process_equals_ray_and_open_run_reads_it_back(inputs, tmp_path, ray_
                                        local.potentials.column("f").to_numpy(), rtol=1e-5)
     stages = raysift.open_run(run_dir).manifest["stages"]
     assert stages["embed"]["status"] == "done"  # embedded once: later methods reused it
+    assert on_ray.to_ray_dataset().take_all() == on_ray.table.to_pylist()  # Ray Data reads it
+
+    import ray.data  # a Ray Dataset in, as Ray users hold a pool
+
+    pool_ds = ray.data.from_pandas(pool)
+    from_ds = raysift.select(pool_ds, targets, method="knn", budget=40, seed=3,
+                             keep_columns=["source", "label"], output_dir=tmp_path / "ds",
+                             config={"embed": {"precision": "fp32"}})  # fmt: skip
+    local = raysift.select(pool, targets, method="knn", budget=40, seed=3,
+                           keep_columns=["source", "label"],
+                           config={"embed": {"precision": "fp32"}})  # fmt: skip
+    assert from_ds.ids == local.ids and from_ds.run_dir == tmp_path / "ds"
     ctx = DataContext.get_current()
     assert (ctx.enable_progress_bars, ctx.execution_options.preserve_order,
             ctx.raise_original_map_exception) == before  # fmt: skip

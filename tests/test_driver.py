@@ -14,13 +14,16 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import pytest
 
+from raysift.jobs.methods import PAIRS
 from raysift.jobs.storage import Store
 from tests.synthpool import synth_pool
 
 from .conftest import write_config
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("ray_cluster")]
-BULK = re.compile(r"(^|/)(data/candidates/part-|embeddings/candidates/[^/]+/rows-)")
+# the candidates' rows and every representation's candidate vectors (embeddings/, features/)
+BULK = re.compile(r"(^|/)(data/candidates/part-|embeddings/candidates/[^/]+/rows-"
+                  r"|features/candidates/[^/]+/[^/]+/rows-)")  # fmt: skip
 
 
 class DriverRead(AssertionError):
@@ -86,7 +89,7 @@ def pool(tmp_path_factory):
     return cfg, folder / "run"
 
 
-METHODS = {
+METHODS = {  # with given vectors (the `vectors` representation)
     "random": {},
     "knn": {"knn": {"mode": "max"}},
     "knn-centroid": {"method": "knn", "knn": {"mode": "centroid"}},
@@ -147,3 +150,89 @@ def test_ingest_never_reads_input_rows_on_the_driver(tmp_path, guard, fmt):
     source = check_input(spec, "candidates")
     with pytest.raises(DriverRead):  # the control: reading a piece here trips the guard
         next(raw_batches(source, plan(source, IngestConfig(), None)[0], ["text"]))
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory, tiny_lm):
+    """240 real demo texts in four parts and 12 targets in two subtasks, ingested and embedded
+    with MiniLM (fp32); the tiny Llama for lm_hidden and less (warmed up on the first use)."""
+    from raysift.jobs.config import load_config
+    from raysift.jobs.pipeline import run
+
+    from .conftest import DEMO_POOL
+
+    folder = tmp_path_factory.mktemp("texts")
+    table = pq.read_table(DEMO_POOL)
+    for k in range(4):
+        pq.write_table(table.slice(60 * k, 60), folder / f"p{k}.parquet")
+    targets = table.slice(3000, 12).to_pylist()
+    (folder / "t.jsonl").write_text("".join(
+        json.dumps({"text": r["text"], "task": f"t{i % 2}"}) + "\n" for i, r in enumerate(targets)))
+    cfg = write_config(
+        folder / "c.yaml", output_dir=str(folder / "run"),
+        candidates={"path": str(folder), "format": "parquet", "id_column": "id",
+                    "keep_columns": ["source"]},
+        targets={"path": str(folder / "t.jsonl"), "keep_columns": ["task"]},
+        embed={"precision": "fp32", "shard_rows": 50, "cpus_per_actor": 0.5},
+        finetune={"model": str(tiny_lm), "batch_size": 4, "max_length": 24},
+        select={"lm_hidden": {"precision": "fp32", "chunk_rows": 50, "num_actors": 1,
+                              "cpus_per_actor": 0.5},
+                "less": {"warmup_fraction": 0.1, "warmup_epochs": 2, "proj_dim": 16,
+                         "max_length": 24, "chunk_rows": 50, "num_actors": 1,
+                         "cpus_per_actor": 0.5, "lora": {"r": 4, "modules": ["q_proj"]}}},
+        ray={"num_cpus": 2},
+    )  # fmt: skip
+    run(load_config(cfg), ["ingest", "embed"], log=lambda _: None)
+    return cfg, folder / "run"
+
+
+def _select(cfg, run_dir, select: dict, n: int):
+    from raysift.jobs.config import load_config
+    from raysift.jobs.pipeline import run
+
+    run(load_config(cfg, [f"select={json.dumps(select)}"]), ["select"], log=lambda _: None)
+    table = pq.read_table(run_dir / "selection.parquet")
+    assert table.num_rows == n and len(set(table.column("id").to_pylist())) == n
+    return table.column("id").to_pylist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("selector", "representation"), PAIRS, ids=[f"{s}-{r}" for s, r in PAIRS])
+def test_every_selector_on_every_representation(pool, texts, guard, selector, representation):
+    """Every pair of the tables selects on a local cluster, the driver reading none of the pool's
+    rows or vectors; sharded equals unsharded (tsds, gotd: 1 and 2 shard actors; knn: per part)."""
+    cfg, run_dir = pool if representation == "vectors" else texts
+    options = {"tsds": {"max_K": 120}, "gotd": {"threshold": 1e-3}}.get(selector, {})
+    one = {"method": selector, "representation": representation, "budget": 20}
+    if selector == "knn":
+        aggregations = ["max", "round_robin"] + (["subtask_mean_max"] if representation == "less"
+                                                  else [])  # fmt: skip
+        for aggregation in aggregations:
+            knn = {"aggregation": aggregation}
+            if aggregation == "subtask_mean_max":
+                knn["subtask_column"] = "task"
+            _select(cfg, run_dir, {**one, "knn": knn}, 20)
+        return
+    single = _select(cfg, run_dir, {**one, selector: {**options, "shards": 1}}, 20)
+    sharded = _select(cfg, run_dir, {**one, selector: {**options, "shards": 2,
+                                                        "cpus_per_shard": 0.5}}, 20)  # fmt: skip
+    assert sharded == single
+
+
+@pytest.mark.slow
+def test_a_killed_lm_hidden_pass_recomputes_only_the_lost_chunk(texts):
+    from raysift.jobs.storage import Store
+
+    cfg, run_dir = texts
+    select = {"method": "rds", "budget": 20}
+    first = _select(cfg, run_dir, select, 20)
+    stage = json.loads((run_dir / "manifest.json").read_text())["stages"]["select"]
+    root = f"features/candidates/hidden-{stage['key']}"
+    store = Store.local(run_dir)
+    chunks = sorted(f"{d}/{f}" for d in store.folders(root) for f in store.list(f"{root}/{d}"))
+    assert len(chunks) == 8  # 4 parts x 60 rows in chunks of 50
+    store.delete(f"{root}/{chunks[3]}")  # a run killed while that chunk was in flight
+    assert _select(cfg, run_dir, select, 20) == first
+    again = json.loads((run_dir / "manifest.json").read_text())["stages"]["select"]
+    assert again["chunks_computed"] == 1 and again["chunks_reused"] == stage["chunks"] - 1
+    assert again["aggregation"] == "round_robin" and again["representation"] == "lm_hidden"

@@ -270,9 +270,22 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
                            .read_text().splitlines()[0])  # fmt: skip
         assert block.count("<li>") == 5 and first["source"] in block
 
-    # A rerun reuses every fine-tune and perplexity: same numbers.
+    # The paired comparison on the same held-out texts, and who to trust (one line).
+    d = result["paired"]["knn"]["dsir"]
+    assert d["low"] <= d["diff"] <= d["high"]
+    assert d["diff"] == pytest.approx(
+        result["summary"]["knn"]["perplexity_mean"] - result["summary"]["dsir"]["perplexity_mean"])
+    assert result["paired"]["dsir"]["knn"]["diff"] == pytest.approx(-d["diff"])
+    assert result["verdict"].startswith(("trust ", "no clear winner: "))
+    assert result["verdict"] in report and "Paired differences" in report
+    assert all(r["selection_cost"]["seconds"] > 0 for r in result["runs"])
+
+    # A rerun reuses every fine-tune and perplexity: same numbers (the selection, seconds, reruns).
     again = json.loads((run_evaluate(cfg, log=lambda m: None) / "evaluation.json").read_text())
-    assert again["runs"] == result["runs"]
+    for runs in (again["runs"], result["runs"]):
+        for r in runs:
+            r.pop("selection_cost")
+    assert again["runs"] == result["runs"] and again["paired"] == result["paired"]
 
 
 def test_run_with_finetune_in_stages(tmp_path, tiny_lm, ray_cluster):

@@ -47,6 +47,7 @@ from raysift.jobs.pool import (
     as_strings,
     chunk_file,
     drop_stale_parts,
+    missing_chunks,
     plan_chunks,
     read_part,
 )
@@ -176,7 +177,7 @@ def compute_features(cfg: Config, pool: Pool, targets: Pool, warm: dict) -> dict
     for side in (pool, targets):
         drop_stale_parts(side, roots[side.side])
     items = plan_chunks(pool, o.chunk_rows) + plan_chunks(targets, o.chunk_rows)
-    todo = [i for i in items if not i["pool"].store.is_file(chunk_file(roots[i["pool"].side], i))]
+    todo = missing_chunks(items, roots)
     stats = {"chunks": len(items), "chunks_computed": 0, "chunks_reused": len(items) - len(todo),
              "key": key}  # fmt: skip
     if todo:

@@ -31,7 +31,7 @@ from raysift.jobs.config import Config, LmHiddenConfig
 from raysift.jobs.console import progress
 from raysift.jobs.errors import InputError
 from raysift.jobs.methods.base import Context, Representation, cluster_cpus, cluster_gpus
-from raysift.jobs.pool import Pool, Vectors, chunk_file, drop_stale_parts, plan_chunks
+from raysift.jobs.pool import Pool, Vectors, drop_stale_parts, missing_chunks, plan_chunks
 from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.runtime import start_ray
 from raysift.jobs.vectors import resolve_threads
@@ -93,7 +93,7 @@ def prepare(ctx: Context) -> tuple[Pool, Pool, dict]:
     for p in sides:
         drop_stale_parts(p, roots[p.side])
     items = [i for p in sides for i in plan_chunks(p, o.chunk_rows)]
-    todo = [i for i in items if not i["pool"].store.is_file(chunk_file(roots[i["pool"].side], i))]
+    todo = missing_chunks(items, roots)
     info = {"key": digest, "chunks": len(items), "chunks_computed": 0,
             "chunks_reused": len(items) - len(todo), "rows_computed": 0,
             "model": settings(cfg)["model"]}  # fmt: skip
@@ -110,10 +110,13 @@ def prepare(ctx: Context) -> tuple[Pool, Pool, dict]:
         rows = sum(i["b"] - i["a"] for i in todo)
         t0 = time.perf_counter()
         with progress("lm_hidden", rows, "rows") as shown:
+            nodes: dict[str, int] = {}  # where the actors ran (an autoscaled cluster grows)
             for r in map_actors(HiddenStates, args, todo, min(actors, len(todo)),
                                 num_cpus=o.cpus_per_actor, num_gpus=gpus):  # fmt: skip
                 info["chunks_computed"] += 1
+                nodes[r["node"]] = nodes.get(r["node"], 0) + 1
                 shown.advance(r["rows"])
+            info["chunks_per_node"] = nodes
         info.update(rows_computed=rows, seconds_computing=round(time.perf_counter() - t0, 1),
                     actors=min(actors, len(todo)), gpus_per_actor=gpus)  # fmt: skip
     return (ctx.pool.with_vectors(Vectors(roots["candidates"])),
