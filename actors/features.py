@@ -44,10 +44,10 @@ class ChunkFeatures:
 
 
 def _node() -> str:
-    """The node this actor runs on (where the autoscaler put it), short."""
+    """The node this actor runs on (where the autoscaler put it)."""
     import ray
 
-    return ray.get_runtime_context().get_node_id()[:12]
+    return ray.get_runtime_context().get_node_id()
 
 
 class HiddenStates(ChunkFeatures):

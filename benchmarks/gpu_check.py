@@ -355,16 +355,14 @@ def part_lm(s: dict, work: Path, dry: bool) -> None:
     _timed(lambda: None)
     _, t = _timed(features)
     emit(less_s_per_row_checkpoint=round(t / len(texts), 5), less_proj_dim=s["proj_dim"])
-    try:
-        from raysift.engine import hidden
-    except ImportError:
-        emit(lm_hidden="not in this version")
-        return
+    from raysift.engine import hidden
+
     base, tok = lm.load_lm(model_name, device)
-    hidden.represent(base, tok, texts[: s["batch"]], max_length=s["max_length"])  # warm-up
-    _, t = _timed(lambda: hidden.represent(base, tok, texts, max_length=s["max_length"],
-                                           batch_size=s["batch"]))  # fmt: skip
-    emit(lm_hidden_rows_per_s=round(len(texts) / t, 1))
+    precision = "bf16" if gpu() else "fp32"
+    hidden.represent(base, examples[: s["batch"]], tok.pad_token_id, precision=precision)  # warm
+    _, t = _timed(lambda: hidden.represent(base, examples, tok.pad_token_id,
+                                           batch_size=s["batch"], precision=precision))  # fmt: skip
+    emit(lm_hidden_rows_per_s=round(len(texts) / t, 1), lm_hidden_precision=precision)
 
 
 def part_finetune(s: dict, work: Path, dry: bool) -> None:

@@ -563,7 +563,8 @@ class SelectConfig(Strict):
                 f"representation: {self.method} is {selector} on {representation}; for "
                 f"{selector} on {self.representation} use method: {selector}"
             )
-        if self.knn.aggregation not in (None, aggregation):
+        # knn's default (max), as a config written for knn states it, is the preset's to replace
+        if self.knn.aggregation not in (None, "max", aggregation):
             raise ValueError(
                 f"knn.aggregation: {self.method} aggregates by {aggregation}; for "
                 f"{self.knn.aggregation} use method: knn with representation: {representation}"

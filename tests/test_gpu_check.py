@@ -18,7 +18,7 @@ MEASURED = {
     "faiss": ["cpu_flat_search_s", "cpu_ivf_build_s", "ivf_recall"],
     "tsds": ["build_s", "select_s", "support"],
     "gotd": ["slice_g_max_rel_diff", "iterations", "s_per_iteration"],
-    "lm": ["less_s_per_row_checkpoint"],
+    "lm": ["less_s_per_row_checkpoint", "lm_hidden_rows_per_s"],
     "finetune": ["steps_per_s", "train_seconds"],
 }
 

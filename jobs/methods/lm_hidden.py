@@ -110,11 +110,15 @@ def prepare(ctx: Context) -> tuple[Pool, Pool, dict]:
         rows = sum(i["b"] - i["a"] for i in todo)
         t0 = time.perf_counter()
         with progress("lm_hidden", rows, "rows") as shown:
-            nodes: dict[str, int] = {}  # where the actors ran (an autoscaled cluster grows)
+            # where the actors ran, and when each node's first and last chunk landed (s into
+            # the pass): an autoscaled cluster grows during it
+            nodes: dict[str, dict] = {}
             for r in map_actors(HiddenStates, args, todo, min(actors, len(todo)),
                                 num_cpus=o.cpus_per_actor, num_gpus=gpus):  # fmt: skip
                 info["chunks_computed"] += 1
-                nodes[r["node"]] = nodes.get(r["node"], 0) + 1
+                at = round(time.perf_counter() - t0, 1)
+                node = nodes.setdefault(r["node"][-12:], {"chunks": 0, "first_s": at})
+                node.update(chunks=node["chunks"] + 1, last_s=at)
                 shown.advance(r["rows"])
             info["chunks_per_node"] = nodes
         info.update(rows_computed=rows, seconds_computing=round(time.perf_counter() - t0, 1),
