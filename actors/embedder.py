@@ -13,6 +13,7 @@ import time
 import pyarrow as pa
 
 from raysift.engine.embed import encode, load_encoder
+from raysift.engine.render import turns
 from raysift.jobs.pool import chunk_name, read_part_rows, vectors_to_arrow
 from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.storage import Store
@@ -33,8 +34,9 @@ class ChunkEmbedder:
         batch_size: int,
         precision: str,
         torch_threads: int | None = None,
+        text: str = "conversation",
     ):
-        self.store = store
+        self.store, self.text = store, text
         self.encoder = load_encoder(
             model,
             max_length=max_length,
@@ -46,9 +48,14 @@ class ChunkEmbedder:
     def __call__(self, c: dict) -> dict:
         """(side, part, digest, a, b) of a chunk -> the same with rows, dim, precision, seconds."""
         t0 = time.perf_counter()
+        turns_only = self.text != "conversation" and c.get("chat")
         rows = read_part_rows(self.store, RunFolder.data(c["side"], c["part"]), c["a"], c["b"],
-                              ["id", "text"])  # fmt: skip
-        vectors = encode(self.encoder, rows.column("text").to_pylist())
+                              ["id", "messages" if turns_only else "text"])  # fmt: skip
+        if turns_only:  # the user (or assistant) turns of each conversation
+            texts = [turns(m, self.text) for m in rows.column("messages").to_pylist()]
+        else:
+            texts = rows.column("text").to_pylist()
+        vectors = encode(self.encoder, texts)
         commit_chunk(self.store, c["side"], c["digest"], c["a"], c["b"], rows["id"], vectors)
         seconds = time.perf_counter() - t0
         return {**c, "rows": rows.num_rows, "dim": int(vectors.shape[1]),

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from raysift.jobs.pool import chunk_file, read_part_rows, vectors_to_arrow
+from raysift.engine.render import render
+from raysift.jobs.pool import chunk_file, read_part_rows, row_columns, rows_of, vectors_to_arrow
 
 
 class ChunkFeatures:
@@ -25,7 +26,8 @@ class ChunkFeatures:
     roots: dict
     column = "vector"
 
-    def features(self, texts: list[str], side: str) -> np.ndarray:
+    def features(self, rows: list, side: str) -> np.ndarray:
+        """(n, ...) float32 of the rows (each a text or a conversation, `engine.render`)."""
         raise NotImplementedError
 
     def __call__(self, item: dict) -> dict:
@@ -34,8 +36,8 @@ class ChunkFeatures:
         rows = item["b"] - item["a"]
         if pool.store.is_file(rel):
             return {"side": pool.side, "rows": rows, "computed": False}
-        texts = read_part_rows(pool.store, pool.part_path(item["part"]), item["a"], item["b"],
-                               ["text"]).column("text").to_pylist()  # fmt: skip
+        texts = rows_of(read_part_rows(pool.store, pool.part_path(item["part"]), item["a"],
+                                       item["b"], row_columns(pool)))  # fmt: skip
         x = self.features(texts, pool.side)
         table = pa.table({self.column: vectors_to_arrow(x.reshape(len(texts), -1))})
         pool.store.write_parquet(rel, table)
@@ -68,8 +70,8 @@ class HiddenStates(ChunkFeatures):
         self.batch_size, self.precision = batch_size, precision
         self._lm, self._hidden = lm, hidden
 
-    def features(self, texts: list[str], side: str) -> np.ndarray:
-        examples = [self._lm.encode_text(self.tokenizer, t, self.max_length) for t in texts]
+    def features(self, rows: list, side: str) -> np.ndarray:
+        examples = [render(self.tokenizer, r, self.max_length) for r in rows]
         pad = self.tokenizer.pad_token_id
         return self._hidden.represent(self.model, examples, pad, batch_size=self.batch_size,
                                       precision=self.precision)  # fmt: skip

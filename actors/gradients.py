@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from raysift.actors.embedder import vectors_to_arrow
 from raysift.actors.features import ChunkFeatures
+from raysift.engine.render import render
 
 
 class Gradients:
@@ -117,12 +118,14 @@ class LessFeatures(ChunkFeatures):
 
     column = "features"
 
-    def features(self, texts: list[str], side: str) -> np.ndarray:
-        """(n, C, k) unit-norm features of the texts, one per checkpoint; the gradients of every
-        checkpoint are projected together (P's blocks generated once per call)."""
+    def features(self, rows: list, side: str) -> np.ndarray:
+        """(n, C, k) unit-norm features of the rows, one per checkpoint (the loss on the rows'
+        scored tokens: a conversation's assistant turns only, as the reference masks the prompt);
+        the gradients of every checkpoint are projected together (P's blocks generated once per
+        call)."""
         import torch
 
-        examples = [self._lm.encode_text(self.tokenizer, t, self.max_length) for t in texts]
+        examples = [render(self.tokenizer, r, self.max_length) for r in rows]
         batch = self._lm.collate(examples, self.tokenizer.pad_token_id)
         per_checkpoint = []
         for state in self.states:
@@ -133,5 +136,5 @@ class LessFeatures(ChunkFeatures):
             per_checkpoint.append(grads)
         stacked = {n: torch.cat([g[n] for g in per_checkpoint]) for n in per_checkpoint[0]}
         out = self.model.projector.project(stacked)  # (C * n, k), checkpoint-major
-        out = out.reshape(len(self.states), len(texts), -1).transpose(1, 0, 2)
+        out = out.reshape(len(self.states), len(rows), -1).transpose(1, 0, 2)
         return self._less.normalise(out)

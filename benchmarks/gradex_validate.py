@@ -56,7 +56,7 @@ def finetune_on_sources(
     and score the same held-out texts, so the rows sit beside that table's. The runs share the
     validation run's ingest, theta* and gradients (same rows, seed and settings)."""
     from raysift.jobs.config import load_config
-    from raysift.jobs.evaluate import heldout_perplexity
+    from raysift.jobs.evaluate import Heldout, heldout_scores
     from raysift.jobs.pipeline import run
 
     heldout = pq.read_table(FT_OUT / target / "heldout.parquet").column("text").to_pylist()
@@ -75,7 +75,8 @@ def finetune_on_sources(
                                      "finetune.learning_rate=5e-4", "evaluate.max_length=64",
                                      "stages=[select, finetune]"])  # fmt: skip
             run(cfg)
-            ppl = heldout_perplexity(cfg, folder / "finetune" / "model", heldout, folder)
+            scored = Heldout(heldout, None, [])
+            ppl = heldout_scores(cfg, folder / "finetune" / "model", scored, folder)
             sel = pq.read_table(folder / "selection.parquet")
             source, labels = TARGETS[target]
             pairs = zip(sel.column("source").to_pylist(), sel.column("label").to_pylist(),

@@ -49,6 +49,21 @@ def paired_bootstrap(
     return perplexity(a, tokens) - perplexity(b, tokens), float(low), float(high)
 
 
+def paired_mean_bootstrap(
+    a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(D, low, high) for per-item scores (a task metric's 0/1 per held-out item): D = mean(a) -
+    mean(b) on the same items, and its percentile interval over resamplings of the items."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError(f"per-item arrays must have one length > 0: {len(a)}, {len(b)}")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    diffs = (a[idx] - b[idx]).mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(diffs, [tail, 100 - tail])
+    return float(a.mean() - b.mean()), float(low), float(high)
+
+
 def winner(means: dict[str, float], intervals: dict[tuple[str, str], tuple[float, float]]) -> str:
     """One line naming the method to trust: the lowest perplexity if its interval against every
     other method lies below 0, else "no clear winner" with the methods it cannot be told from."""

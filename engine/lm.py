@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,10 @@ import torch
 
 from raysift.engine.embed import resolve_precision
 from raysift.engine.loading import quiet
+from raysift.engine.render import IGNORE, Example, encode_pair, encode_text  # noqa: F401
 
 PACKAGED_LM = "smollm2-135m"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-IGNORE = -100  # label of a token the loss skips (torch's cross_entropy ignore_index)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -96,6 +95,9 @@ def load_tokenizer(model: str, field: str = "finetune.model"):
         tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # raysift truncates rows itself (engine.render: the end token first); the tokenizer's own
+    # limit would only warn about rows longer than the model has positions for
+    tokenizer.model_max_length = 1 << 30
     return tokenizer
 
 
@@ -115,31 +117,6 @@ def load_lm(
     with quiet():
         net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
     return net.to(device or torch.device("cpu")), tokenizer
-
-
-@dataclass
-class Example:
-    """One training or evaluation sequence: token ids and their labels (IGNORE = not scored)."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-
-def encode_text(tokenizer, text: str, max_length: int) -> Example:
-    """A plain text (continued pre-training): every token is a target, the end token included."""
-    ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)
-    ids = ids["input_ids"][: max_length - 1]
-    ids = ids + [tokenizer.eos_token_id]
-    return Example(ids, list(ids))
-
-
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> Example:
-    """A prompt/response pair: the prompt is context (IGNORE); the response is the target."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + r)[:max_length]
-    labels = ([IGNORE] * len(p) + r)[:max_length]
-    return Example(ids, labels)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

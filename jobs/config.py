@@ -71,19 +71,50 @@ class InputSpec(Strict):
         description="bring your own vectors: a list (or fixed-size list) float column the embed "
         "stage commits instead of running a model; both sides or neither",
     )
+    messages_column: str | None = Field(
+        None,
+        description="chat rows: a column of messages, each a list of {role, content} (system, "
+        "user, assistant; multi-turn); the row's text is then the conversation as text",
+    )
+    prompt_columns: list[str] = Field(
+        default_factory=list,
+        description="prompt/response rows: the columns joined (a blank line between) into the "
+        "user turn, e.g. [instruction, input] (Alpaca); with response_column",
+    )
+    response_column: str | None = Field(
+        None, description="prompt/response rows: the column holding the assistant's answer"
+    )
+
+    @property
+    def chat(self) -> bool:
+        """Rows are conversations (messages or prompt/response), not plain text."""
+        return bool(self.messages_column or self.response_column)
 
     @model_validator(mode="after")
     def _columns_are_distinct(self) -> InputSpec:
         for col in self.keep_columns:
-            if col in ("id", "text", "row") or col in (
+            if col in ("id", "text", "row", "messages") or col in (
                 self.text_column,
                 self.id_column,
                 self.vector_column,
+                self.messages_column,
+                self.response_column,
+                *self.prompt_columns,
             ):
                 raise ValueError(
-                    f"keep_columns: {col!r} is already carried (id, text, row, or the vector "
-                    "column)"
+                    f"keep_columns: {col!r} is already carried (id, text, row, messages, or the "
+                    "vector, messages, prompt or response column)"
                 )
+        if self.messages_column and (self.response_column or self.prompt_columns):
+            raise ValueError(
+                "messages_column: rows are either chats (messages_column) or prompt/response "
+                "pairs (prompt_columns + response_column), not both"
+            )
+        if bool(self.prompt_columns) != bool(self.response_column):
+            raise ValueError(
+                "response_column: prompt/response rows need both prompt_columns (the user turn) "
+                "and response_column (the answer)"
+            )
         return self
 
 
@@ -146,6 +177,11 @@ class EmbedConfig(Strict):
         True,
         description="given vectors (vector_column) are scaled to unit norm, as knn and TSDS "
         "assume; false keeps their norms (GOT-D/TSDS users who tuned C or epsilon to them)",
+    )
+    text: Literal["conversation", "user", "assistant"] = Field(
+        "conversation",
+        description="chat and prompt/response rows: what the encoder embeds -- the whole "
+        "conversation as text, the user turns only, or the assistant turns only",
     )
 
 
@@ -603,15 +639,18 @@ class FinetuneConfig(Strict):
         description="the linear layers that get LoRA adapters",
     )
     text_column: str = Field("text", description="column of selected.jsonl trained on as text")
+    messages_column: str = Field(
+        "messages",
+        description="rows with this column (a list of {role, content}) train as conversations: "
+        "only the assistant turns are scored (engine.render)",
+    )
     prompt_column: str = Field(
         "prompt", description="rows with both this and response_column train as pairs"
     )
     response_column: str = Field(
         "response",
-        description=(
-            "column of the response when a row has a prompt too: then only the response is "
-            "scored"
-        ),
+        description="column of the response when a row has a prompt too: the pair trains as a "
+        "user and an assistant turn, only the response scored",
     )
     max_length: Annotated[int, Field(ge=8, le=8192)] = Field(128, description="tokens per row")
     batch_size: Annotated[int, Field(ge=1, le=65536)] = Field(8, description="rows per worker step")
@@ -732,6 +771,23 @@ class EvaluateConfig(Strict):
     )
     max_texts: Annotated[int, Field(ge=1)] | None = Field(
         None, description="score only the first N held-out texts"
+    )
+    task_metric: Literal["auto", "none", "multiple_choice", "exact_match"] = Field(
+        "auto",
+        description="a task metric beside perplexity, through lm-evaluation-harness (pip "
+        "install 'raysift[eval]'): multiple_choice (held-out rows carry choices_column and "
+        "answer_column: accuracy by log-likelihood), exact_match (held-out conversations: the "
+        "generated answer vs the last assistant turn); auto = multiple_choice when the rows "
+        "carry choices, exact_match for other conversations, none for plain text",
+    )
+    choices_column: str = Field(
+        "choices", description="multiple_choice: the held-out column listing the answers"
+    )
+    answer_column: str = Field(
+        "answer", description="multiple_choice: the held-out column with the right answer's index"
+    )
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = Field(
+        32, description="exact_match: tokens the model may generate for its answer"
     )
 
     @field_validator("methods", mode="before")

@@ -82,8 +82,9 @@ def embed_sides(store: Store, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[
             "precision": [],
         }
         if wanted["source"] == "model":
-            model_chunks += [{"side": side, "part": p.name, "digest": p.digest, "a": a, "b": b}
-                             for p, a, b in todo]  # fmt: skip
+            chat = "messages" in pool.columns
+            model_chunks += [{"side": side, "part": p.name, "digest": p.digest, "a": a, "b": b,
+                              "chat": chat} for p, a, b in todo]  # fmt: skip
         else:
             by_part: dict[str, list] = {}
             for p, a, b in todo:
@@ -102,7 +103,7 @@ def embed_sides(store: Store, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[
         gpus = resolve_gpus(cfg)
         args = {"store": store, "model": cfg.model, "max_length": cfg.max_length,
                 "batch_size": cfg.batch_size, "precision": cfg.precision,
-                "torch_threads": resolve_threads(cfg, gpus)}  # fmt: skip
+                "torch_threads": resolve_threads(cfg, gpus), "text": cfg.text}  # fmt: skip
         total = sum(c["b"] - c["a"] for c in model_chunks)
         done = map_actors(ChunkEmbedder, args, model_chunks, cfg.num_actors,
                           num_cpus=cfg.cpus_per_actor, num_gpus=gpus)  # fmt: skip

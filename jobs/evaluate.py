@@ -23,6 +23,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +31,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysift.engine.compare import paired_bootstrap, winner
+from raysift.engine import task_metric
+from raysift.engine.compare import paired_bootstrap, paired_mean_bootstrap, winner
 from raysift.engine.embed import pick_device
-from raysift.engine.lm import encode_text, load_finetuned, load_lm, perplexity, resolve_lm_path
+from raysift.engine.lm import load_finetuned, load_lm, perplexity, resolve_lm_path
+from raysift.engine.render import render as render_row
 from raysift.jobs.config import PRESETS, VECTOR_SELECTORS, Config, MethodEntry, validate
 from raysift.jobs.console import progress, say
 from raysift.jobs.errors import InputError
 from raysift.jobs.evaluation_report import render, run_folder
-from raysift.jobs.ingest import check_input, ingest_side
+from raysift.jobs.ingest import check_input, file_columns, ingest_side
 from raysift.jobs.methods import METHODS
-from raysift.jobs.pool import load_pool, read_rows
+from raysift.jobs.pool import load_pool, read_rows, row_columns, rows_of
 from raysift.jobs.runfolder import RunFolder, write_json, write_jsonl, write_text
 from raysift.jobs.runlock import writes_run_folder
 from raysift.jobs.storage import Store
@@ -87,10 +90,11 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     if any(needs_embed_stage(sub_config(cfg, m, run_dir, cfg.seed)) for m in e.methods):
         run(cfg, ["embed"], log)
     start_ray(cfg.ray)
-    heldout = _heldout_texts(cfg, run_dir)
-    log(f"evaluate: base model: running (perplexity of {len(heldout)} held-out texts)")
-    base = heldout_perplexity(cfg, None, heldout, run_dir / RunFolder.EVALUATE / "base")
-    log(f"evaluate: base model: done, perplexity {base['perplexity']:.3f}")
+    heldout = Heldout.load(cfg, run_dir, log)
+    what = f"perplexity{f' and {heldout.kind}' if heldout.kind else ''}"
+    log(f"evaluate: base model: running ({what} of {len(heldout.rows)} held-out texts)")
+    base = heldout_scores(cfg, None, heldout, run_dir / RunFolder.EVALUATE / "base")
+    log(f"evaluate: base model: done, {_scores_line(base)}")
     runs = []
     methods = [*e.methods, *([None] if e.oracle else [])]  # None: the oracle
     todo = [(seed, method) for seed in seeds for method in methods
@@ -103,19 +107,26 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
         sub_log = functools.partial(_prefixed, log, f"{label}, seed {seed}: ")
         runs.append(_one(cfg, run_dir, method, seed, heldout, sub_log))
         log(f"evaluate: {name}: done in {time.perf_counter() - t0:.1f} s, "
-            f"perplexity {runs[-1]['perplexity']:.3f}")  # fmt: skip
+            f"{_scores_line(runs[-1])}")  # fmt: skip
     per_text = {(r["method"], r["seed"]): np.asarray(r.pop("per_text")) for r in runs}
+    per_item = {(r["method"], r["seed"]): np.asarray(r["task_metric"].pop("per_item"))
+                for r in runs if r.get("task_metric")}  # fmt: skip
+    if base.get("task_metric"):
+        base["task_metric"].pop("per_item", None)
+    base.pop("per_text", None)
     shared = json.loads((run_dir / RunFolder.MANIFEST).read_text())["stages"].get("embed", {})
     result = {
         "budget": cfg.select.budget,
         "model": cfg.finetune.model,
         "finetune": cfg.finetune.method,
         "seeds": seeds,
-        "heldout": {"texts": len(heldout), "tokens": base["tokens"]},
+        "heldout": {"texts": len(heldout.rows), "tokens": base["tokens"],
+                    "task_metric": heldout.kind},
         "base": base,
         "runs": runs,
         "summary": summarise(runs, base),
         "paired": paired(runs, per_text),
+        "paired_task_metric": paired_task(runs, per_item) if per_item else None,
         "embed_seconds": shared.get("seconds"),  # the embed stage, shared by embedding methods
     }
     result["verdict"] = verdict(result)
@@ -124,13 +135,80 @@ def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     return run_dir
 
 
-def _heldout_texts(cfg: Config, run_dir: Path) -> list[str]:
-    """The held-out texts (target-sized: the driver scores them), ingested as `data/heldout/`."""
-    store = Store.for_run(run_dir)
-    ingest_side(cfg.evaluate.heldout, "evaluate.heldout", store, "heldout", cfg.ingest)
-    pool = load_pool(store, "heldout")
-    n = min(pool.n, cfg.evaluate.max_texts or pool.n)
-    return read_rows(pool, 0, n, ["text"]).column("text").to_pylist()
+def _scores_line(scores: dict) -> str:
+    line = f"perplexity {scores['perplexity']:.3f}"
+    task = scores.get("task_metric")
+    return line + (f", {task['metric']} {task['value']:.3f}" if task else "")
+
+
+@dataclass
+class Heldout:
+    """The held-out target rows (target-sized: the driver scores them), ingested as
+    `data/heldout/`: each as `engine.render` takes it, and the task metric they allow."""
+
+    rows: list  # texts or conversations
+    kind: str | None  # the task metric: multiple_choice, exact_match, or none
+    items: list[dict]  # the task's rows: messages (+ choices, answer)
+
+    @classmethod
+    def load(cls, cfg: Config, run_dir: Path, log=print) -> Heldout:
+        e = cfg.evaluate
+        spec = e.heldout
+        source = check_input(spec, "evaluate.heldout")
+        names = file_columns(source)
+        extra = [c for c in (e.choices_column, e.answer_column)
+                 if c in names and c not in spec.keep_columns and e.task_metric in (
+                     "auto", "multiple_choice")]  # fmt: skip
+        if extra:  # the choices travel with the rows
+            spec = spec.model_copy(update={"keep_columns": [*spec.keep_columns, *extra]})
+        store = Store.for_run(run_dir)
+        ingest_side(spec, "evaluate.heldout", store, "heldout", cfg.ingest)
+        pool = load_pool(store, "heldout")
+        n = min(pool.n, e.max_texts or pool.n)
+        kind = task_kind(cfg, pool, log)
+        columns = row_columns(pool) + ([e.choices_column, e.answer_column]
+                                       if kind == "multiple_choice" else [])  # fmt: skip
+        table = read_rows(pool, 0, n, columns)
+        items = [{"messages": r["messages"],
+                  **({"choices": r[e.choices_column], "answer": r[e.answer_column]}
+                     if kind == "multiple_choice" else {})}
+                 for r in table.to_pylist()] if kind else []  # fmt: skip
+        return cls(rows_of(table.select(row_columns(pool))), kind, items)
+
+
+def task_kind(cfg: Config, pool, log=print) -> str | None:
+    """The task metric the held-out rows allow and the config asks for (None: none)."""
+    e = cfg.evaluate
+    if e.task_metric == "none":
+        return None
+    chat = "messages" in pool.columns
+    choices = e.choices_column in pool.columns and e.answer_column in pool.columns
+    if e.task_metric == "auto":
+        kind = ("multiple_choice" if choices else "exact_match") if chat else None
+    else:
+        kind = e.task_metric
+        if not chat:
+            raise InputError(
+                f"evaluate.task_metric: {kind} needs conversations: give the held-out rows as "
+                "chats (evaluate.heldout.messages_column) or pairs (prompt_columns + "
+                "response_column)"
+            )
+        if kind == "multiple_choice" and not choices:
+            raise InputError(
+                f"evaluate.task_metric: multiple_choice needs the held-out columns "
+                f"{e.choices_column!r} (evaluate.choices_column) and {e.answer_column!r} "
+                "(evaluate.answer_column)"
+            )
+    if kind and not task_metric.available():
+        if e.task_metric == "auto":
+            log("evaluate: no task metric: lm-evaluation-harness is not installed "
+                "(pip install 'raysift[eval]')")  # fmt: skip
+            return None
+        raise InputError(
+            f"evaluate.task_metric: {kind} runs through lm-evaluation-harness: "
+            "pip install 'raysift[eval]' (or lm-eval), or set evaluate.task_metric: none"
+        )
+    return kind
 
 
 def sub_config(cfg: Config, entry: MethodEntry | None, folder: Path, seed: int) -> Config:
@@ -180,7 +258,7 @@ def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldo
             "share_from_target": _share(cfg, selection),
             "label_tv": _label_tv(cfg, run_dir, selection),
         }
-    ppl = heldout_perplexity(sub_cfg, sub / RunFolder.MODEL, heldout, sub)
+    ppl = heldout_scores(sub_cfg, sub / RunFolder.MODEL, heldout, sub)
     plan = sub_cfg.plan() if entry is not None else None
     return {
         "method": method,
@@ -190,6 +268,7 @@ def _one(cfg: Config, run_dir: Path, entry: MethodEntry | None, seed: int, heldo
         "aggregation": plan.aggregation if plan else None,
         "score": METHODS[plan.method].score if plan else None,
         **{k: ppl[k] for k in ("perplexity", "loss")},
+        "task_metric": ppl.get("task_metric"),
         **shares,
         "steps": info["steps"],
         "final_train_loss": info["final_loss"],
@@ -213,6 +292,15 @@ def selection_cost(stage: dict) -> dict:
             "representation_seconds": stage.get("representation_seconds"),
             "cluster_core_seconds": round(seconds * cpus, 1),
             "cluster_gpu_seconds": round(seconds * gpus, 1)}  # fmt: skip
+
+
+def _task_summary(runs: list[dict]) -> dict:
+    values = [r["task_metric"]["value"] for r in runs if r.get("task_metric")]
+    if not values:
+        return {}
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return {"task_metric": runs[0]["task_metric"]["metric"],
+            "task_metric_mean": float(np.mean(values)), "task_metric_std": std}  # fmt: skip
 
 
 def _mean_cost(runs: list[dict], key: str) -> float | None:
@@ -261,36 +349,56 @@ def _label_tv(cfg: Config, run_dir: Path, selection: pa.Table | None) -> float |
     return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
 
 
-def heldout_perplexity(cfg: Config, trained: Path | None, texts: list[str], folder: Path) -> dict:
-    """Held-out perplexity of the base model (trained None) or a fine-tune's output, cached in
-    `folder/perplexity.json` under the model's and texts' fingerprint."""
+def heldout_scores(cfg: Config, trained: Path | None, heldout: Heldout, folder: Path) -> dict:
+    """Held-out perplexity (on the scored tokens: a conversation's assistant turns) and the task
+    metric of the base model (trained None) or a fine-tune's output, each cached in `folder`
+    under the model's and rows' fingerprint (perplexity.json, task_metric.json)."""
     import torch
 
     e = cfg.evaluate
-    key = hashlib.sha256(json.dumps([e.max_length, texts]).encode())
+    key = hashlib.sha256(json.dumps([e.max_length, heldout.rows, RENDERING]).encode())
     if trained is not None:  # the fine-tune's own fingerprint: its rows, settings and seed
         key.update((folder / RunFolder.FINGERPRINT).read_text().encode())
     else:
         key.update(cfg.finetune.model.encode())
-    cache = folder / "perplexity.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key.hexdigest() and "per_text" in saved["result"]:
-            return saved["result"]
+    ppl_key = key.hexdigest()
+    key.update(json.dumps([heldout.kind, heldout.items, e.max_new_tokens]).encode())
+    task_key = key.hexdigest()
+    result = _cached(folder / "perplexity.json", ppl_key, "per_text")
+    task = _cached(folder / "task_metric.json", task_key, "per_item") if heldout.kind else None
+    if result is not None and (task is not None or not heldout.kind):
+        return {**result, "task_metric": task}
     torch.set_num_threads(os.cpu_count() or 1)
     device = pick_device(None if cfg.finetune.gpu == "auto" else False)
     if trained is None:
         model, tokenizer = load_lm(cfg.finetune.model, device)
     else:
         model, tokenizer = load_finetuned(cfg.finetune.model, trained, device)
-    examples = [encode_text(tokenizer, t, e.max_length) for t in texts]
-    with progress("perplexity", len(examples), "texts") as shown:
-        result = perplexity(
-            model, examples, tokenizer.pad_token_id, batch_size=e.batch_size, precision="fp32",
-            on_batch=shown.update,
-        )  # fmt: skip
-    write_json(cache, {"key": key.hexdigest(), "result": result})
-    return result
+    if result is None:
+        examples = [render_row(tokenizer, r, e.max_length) for r in heldout.rows]
+        with progress("perplexity", len(examples), "texts") as shown:
+            result = perplexity(
+                model, examples, tokenizer.pad_token_id, batch_size=e.batch_size,
+                precision="fp32", on_batch=shown.update,
+            )  # fmt: skip
+        write_json(folder / "perplexity.json", {"key": ppl_key, "result": result})
+    if heldout.kind and task is None:
+        task = task_metric.measure(model, tokenizer, heldout.items, heldout.kind,
+                                   folder / "task", batch_size=e.batch_size,
+                                   max_new_tokens=e.max_new_tokens)  # fmt: skip
+        write_json(folder / "task_metric.json", {"key": task_key, "result": task})
+    return {**result, "task_metric": task}
+
+
+RENDERING = "render/1"  # engine.render's rows: in the scores' key (the end token, the template)
+
+
+def _cached(path: Path, key: str, needs: str) -> dict | None:
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key and needs in saved["result"]:
+            return saved["result"]
+    return None
 
 
 def _seed_mean(runs: list[dict], per_text: dict, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +419,21 @@ def paired(runs: list[dict], per_text: dict, resamples: int = 2000) -> dict:
             if a != b:
                 d, low, high = paired_bootstrap(nll[a][0], nll[b][0], nll[a][1],
                                                 resamples=resamples)  # fmt: skip
+                out.setdefault(a, {})[b] = {"diff": d, "low": low, "high": high}
+    return out
+
+
+def paired_task(runs: list[dict], per_item: dict, resamples: int = 2000) -> dict:
+    """For every ordered pair of methods: the task metric's difference on the same held-out
+    items (seed-averaged) and its 95% paired-bootstrap interval over items."""
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    mean = {m: np.mean([per_item[(r["method"], r["seed"])] for r in runs if r["method"] == m],
+                       axis=0) for m in methods}  # fmt: skip
+    out: dict = {}
+    for a in methods:
+        for b in methods:
+            if a != b:
+                d, low, high = paired_mean_bootstrap(mean[a], mean[b], resamples=resamples)
                 out.setdefault(a, {})[b] = {"diff": d, "low": low, "high": high}
     return out
 
@@ -353,6 +476,7 @@ def summarise(runs: list[dict], base: dict) -> dict:
             "label_tv": float(np.mean(tvs)) if tvs else None,
             "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rs])),
             "selection_seconds_mean": _mean_cost(rs, "seconds"),
+            **_task_summary(rs),
             "selection_core_seconds_mean": _mean_cost(rs, "cluster_core_seconds"),
         }
     return out

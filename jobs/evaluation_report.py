@@ -266,13 +266,16 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 
 def summary_table(result: dict) -> str:
+    task = result["base"].get("task_metric")
     head = ("method", "on", "seeds", "perplexity", "± std", "vs random", "vs no fine-tune",
-            "share from target", "label TV", "selection s")  # fmt: skip
+            *([task["metric"]] if task else []), "share from target", "label TV",
+            "selection s")  # fmt: skip
     rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     base = result["base"]
     rows.append(
         f"<tr><td>no fine-tune</td><td>–</td><td>–</td><td>{base['perplexity']:.2f}</td>"
-        + "<td>–</td>" * 6
+        + "<td>–</td>" * 3 + (f"<td>{task['value']:.3f}</td>" if task else "")
+        + "<td>–</td>" * 3
         + "</tr>"
     )
     summary = result["summary"]
@@ -281,16 +284,24 @@ def summary_table(result: dict) -> str:
         std = s["perplexity_std"] if s["seeds"] > 1 else None  # one seed has no spread
         cells = (m, s.get("representation") or "–", s["seeds"], _fmt(s["perplexity_mean"], ".2f"),
                  _fmt(std, ".2f"), _fmt(s["vs_random"], "+.2f"), _fmt(s["vs_base"], "+.2f"),
+                 *([_task_cell(s)] if task else []),
                  _fmt(s["share_from_target"]), _fmt(s["label_tv"]),
                  _fmt(s.get("selection_seconds_mean"), ".1f"))  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
-def paired_table(result: dict) -> str:
+def _task_cell(s: dict) -> str:
+    if s.get("task_metric_mean") is None:
+        return "–"
+    sd = f" ± {s['task_metric_std']:.3f}" if s.get("task_metric_std") is not None else ""
+    return f"{s['task_metric_mean']:.3f}{sd}"
+
+
+def paired_table(result: dict, key: str = "paired", fmt: str = "+.2f") -> str:
     """Row method minus column method, in perplexity on the same held-out texts, with its 95%
     paired-bootstrap interval; bold where the interval excludes 0."""
-    paired, summary = result.get("paired") or {}, result["summary"]
+    paired, summary = result.get(key) or {}, result["summary"]
     methods = sorted(paired, key=lambda k: summary[k]["perplexity_mean"])
     rows = ["<tr><th>row − column</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods)
             + "</tr>"]  # fmt: skip
@@ -301,7 +312,7 @@ def paired_table(result: dict) -> str:
                 cells.append("<td>–</td>")
                 continue
             v = paired[a][b]
-            text = f"{v['diff']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}]"
+            text = f"{v['diff']:{fmt}} [{v['low']:{fmt}}, {v['high']:{fmt}}]"
             clear = v["high"] < 0 or v["low"] > 0
             cells.append(f"<td>{'<b>' + text + '</b>' if clear else text}</td>")
         rows.append(f"<tr><td>{html.escape(a)}</td>{''.join(cells)}</tr>")
@@ -367,6 +378,12 @@ def render(result: dict, run_dir: Path) -> str:
             "interval excludes 0. It measures what the choice of texts explains, not the "
             "fine-tune's seed-to-seed spread (± std above).</p>",
             paired_table(result)] if result.get("paired") else []),
+        *([f"<h2>Paired differences of the task metric "
+           f"({html.escape(result['base']['task_metric']['metric'])})</h2>",
+           "<p class='meta'>row method's score minus the column method's on the same held-out "
+           "items, 95% bootstrap interval over items; bold: it excludes 0.</p>",
+           paired_table(result, "paired_task_metric", "+.3f")]
+          if result.get("paired_task_metric") else []),
         "<p class='meta'>Perplexity: exp of the mean token NLL over the held-out texts. Share "
         "from target: selected rows matching <code>evaluate.target_rows</code>. Label TV: "
         "total-variation distance between the selection's and the targets' label histograms. "

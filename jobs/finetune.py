@@ -8,10 +8,13 @@
 
     finetune/tokens/part-*.parquet    the rows tokenised once (index, input_ids, labels)
 
-Rows train as plain text (continued pre-training), or as prompt/response pairs when they have both
-`prompt_column` and `response_column`. The driver streams the rows file once to check every line
-(it keeps only the byte offset of every TOKEN_ROWS-th line); Ray Data tasks tokenise those ranges
-into `finetune/tokens/`, and each Ray Train worker reads the tokens of its own batches only.
+Rows train as conversations when they carry messages (`messages_column`), as a user and an
+assistant turn when they have both `prompt_column` and `response_column`, else as plain text
+(continued pre-training); one rendering for all (`engine.render`: the tokenizer's chat template,
+only the assistant turns scored, the end token placed before truncation). The driver streams the
+rows file once to check every line (it keeps only the byte offset of every TOKEN_ROWS-th line);
+tasks tokenise those ranges into `finetune/tokens/`, and each Ray Train worker reads the tokens of
+its own batches only.
 Each epoch visits the rows in a seeded permutation; step s always sees the same global batch
 (worker r takes every world-th row of it), so a run killed and restarted resumes from its last
 checkpoint (Ray Train V2 restores the run of the same name and storage path) and trains exactly
@@ -36,6 +39,7 @@ import pyarrow as pa
 
 from raysift.engine.lm import resolve_lm_path
 from raysift.engine.loading import quiet
+from raysift.engine.render import RenderError, render, row_of
 from raysift.jobs.config import Config, FinetuneConfig, result_settings
 from raysift.jobs.errors import InputError
 from raysift.jobs.runfolder import RunFolder, atomic_path, write_json, write_text
@@ -65,13 +69,14 @@ def scan_rows(path: Path, f: FinetuneConfig) -> list[int]:
                 row = json.loads(line)
             except ValueError:
                 raise InputError(f"{path}: line {n} is not JSON") from None
-            if not isinstance(row, dict) or (
-                not isinstance(row.get(f.text_column), str) and not _is_pair(row, f)
-            ):
+            try:
+                training_row(row if isinstance(row, dict) else {}, f)
+            except RenderError as exc:
                 raise InputError(
-                    f"{path}: line {n} has no string '{f.text_column}' (finetune.text_column) "
-                    f"nor '{f.prompt_column}' + '{f.response_column}'"
-                )
+                    f"{path}: line {n}: {exc} (finetune.text_column '{f.text_column}', "
+                    f"messages_column '{f.messages_column}', prompt_column + response_column "
+                    f"'{f.prompt_column}' + '{f.response_column}')"
+                ) from None
             if rows % TOKEN_ROWS == 0:
                 offsets.append(start)
             rows += 1
@@ -80,8 +85,9 @@ def scan_rows(path: Path, f: FinetuneConfig) -> list[int]:
     return [*offsets, at]
 
 
-def _is_pair(row: dict, f: FinetuneConfig) -> bool:
-    return isinstance(row.get(f.prompt_column), str) and isinstance(row.get(f.response_column), str)
+def training_row(row: dict, f: FinetuneConfig):
+    """A rows-file line as `engine.render.render` takes it: a conversation, a pair, or text."""
+    return row_of(row, f.text_column, f.messages_column, f.prompt_column, f.response_column)
 
 
 def check_finetune(cfg: Config, rows_path: Path) -> list[int]:
@@ -110,22 +116,12 @@ class Tokenise:
         self.tokenizer = lm.load_tokenizer(self.f.model)
 
     def __call__(self, r: dict) -> dict:
-        from raysift.engine import lm
-
         f = self.f
         with self.store.fs.open_input_file(self.store.path(self.rows)) as fh:
             fh.seek(r["a"])
             lines = [x for x in fh.read(r["b"] - r["a"]).split(b"\n") if x.strip()]
-        examples = []
-        for line in lines:
-            row = json.loads(line)
-            examples.append(
-                lm.encode_pair(
-                    self.tokenizer, row[f.prompt_column], row[f.response_column], f.max_length
-                )  # fmt: skip
-                if _is_pair(row, f)
-                else lm.encode_text(self.tokenizer, row[f.text_column], f.max_length)
-            )
+        examples = [render(self.tokenizer, training_row(json.loads(line), f), f.max_length)
+                    for line in lines]  # fmt: skip
         index = np.arange(r["first"], r["first"] + len(examples), dtype=np.int64)
         table = pa.table({
             "index": index,

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from raysift.engine import gradex as gx
 from raysift.jobs.config import Config, to_yaml
-from raysift.jobs.evaluate import heldout_perplexity
+from raysift.jobs.evaluate import Heldout, heldout_scores
 from raysift.jobs.finetune import run_finetune
 from raysift.jobs.methods.gradex import Estimator, _sub_config, check_static, estimate_sources
 from raysift.jobs.pipeline import run
@@ -161,7 +161,8 @@ def _real_loss(cfg: Config, folder: Path, texts: list[str]) -> float:
     max_length."""
     scored = cfg.model_copy(deep=True)
     scored.evaluate.max_length = cfg.select.gradex.max_length
-    return heldout_perplexity(scored, folder / RunFolder.MODEL, texts, folder)["loss"]
+    scores = heldout_scores(scored, folder / RunFolder.MODEL, Heldout(texts, None, []), folder)
+    return scores["loss"]
 
 
 @writes_run_folder

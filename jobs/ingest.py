@@ -49,6 +49,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysift.engine.ids import content_ids
+from raysift.engine.render import RenderError, check_messages, pair, plain
 from raysift.jobs import storage
 from raysift.jobs.config import IngestConfig, InputSpec
 from raysift.jobs.errors import InputError
@@ -217,7 +218,13 @@ def _first_record(source: Source, file: InputFile) -> dict:
 def check_input(spec: InputSpec, field: str) -> Source:
     """Validate an input before any cluster work: format, readability, required columns."""
     source = resolve(spec, field)
-    wanted = [(f"{field}.text_column", spec.text_column)]
+    if spec.messages_column:
+        wanted = [(f"{field}.messages_column", spec.messages_column)]
+    elif spec.response_column:
+        wanted = [(f"{field}.prompt_columns", c) for c in spec.prompt_columns]
+        wanted.append((f"{field}.response_column", spec.response_column))
+    else:
+        wanted = [(f"{field}.text_column", spec.text_column)]
     if spec.id_column:
         wanted.append((f"{field}.id_column", spec.id_column))
     if spec.vector_column:
@@ -237,6 +244,21 @@ def check_input(spec: InputSpec, field: str) -> Source:
         if spec.vector_column and isinstance(schema, pa.Schema):
             _check_vector_type(schema.field(spec.vector_column).type, file, spec, field)
     return source
+
+
+def text_field(spec: InputSpec) -> tuple[str, str]:
+    """(the config key, the column) a side's row texts come from."""
+    if spec.messages_column:
+        return "messages_column", spec.messages_column
+    if spec.response_column:
+        return "response_column", spec.response_column
+    return "text_column", spec.text_column
+
+
+def file_columns(source: Source) -> list[str]:
+    """The first input file's column names (its schema or header)."""
+    schema = _schema(source, source.files[0])
+    return list(schema.names if isinstance(schema, pa.Schema) else schema)
 
 
 def fingerprint(source: Source) -> list[list]:
@@ -439,7 +461,13 @@ class Reader:
     @property
     def needed(self) -> list[str]:
         s = self.spec
-        cols = [s.text_column, *([s.id_column] if s.id_column else []), *s.keep_columns]
+        if s.messages_column:
+            text = [s.messages_column]
+        elif s.response_column:
+            text = [*s.prompt_columns, s.response_column]
+        else:
+            text = [s.text_column]
+        cols = [*text, *([s.id_column] if s.id_column else []), *s.keep_columns]
         cols += [s.vector_column] if s.vector_column else []
         return list(dict.fromkeys(cols))
 
@@ -462,17 +490,62 @@ def _shift_line(message: str, before: int) -> str:
     return re.sub(r"line (\d+)", lambda m: f"line {int(m[1]) + before}", message, count=1)
 
 
+def _conversations(batch: pa.Table, reader: Reader, piece: Piece, raw0: int):
+    """Chat rows (messages, or prompt/response pairs) -> (their text: the conversation as text,
+    "" for a row without one; their messages, checked), naming file, row and column of a bad
+    one (`engine.render.check_messages`)."""
+    spec = reader.spec
+    if spec.messages_column:
+        column, values = spec.messages_column, batch.column(spec.messages_column).to_pylist()
+        name = f"column {column!r} ({reader.field}.messages_column)"
+    else:
+        prompts = [batch.column(c).to_pylist() for c in spec.prompt_columns]
+        answers = batch.column(spec.response_column).to_pylist()
+        name = f"column {spec.response_column!r} ({reader.field}.response_column)"
+        values = []
+        for i, answer in enumerate(answers):
+            parts = [str(p[i]) for p in prompts if p[i] is not None and str(p[i]).strip()]
+            if not parts and answer is None:
+                values.append(None)
+            elif not parts:
+                raise InputError(f"{_where(reader, piece, batch, raw0, i)}: the prompt columns "
+                                 f"{spec.prompt_columns} are empty")  # fmt: skip
+            else:
+                values.append(pair("\n\n".join(parts), answer))
+    texts, messages = [], []
+    for i, value in enumerate(values):
+        if value is None:  # an empty row: dropped and counted like a blank text
+            texts.append("")
+            messages.append([])
+            continue
+        try:
+            checked = check_messages(value)
+        except RenderError as exc:
+            raise InputError(f"{_where(reader, piece, batch, raw0, i)}: {name}: {exc}") from None
+        texts.append(plain(checked))
+        messages.append(checked)
+    return pa.array(texts, pa.string()), messages
+
+
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
 def normalise(batch: pa.Table, reader: Reader, piece: Piece, raw0: int) -> tuple[pa.Table, dict]:
-    """One raw batch -> (id, text, keep..., _vector) of its non-empty rows, plus counts."""
+    """One raw batch -> (id, text, keep..., messages, _vector) of its non-empty rows, plus
+    counts."""
     spec, field = reader.spec, reader.field
     file = reader.source.files[piece.file]
-    column = batch.column(spec.text_column)
-    try:
-        text = pc.cast(column, pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise InputError(
-            f"{file.uri}: column {spec.text_column!r}: expected text, got {column.type}"
-        ) from None
+    messages = None
+    if spec.chat:
+        text, messages = _conversations(batch, reader, piece, raw0)
+    else:
+        column = batch.column(spec.text_column)
+        try:
+            text = pc.cast(column, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise InputError(
+                f"{file.uri}: column {spec.text_column!r}: expected text, got {column.type}"
+            ) from None
     text = pc.fill_null(text, "")
     empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(
         zero_copy_only=False
@@ -504,6 +577,8 @@ def normalise(batch: pa.Table, reader: Reader, piece: Piece, raw0: int) -> tuple
                 f"{reader.keep_types[c]} like the first file, got {values.type}"
             ) from None
     rows = np.flatnonzero(~empty)
+    if messages is not None:
+        cols["messages"] = pa.array([messages[i] for i in rows], MESSAGES_TYPE)
     if spec.vector_column:
         column = batch.column(spec.vector_column).filter(keep)
         cols[VECTOR] = _vectors(
@@ -739,13 +814,15 @@ def _ingest_side(
         raise InputError(f"{field}.path: {spec.path} has no rows")
     if n_empty and spec.on_empty == "error":
         first = next(c["first_empty"] for c, _, _ in results if c["first_empty"])
+        key, column = text_field(spec)
         raise InputError(
-            f"{field}.text_column: {n_empty} rows have null or blank {spec.text_column!r} "
+            f"{field}.{key}: {n_empty} rows have null or blank {column!r} "
             f"(first at {first}); set {field}.on_empty: drop to skip them"
         )
     staged = sum(c["rows"] for c, _, _ in results)
     if not previous and staged == 0:
-        raise InputError(f"{field}.text_column: every row of {spec.path} has an empty text")
+        raise InputError(f"{field}.{text_field(spec)[0]}: every row of {spec.path} has an empty "
+                         "text")  # fmt: skip
     found = zip(results, pieces, strict=False)  # fewer results when a limit stopped early
     dims = [(c["dim"], source.files[p.file].uri) for (c, _, _), p in found if c["dim"] is not None]
     if previous is not None and previous.dim is not None:
@@ -799,7 +876,8 @@ def _ingest_side(
     written = [w for w in ray.get(refs) if w["rows"]]
     parts = [*(previous.parts if previous else ()), *(Part(**w) for w in written)]
     if not parts:
-        raise InputError(f"{field}.text_column: every row of {spec.path} has an empty text")
+        raise InputError(f"{field}.{text_field(spec)[0]}: every row of {spec.path} has an empty "
+                         "text")  # fmt: skip
     dim = next(iter(dims), None)
     commit_index(store, side, parts, spec, files, source.fmt, dim, buckets, generation)
     store.delete(staging)
@@ -832,7 +910,8 @@ def commit_index(
 ) -> None:
     """Write `data/<side>/_index.json` (the commit point of an ingest), then remove the parts and
     id generations it does not name."""
-    columns = ["row", "id", "text", *spec.keep_columns, *([VECTOR] if spec.vector_column else [])]
+    columns = ["row", "id", "text", *spec.keep_columns, *(["messages"] if spec.chat else []),
+               *([VECTOR] if spec.vector_column else [])]  # fmt: skip
     index = {
         "layout": LAYOUT,
         "rows": parts[-1].stop if parts else 0,

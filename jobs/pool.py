@@ -148,6 +148,20 @@ def load_pool(store: Store, side: str) -> Pool:
     return Pool(store, side, parts, tuple(index["columns"]), index.get("dim"), index)
 
 
+def row_columns(pool: Pool) -> list[str]:
+    """The columns that make a row what a causal LM reads (`engine.render.row_of`): its text, and
+    its messages when the side was ingested as chat or prompt/response rows."""
+    return ["text", "messages"] if "messages" in pool.columns else ["text"]
+
+
+def rows_of(table: pa.Table) -> list:
+    """A table of `row_columns` -> each row as `engine.render.render` takes it (a conversation
+    or a text)."""
+    from raysift.engine.render import row_of
+
+    return [row_of(r) for r in table.to_pylist()]
+
+
 def plan_chunks(pool: Pool, rows: int, **extra) -> list[dict]:
     """Every part cut into chunks of `rows` rows: {"pool", "part", "a", "b", **extra}, local rows
     [a, b) of the part (the unit of a cached feature file: DSIR's, LESS's)."""

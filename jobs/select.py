@@ -33,7 +33,7 @@ from raysift.engine.selection import Selection
 from raysift.jobs.config import Config
 from raysift.jobs.errors import InputError
 from raysift.jobs.methods import METHODS, REPRESENTATIONS, Context
-from raysift.jobs.pool import Pool, load_pool
+from raysift.jobs.pool import Pool, load_pool, row_columns
 from raysift.jobs.runfolder import RunFolder, write_jsonl, write_parquet
 from raysift.jobs.storage import Store
 
@@ -100,10 +100,10 @@ def run_select(
 def write_selection(ctx: Context, sel: Selection) -> dict:
     """selection.parquet and selected.jsonl: the B chosen rows, fetched by row number."""
     keep = list(ctx.cfg.candidates.keep_columns)
-    rows = fetch_rows(ctx.pool, sel.indices, ["id", "text", *keep])
+    rows = fetch_rows(ctx.pool, sel.indices, ["id", *row_columns(ctx.pool), *keep])
     table = selection_table(sel, rows, keep)
     write_parquet(ctx.run_dir / RunFolder.SELECTION, table)
-    selected = rows.select(["id", "text", *keep]).append_column("rank", table.column("rank"))
+    selected = rows.append_column("rank", table.column("rank"))
     write_jsonl(ctx.run_dir / RunFolder.SELECTED, selected)
     return {"method": ctx.cfg.select.method, "rows": len(sel.indices), "pool": ctx.pool.n,
             **sel.info}  # fmt: skip

@@ -26,7 +26,10 @@ def settings(pool: Pool, cfg: EmbedConfig) -> dict:
     column = pool.info["spec"].get("vector_column")
     if column:
         return {"source": f"precomputed:{column}", "normalize": cfg.normalize}
-    return {"source": "model", "model": cfg.model, "max_length": cfg.max_length}
+    made = {"source": "model", "model": cfg.model, "max_length": cfg.max_length}
+    if "messages" in pool.columns and cfg.text != "conversation":
+        made["text"] = cfg.text  # which turns of the conversations were embedded
+    return made
 
 
 def check_settings(store: Store, folder: str, wanted: dict) -> int:

@@ -267,7 +267,7 @@ def finetune_model_missing(tmp_path):
 def finetune_rows_without_text(tmp_path):
     selected(tmp_path, '{"body": "a row"}\n')
     cfg = good(tmp_path, finetune={"model": str(build_tiny_lm(tmp_path / "lm"))})
-    return ["finetune", cfg], "line 1 has no string 'text' (finetune.text_column)"
+    return ["finetune", cfg], "line 1: no string 'text', messages or prompt + response"
 
 
 def evaluate_without_heldout(tmp_path):
@@ -387,7 +387,40 @@ def subtasks_without_their_aggregation(tmp_path):
     return ["run", cfg], "select.knn.subtask_column: subtasks are knn's subtask_mean_max"
 
 
+def _chats(tmp_path, bad: dict):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"a{i}"}]} for i in range(4)]
+    rows[2] = bad
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = good(tmp_path, candidates={"path": str(tmp_path / "chat.jsonl"),
+                                     "messages_column": "messages"})  # fmt: skip
+    return ["run", cfg]
+
+
+def chat_row_with_an_unknown_role(tmp_path):
+    bad = {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    return _chats(tmp_path, bad), (
+        "chat.jsonl: line 3: column 'messages' (candidates.messages_column): message 0 has role "
+        "'bot'; expected one of ['system', 'user', 'assistant']")
+
+
+def chat_row_without_an_assistant_turn(tmp_path):
+    bad = {"messages": [{"role": "user", "content": "hi"}]}
+    return _chats(tmp_path, bad), "chat.jsonl: line 3: column 'messages' " \
+        "(candidates.messages_column): no assistant turn"
+
+
+def chat_row_with_content_not_a_string(tmp_path):
+    """In JSON lines the reader's type inference catches it first (parquet is typed)."""
+    bad = {"messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "x"}]}
+    return _chats(tmp_path, bad), "chat.jsonl: JSON parse error: Column(/messages/[]/content) " \
+        "changed from string to array at line 3"
+
+
 CASES = [
+    chat_row_with_an_unknown_role,
+    chat_row_without_an_assistant_turn,
+    chat_row_with_content_not_a_string,
     dsir_with_a_representation,
     gradex_with_a_representation,
     lm_hidden_on_an_encoder,
@@ -440,6 +473,9 @@ CASES = [
     dsir_buckets_not_positive,
 ]
 MADE_A_RUN_FOLDER = {
+    chat_row_with_an_unknown_role,  # the ingest ran (a worker found the bad row)
+    chat_row_without_an_assistant_turn,
+    chat_row_with_content_not_a_string,
     dsir_too_few_long_rows,  # the cases build their run folders (fake_pool)
     dsir_empty_targets,
     gradex_one_source,  # the ingest ran: the sources are counted in its output
@@ -462,6 +498,9 @@ MADE_A_RUN_FOLDER = {
     evaluate_budget_too_large,  # the ingest ran: the budget is checked against its row count
 }
 CHECKED_BEFORE_RAY = set(CASES) - {
+    chat_row_with_an_unknown_role,
+    chat_row_without_an_assistant_turn,
+    chat_row_with_content_not_a_string,
     dsir_too_few_long_rows,
     dsir_empty_targets,
     dimension_mismatch,

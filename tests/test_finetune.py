@@ -205,8 +205,9 @@ def independent_perplexity(model, tokenizer, texts: list[str], max_length: int) 
     total = count = 0.0
     with torch.no_grad():
         for text in texts:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
-            ids = torch.tensor([ids + [tokenizer.eos_token_id]])
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            # the end token first, then the cut: a truncated text has no end token
+            ids = torch.tensor([(ids + [tokenizer.eos_token_id])[:max_length]])
             total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
             count += ids.shape[1] - 1
     return math.exp(total / count)

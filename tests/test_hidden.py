@@ -1,5 +1,6 @@
 """engine.hidden (RDS+'s representation): equal to the reference's pooling run at batch size 1,
-whatever the batch size and padding, on the tiny test model and on SmolLM2."""
+whatever the batch size and padding, on the tiny test model and on SmolLM2, on texts and on
+conversations rendered as the fine-tune renders them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from raysift.engine import hidden, lm
+from raysift.engine.render import render
 from tests.conftest import DEMO_TARGETS
 
 TEXTS = ["a", "the cat sat on the mat and looked at the door for a long time",
@@ -27,11 +29,16 @@ def reference_batch1(model, example: lm.Example) -> np.ndarray:
     return (pooled / torch.linalg.vector_norm(pooled)).numpy()
 
 
-def check(model, tokenizer, texts, max_length):
+CHAT = [{"role": "user", "content": "Define the word 'otter'."},
+        {"role": "assistant", "content": "A semiaquatic fish-eating mammal."}]  # fmt: skip
+
+
+def check(model, tokenizer, rows, max_length):
+    """rows: texts or conversations, rendered as the fine-tune renders them (engine.render)."""
     model.eval()
-    examples = [lm.encode_text(tokenizer, t, max_length) for t in texts]
+    examples = [render(tokenizer, r, max_length) for r in rows]
     want = np.stack([reference_batch1(model, e) for e in examples])
-    for batch_size in (1, 3, len(texts)):
+    for batch_size in (1, 3, len(rows)):
         got = hidden.represent(model, examples, tokenizer.pad_token_id, batch_size=batch_size)
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
@@ -46,7 +53,7 @@ def test_position_weights_count_real_tokens_only():
 
 def test_equals_the_reference_at_batch_size_one_on_the_tiny_model(tiny_lm):
     model, tokenizer = lm.load_lm(str(tiny_lm))
-    check(model, tokenizer, TEXTS, 32)
+    check(model, tokenizer, [*TEXTS, CHAT], 32)
 
 
 @pytest.mark.slow
@@ -56,4 +63,4 @@ def test_equals_the_reference_at_batch_size_one_on_smollm2():
 
     model, tokenizer = lm.load_lm(lm.PACKAGED_LM)
     texts = [json.loads(x)["text"] for x in DEMO_TARGETS.read_text().splitlines()[:4]] + TEXTS[:3]
-    check(model, tokenizer, texts, 48)
+    check(model, tokenizer, [*texts, CHAT], 48)  # the chat rendered with SmolLM2's template

@@ -198,3 +198,36 @@ def test_projection_columns_are_near_orthogonal(warmed):
     off = gram[~np.eye(K, dtype=bool)]
     assert np.abs(off).max() < 5 * np.sqrt(d) / K
     assert abs((P > 0).mean() - 0.5) < 5 / np.sqrt(P.size)
+
+
+CHATS = [
+    [{"role": "user", "content": "What is FITS?"},
+     {"role": "assistant", "content": "An image format."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And HDF5?"},
+     {"role": "assistant", "content": "A data container."}],
+]  # fmt: skip
+
+
+def test_chat_features_mask_the_prompt_as_a_loop_on_hf_loss_does(warmed, tiny_lm):
+    """Conversations: the gradient is of HF's own `.loss` with labels -100 on every token but
+    the assistant's (the reference masks the prompt), example by example; the batched features
+    equal it, and differ from the unmasked text's."""
+    from raysift.engine.render import plain, render
+
+    model, tok, _, store, _ = warmed
+    actor = _actor(tiny_lm, store)
+    P = actor.model.projector.dense()
+    names = list(actor.model.projector.shapes)
+    got = actor.features(CHATS, "targets")[:, 0]
+    model.eval()
+    for i, messages in enumerate(CHATS):
+        ex = render(tok, messages, 24)
+        assert lm.IGNORE in ex.labels and set(ex.labels) != {lm.IGNORE}
+        loss = model(input_ids=torch.tensor([ex.input_ids]), labels=torch.tensor([ex.labels])).loss
+        params = dict(model.named_parameters())
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        want = torch.cat([g.reshape(-1) for g in grads]).double().numpy() @ P
+        want /= np.linalg.norm(want)
+        assert np.linalg.norm(got[i] - want) < 1e-5, i
+    unmasked = actor.features([plain(m) for m in CHATS], "targets")[:, 0]
+    assert np.abs(unmasked - got).max() > 1e-2  # the prompt's tokens would change the gradient

@@ -50,22 +50,6 @@ def test_padding_and_batch_size_do_not_change_the_loss(tiny):
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
-def test_pair_scores_only_the_response(tiny):
-    _, tokenizer = tiny
-    prompt, response = "Question: what is FITS?", "An image format."
-    ex = lm.encode_pair(tokenizer, prompt, response, 64)
-    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert ex.labels[:n_prompt] == [lm.IGNORE] * n_prompt
-    assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:]
-    assert ex.input_ids[-1] == tokenizer.eos_token_id
-
-
-def test_truncation_keeps_the_end_token_for_text(tiny):
-    _, tokenizer = tiny
-    ex = lm.encode_text(tokenizer, " ".join(["word"] * 200), 16)
-    assert len(ex.input_ids) == 16 and ex.input_ids[-1] == tokenizer.eos_token_id
-
-
 def test_lora_trains_only_adapters_and_changes_the_loss(tiny_lm):
     model, tokenizer = lm.load_lm(str(tiny_lm))
     model = lm.with_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])

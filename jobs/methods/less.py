@@ -50,6 +50,7 @@ from raysift.jobs.pool import (
     missing_chunks,
     plan_chunks,
     read_part,
+    row_columns,
 )
 from raysift.jobs.runfolder import RunFolder, write_jsonl, write_text
 from raysift.jobs.runtime import start_ray
@@ -128,7 +129,7 @@ def warm_up(cfg: Config, folder: Path, pool: Pool, log) -> dict:
     o = cfg.select.less
     rows = warmup_rows(pool, o.warmup_fraction, o.warmup_max_rows, o.warmup_seed)
     folder.mkdir(parents=True, exist_ok=True)
-    table = fetch_rows(pool, rows, ["id", "text"])
+    table = fetch_rows(pool, rows, ["id", *row_columns(pool)])
     write_jsonl(folder / "rows.jsonl", table)
     sub = warmup_config(cfg, folder, table.num_rows)
     write_text(folder / RunFolder.CONFIG, to_yaml(sub))

@@ -27,7 +27,8 @@ import pyarrow as pa
 from raysift.actors.features import HiddenStates
 from raysift.actors.pool import map_actors
 from raysift.engine.lm import resolve_lm_path
-from raysift.jobs.config import Config, LmHiddenConfig
+from raysift.engine.render import render
+from raysift.jobs.config import Config, InputSpec, LmHiddenConfig
 from raysift.jobs.console import progress
 from raysift.jobs.errors import InputError
 from raysift.jobs.methods.base import Context, Representation, cluster_cpus, cluster_gpus
@@ -36,7 +37,7 @@ from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.runtime import start_ray
 from raysift.jobs.vectors import resolve_threads
 
-RENDERING = "text+eos/1"  # how a row becomes tokens (engine.lm.encode_text); in the key
+RENDERING = "render/1"  # how a row becomes tokens (engine.render: template, end token); in the key
 
 
 def settings(cfg: Config) -> dict:
@@ -127,6 +128,12 @@ def prepare(ctx: Context) -> tuple[Pool, Pool, dict]:
             ctx.targets.with_vectors(Vectors(roots["targets"])), info)  # fmt: skip
 
 
+def local_rows(table: pa.Table, spec: InputSpec) -> list:
+    """An in-memory side's rows as `engine.render` takes them: its text column (raysift.select
+    takes plain texts in process; chats go through ingest, on Ray)."""
+    return table.column(spec.text_column).to_pylist()
+
+
 _LOADED: dict = {}  # the last model loaded in this process, for raysift.select
 
 
@@ -142,8 +149,7 @@ def local(cfg: Config, candidates: pa.Table, targets: pa.Table) -> tuple[np.ndar
     model, tok = _LOADED["model"]
     out = []
     for table, spec in ((candidates, cfg.candidates), (targets, cfg.targets)):
-        examples = [lm.encode_text(tok, t, s["max_length"])
-                    for t in table.column(spec.text_column).to_pylist()]  # fmt: skip
+        examples = [render(tok, r, s["max_length"]) for r in local_rows(table, spec)]
         out.append(hidden.represent(model, examples, tok.pad_token_id, batch_size=o.batch_size,
                                     precision=o.precision))  # fmt: skip
     return out[0], out[1]
