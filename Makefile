@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-fast lint docs bench bench-finetune clean
+.PHONY: setup demo test test-fast lint typecheck docs bench bench-finetune clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/raysift demo
 
-test: setup
+test: setup typecheck
 	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: setup
@@ -32,6 +32,9 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check engine actors jobs raysift demo tests benchmarks examples
+
+typecheck: setup  # mypy on the package: raysift/engine etc. link to the top-level folders
+	$(BIN)/mypy -p raysift
 
 docs: setup      # the API and config reference (docs/), warnings as errors -> site/
 	$(BIN)/python -m raysift.reference

@@ -123,7 +123,7 @@ def build(shared: Path, out: Path, scale: int, seed: int = 0) -> dict:
         "debian_sections": ("section", lambda r: r.label.isin(SECTIONS), "exact_match"),
         "python_torch": ("complete", lambda r: r.label == "torch", "multiple_choice"),
     }
-    removed = {t: set() for t in TASKS}
+    removed: dict[str, set[str]] = {t: set() for t in TASKS}
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for name, (task, where, metric) in targets.items():

@@ -69,7 +69,7 @@ def winner(means: dict[str, float], intervals: dict[tuple[str, str], tuple[float
     other method lies below 0, else "no clear winner" with the methods it cannot be told from."""
     if not means:
         return "no methods to compare"
-    best = min(means, key=means.get)
+    best = min(means, key=lambda m: means[m])
     ties = [m for m in means if m != best and intervals[(best, m)][1] >= 0]
     if not ties:
         return (f"trust {best}: the lowest perplexity ({means[best]:.2f}), below every other "

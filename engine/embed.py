@@ -17,6 +17,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,8 +80,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class Encoder:
     """A loaded encoder, its tokenizer and the settings `encode` uses."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: Any  # a transformers encoder
+    tokenizer: Any
     device: torch.device
     precision: str
     max_length: int

@@ -100,12 +100,11 @@ class Projector:
 
     def project(self, grads: dict) -> np.ndarray:
         """{name: (B, *shape)} per-sample gradients -> (B, k) float32, P^T g for each row."""
-        out = None
+        parts = []
         for name in self.shapes:
             g = grads[name]  # on any device: the block goes there (generated on the CPU)
-            part = g.reshape(g.shape[0], -1).float() @ self.block(name).to(g.device)
-            out = part if out is None else out + part
-        return out.cpu().numpy()
+            parts.append(g.reshape(g.shape[0], -1).float() @ self.block(name).to(g.device))
+        return sum(parts[1:], parts[0]).cpu().numpy()
 
     def lift(self, w: np.ndarray) -> dict:
         """P w as {name: tensor of the parameter's shape}."""
@@ -470,7 +469,7 @@ def sample_subsets(n_sources: int, m: int, size: int, seed: int) -> np.ndarray:
     m = min(m, most)
     rng = np.random.default_rng(seed)
     seen: set[bytes] = set()
-    rows = []
+    rows: list[np.ndarray] = []
     while len(rows) < m:
         row = np.zeros(n_sources, np.int8)
         row[rng.choice(n_sources, size, replace=False)] = 1

@@ -30,6 +30,7 @@ runs on CPU with `max_k` set, which is how the tests exercise it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import faiss
 import numpy as np
@@ -155,7 +156,7 @@ class IndexShard:
             return faiss.index_cpu_to_gpu(self._gpu_resources(), 0, index)
         return index
 
-    def _block_list(self, k: int) -> list[tuple[int, object, object]]:
+    def _block_list(self, k: int) -> list[tuple[int, Any, Any]]:
         """(start, device searcher, CPU searcher) per block; k / blocks <= cap / 4."""
         n = len(self.x)
         count = 1 if self.max_k is None or k <= self.max_k else math.ceil(4 * k / self.max_k)
@@ -165,7 +166,7 @@ class IndexShard:
             self._blocks = {count: [self._block(a, b) for a, b in shard_bounds(n, count)]}
         return self._blocks[count]
 
-    def _block(self, a: int, b: int) -> tuple[int, object, object]:
+    def _block(self, a: int, b: int) -> tuple[int, Any, Any]:
         if self.params.brute_force_knn:
             cpu = BruteForce(self.x[a:b])
             return a, BruteForce(self.x[a:b], self._gpu_resources()) if self.use_gpu else cpu, cpu
@@ -195,7 +196,8 @@ class IndexShard:
         for _, cpu, capped, Db, Ib in parts:
             # A capped block can hide global top-k rows only from queries whose last hit in it
             # is not beyond the merged k-th distance; search those again, uncapped, on the CPU.
-            hidden = np.flatnonzero(Db[:, self.max_k - 1] <= kth) if capped else []
+            cap = self.max_k or Db.shape[1]  # capped blocks exist only under a cap
+            hidden = np.flatnonzero(Db[:, cap - 1] <= kth) if capped else np.empty(0, np.int64)
             if len(hidden):
                 Db[hidden], Ib[hidden] = cpu.search(queries[hidden], Db.shape[1])
         D = np.concatenate([p[3] for p in parts], axis=1)
@@ -318,7 +320,8 @@ def combine_density(n_points: int, partials: list, sigma: float, kde_K: int | No
     capped = density_partial(
         n_points,
         np.full(n_points, -1),
-        tuple(np.concatenate([p[k] for p in partials]) for k in range(3)),
+        (np.concatenate([p[0] for p in partials]), np.concatenate([p[1] for p in partials]),
+         np.concatenate([p[2] for p in partials])),  # fmt: skip
         sigma,
         kde_K,
     )

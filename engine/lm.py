@@ -21,6 +21,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ def _packaged_smollm2(field: str) -> Path:
     source = Path(spec.submodule_search_locations[0])
     tmp = target.parent / f".tmp-{uuid.uuid4().hex[:8]}-{target.name}"
     with quiet():
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF)  # fp32
+        model: Any = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF)  # fp32
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF)
         del model.config.quantization_config  # saved as a plain fp32 folder: reloads in 0.2 s
         model.hf_quantizer = None
@@ -115,7 +116,7 @@ def load_lm(
     tokenizer = load_tokenizer(model, field)
     extra = {"attn_implementation": attention} if attention else {}
     with quiet():
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+        net: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
     return net.to(device or torch.device("cpu")), tokenizer
 
 
@@ -211,7 +212,7 @@ def with_lora(model, *, r: int, alpha: float, dropout: float, target_modules: li
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft says int; it divides by r in float
         lora_dropout=dropout,
         target_modules=list(target_modules),
     )
@@ -220,7 +221,7 @@ def with_lora(model, *, r: int, alpha: float, dropout: float, target_modules: li
 
 def load_finetuned(
     base: str,
-    adapter_or_model: Path,
+    adapter_or_model: Path | str,
     device: torch.device | None = None,
     attention: str | None = None,
 ):

@@ -14,6 +14,7 @@ import functools
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 VERBOSE = "RAYSIFT_VERBOSE"
 
@@ -36,7 +37,7 @@ def quiet() -> Iterator[None]:
     level = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    gguf = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    gguf: Any = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
     if gguf is None:
         with contextlib.suppress(ImportError):  # no gguf package: nothing draws that bar
             import transformers.modeling_gguf_pytorch_utils as gguf

@@ -92,7 +92,8 @@ def select(rows: np.ndarray, sims: np.ndarray, budget: int, n: int) -> Selection
     M, L = rows.shape
     complete = L >= n  # the lists hold every candidate: one running out means it is done
     taken: set[int] = set()
-    chosen, score = [], []
+    chosen: list[int] = []
+    score: list[float] = []
     at = np.zeros(M, dtype=np.int64)
     while len(chosen) < budget:
         added = False

@@ -21,7 +21,8 @@ class Selection:
     score: np.ndarray
     probability: np.ndarray | None = None
     count: np.ndarray | None = None
-    p: np.ndarray | None = None  # the full distribution over the pool, for methods that have one
+    # the distribution over the pool for methods that have one: (rows, p) on its support
+    p: tuple[np.ndarray, np.ndarray] | None = None
     info: dict = field(default_factory=dict)  # what the method wants in the manifest
     potential: np.ndarray | None = None  # GOT-D: the converged target potential f
 

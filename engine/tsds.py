@@ -175,7 +175,7 @@ def solve_lazy(
     knn_dist, knn_idx = np.asarray(knn_dist), np.asarray(knn_idx)
     M, L = knn_dist.shape
     _check(knn_dist, knn_idx, np.ones(knn_dist.shape, np.float32), alpha, C, n_candidates)
-    rho = None
+    rho: np.ndarray | None = None
     known = RowCache()
     lengths = np.full(M, min(L, max(2, first)))
     while True:
@@ -200,6 +200,7 @@ def solve_lazy(
     if sol.exhausted and mode == "exact":
         if L < n_candidates:
             raise _exhausted(L)
+        assert rho is not None  # a first density was computed: every list has a row
         sol = _fill_all(knn_idx, rho, n_candidates)
     return sol, len(known)
 
@@ -229,7 +230,7 @@ def _solve(knn_dist, knn_idx, rho, alpha, C, n_candidates, mode, lengths) -> TSD
         w_dtype = np.result_type(d.dtype, rho.dtype)
     else:
         d = knn_dist.astype(np.float64)
-        w_dtype = np.float64
+        w_dtype = np.dtype(np.float64)
     w = d.astype(w_dtype) / rho.astype(w_dtype)
     # counts: python 1.0 / float32 scalar is float64 under numpy 1, in both modes
     c = np.cumsum(1.0 / rho.astype(np.float64), axis=1)  # sequential like `count += ...`

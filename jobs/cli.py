@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -295,7 +296,8 @@ _ABORTS = (click.exceptions.Abort, typer.Abort)
 _USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
 
 
-def _interrupted(exc: Interrupted) -> int:
+def _interrupted(exc: Interrupted | None) -> int:
+    exc = exc or Interrupted(signal.SIGINT)
     where = f" during {exc.stage}" if exc.stage else ""
     print(
         f"raysift: interrupted by {exc.name}{where}; what was committed is kept: run the same "
@@ -358,8 +360,8 @@ def _main(argv: list[str] | None) -> int:
     except (Interrupted, KeyboardInterrupt) as exc:
         return _interrupted(interruption(exc))
     except (*_EXITS, *_ABORTS) as exc:
-        if interruption(exc) is not None:  # Typer turns a KeyboardInterrupt into Exit(130)
-            return _interrupted(interruption(exc))
+        if (stop := interruption(exc)) is not None:  # Typer turns ^C into Exit(130)
+            return _interrupted(stop)
         if isinstance(exc, _ABORTS):
             print("raysift: aborted", file=sys.stderr)
             return 130
@@ -368,8 +370,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"raysift: error: {exc.format_message()}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-        if interruption(exc) is not None:  # a library wrapped our KeyboardInterrupt
-            return _interrupted(interruption(exc))
+        if (stop := interruption(exc)) is not None:  # a library wrapped our KeyboardInterrupt
+            return _interrupted(stop)
         if input_error(exc) is not None:
             print(f"raysift: error: {describe(exc)}", file=sys.stderr)
             return 2

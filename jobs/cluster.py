@@ -25,7 +25,10 @@ from raysift.jobs.errors import InputError
 PACKAGE = Path(__file__).resolve().parent.parent  # raysift/ in a wheel, the checkout's root else
 CHECKOUT = (PACKAGE / "raysift" / "__init__.py").is_file()
 # What the upload leaves out besides .gitignore's entries (Ray honours .gitignore).
-EXCLUDES = [".git", ".venv", "runs", "benchmarks", "tests", "*.egg-info", "__pycache__"]
+# raysift/engine, raysift/jobs, ...: the checkout's links to its top-level folders (for type
+# checkers); Ray follows links, so they would travel twice. raysift/__init__ finds the folders.
+EXCLUDES = [".git", ".venv", "runs", "benchmarks", "tests", "*.egg-info", "__pycache__",
+            *(f"/raysift/{name}" for name in ("engine", "actors", "jobs", "configs", "demo"))]
 TOKEN_HELP = (
     "set RAY_AUTH_TOKEN, or put the cluster's token in ~/.ray/auth_token (`ray get-auth-token` "
     "on the head prints it), with RAY_AUTH_MODE=token"

@@ -20,7 +20,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    create_model,
     field_validator,
     model_validator,
 )
@@ -243,27 +242,41 @@ class LmHiddenConfig(Strict):
     )
 
 
-def wraps(cls, name: str) -> type[Strict]:
-    """A config section from an engine parameter dataclass (`raysift.engine.params`): its fields,
-    defaults, bounds and descriptions, declared once in the engine."""
-    hints = typing.get_type_hints(cls)
-    fields = {}
-    for f in config_fields(cls):
-        meta = f.metadata
-        field = Field(f.default, description=meta["doc"], **meta["bounds"])
-        fields[f.name] = (hints[f.name], field)
-    return create_model(name, __base__=Strict, __module__=__name__, **fields)
+def engine(cls: type, name: str) -> Any:
+    """A config field that is the engine parameter `cls.name` (`raysift.engine.params`): its
+    default, bounds and description come from there, declared once; the config only names it and
+    its type (`tests/test_config.py` checks the sections and the dataclasses agree)."""
+    f = {f.name: f for f in config_fields(cls)}[name]
+    return Field(f.default, description=f.metadata["doc"], **f.metadata["bounds"])
 
 
-class IndexConfig(wraps(IndexParams, "IndexFields")):
+class IndexConfig(Strict):
     """`engine.knn.IndexParams` as a config section."""
+
+    kind: Literal["flat", "ivf", "hnsw"] = engine(IndexParams, "kind")
+    nlist: int | None = engine(IndexParams, "nlist")
+    nprobe: int = engine(IndexParams, "nprobe")
+    density_nprobe: int | None = engine(IndexParams, "density_nprobe")
+    brute_force_knn: bool = engine(IndexParams, "brute_force_knn")
+    train_points_per_list: int = engine(IndexParams, "train_points_per_list")
+    niter: int = engine(IndexParams, "niter")
+    hnsw_m: int = engine(IndexParams, "hnsw_m")
+    ef_construction: int = engine(IndexParams, "ef_construction")
+    ef_search: int = engine(IndexParams, "ef_search")
 
     def params(self) -> IndexParams:
         return IndexParams(**self.model_dump())
 
 
-class TSDSConfig(wraps(TSDSParams, "TSDSFields")):
+class TSDSConfig(Strict):
     """`engine.tsds_search.TSDSParams` plus how the select stage runs it."""
+
+    alpha: float = engine(TSDSParams, "alpha")
+    C: float = engine(TSDSParams, "C")
+    sigma: float = engine(TSDSParams, "sigma")
+    max_K: int = engine(TSDSParams, "max_K")
+    kde_K: int | None = engine(TSDSParams, "kde_K")
+    mode: Literal["exact", "compat"] = engine(TSDSParams, "mode")
 
     sampling: Literal["without_replacement", "multinomial", "top"] = Field(
         "without_replacement",
@@ -296,8 +309,15 @@ class TSDSConfig(wraps(TSDSParams, "TSDSFields")):
         return TSDSParams(**{f.name: getattr(self, f.name) for f in config_fields(TSDSParams)})
 
 
-class GOTDConfig(wraps(SinkhornParams, "GOTDFields")):
+class GOTDConfig(Strict):
     """`engine.sinkhorn.SinkhornParams` plus how the select stage runs it."""
+
+    epsilon: float = engine(SinkhornParams, "epsilon")
+    threshold: float = engine(SinkhornParams, "threshold")
+    momentum: float = engine(SinkhornParams, "momentum")
+    max_iterations: int = engine(SinkhornParams, "max_iterations")
+    cache_mb: int = engine(SinkhornParams, "cache_mb")
+    block: int = engine(SinkhornParams, "block")
 
     shards: Annotated[int, Field(ge=1, le=4096)] = execution_only(
         1, description="candidate shard actors"
@@ -811,6 +831,10 @@ class CurateConfig(Strict):
     )
 
 
+StageName = Literal["ingest", "embed", "select", "finetune"]
+_DEFAULT_STAGES: list[StageName] = ["ingest", "embed", "select"]
+
+
 class Config(Strict):
     output_dir: str = Field(
         description="the run folder: a local path, or s3://, gs://, hdfs://, fsspec URIs"
@@ -824,8 +848,8 @@ class Config(Strict):
     )
     candidates: InputSpec
     targets: InputSpec
-    stages: list[Literal["ingest", "embed", "select", "finetune"]] = Field(
-        default_factory=lambda: ["ingest", "embed", "select"],
+    stages: list[StageName] = Field(
+        default_factory=lambda: _DEFAULT_STAGES.copy(),
         description="what `raysift run` runs",
     )
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -942,7 +966,7 @@ _MODEL_FIELDS = (("embed", "model"), ("finetune", "model"))
 
 def _resolve_paths(tree: dict, base: Path) -> None:
     for loc in _PATH_FIELDS:
-        node = tree
+        node: Any = tree
         for key in loc[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(loc[-1]), str):
@@ -1005,10 +1029,12 @@ def to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def execution_only_paths(model: type[BaseModel] = None, prefix: tuple[str, ...] = ()) -> list:
+def execution_only_paths(
+    model: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
     """The dotted paths of every field marked `execution_only`, in `model` (default: Config)."""
     model = model or Config
-    out = []
+    out: list[tuple[str, ...]] = []
     for name, info in model.model_fields.items():
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if extra.get(EXECUTION_ONLY):
@@ -1025,7 +1051,7 @@ def result_settings(tree: dict) -> dict:
     execution-only: what reuse keys are made of (the fine-tune's fingerprint, curate's key)."""
     out = copy.deepcopy(tree)
     for path in execution_only_paths():
-        nodes = [out]
+        nodes: list[Any] = [out]
         for key in path[:-1]:
             nodes.append(nodes[-1].get(key) if isinstance(nodes[-1], dict) else None)
         if isinstance(nodes[-1], dict):

@@ -136,10 +136,12 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
         and latest["inputs"]["targets"] == inputs["targets"]
         and latest.get("pool") == n_prev
         and (run_dir / GOTD_POTENTIAL).is_file()
+        and previous is not None
         and "row" in pq.read_schema(previous / RunFolder.SELECTION).names
     )
     t0 = manifest.start("select")
     if incremental:
+        assert previous is not None and n_prev is not None  # `incremental` checked both
         log(f"select: gotd, new rows by the c-transform of the stored f (v{version:04d})")
         sel = _incremental_gotd(cfg, run_dir, pool, targets, previous, n_prev)
         info = write_selection(Context(cfg, pool, targets, run_dir, store, log), sel)
@@ -172,7 +174,7 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
             **({"parts_read": info["parts_read"]} if incremental else {}),
         },  # fmt: skip
     }
-    diff = {
+    diff: dict = {
         "previous": latest["version"] if latest else None,
         "added": sorted(set(chosen) - set(before)),
         "removed": sorted(set(before) - set(chosen)),

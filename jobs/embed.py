@@ -64,7 +64,8 @@ def embed_sides(store: Store, sides: tuple[str, ...], cfg: EmbedConfig) -> dict[
 
     infos: dict[str, dict] = {}
     pools = {side: load_pool(store, side) for side in sides}
-    model_chunks, given = [], []
+    model_chunks: list[dict] = []
+    given: list[tuple] = []
     for side, pool in pools.items():
         wanted = settings(pool, cfg)
         discarded = check_settings(store, RunFolder.embeddings(side), wanted)

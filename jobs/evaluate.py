@@ -154,6 +154,7 @@ class Heldout:
     def load(cls, cfg: Config, run_dir: Path, log=print) -> Heldout:
         e = cfg.evaluate
         spec = e.heldout
+        assert spec is not None  # the config's checks: evaluation needs held-out texts
         source = check_input(spec, "evaluate.heldout")
         names = file_columns(source)
         extra = [c for c in (e.choices_column, e.answer_column)

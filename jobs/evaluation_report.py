@@ -192,7 +192,7 @@ def composition_chart(
 
 def first_selected(path: Path, k: int = SHOWN_TEXTS) -> list[dict]:
     """The first k rows of a selected.jsonl (rank order), read line by line: never the file."""
-    rows = []
+    rows: list[dict] = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             if len(rows) == k:

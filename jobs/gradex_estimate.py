@@ -50,15 +50,16 @@ def validate(cfg: Config, run_dir: Path, n: int, log=print) -> dict:
         write_text(folder / RunFolder.CONFIG, to_yaml(sub))
         todo.append((chosen, sub, folder, rows))
     infos = _finetunes(todo, g.validate_parallel, log)
-    real, runs = [], []
+    losses: list[float] = []
+    runs = []
     for i, ((chosen, _, folder, _), info) in enumerate(zip(todo, infos, strict=True)):
         loss = _real_loss(cfg, folder, est.texts)
-        real.append(loss)
+        losses.append(loss)
         runs.append({"sources": chosen, "estimated_loss": float(estimated[i]), "real_loss": loss,
                      "steps": info["steps"], "train_seconds": info["train_seconds"],
                      "train_cpu_seconds": info.get("cpu_seconds")})  # fmt: skip
     base = est.target.base_loss()
-    real = np.array(real)
+    real = np.array(losses)
     metrics = gx.Validation(estimated, real, base).metrics()
     cpu_ft = [r["train_cpu_seconds"] for r in runs if r["train_cpu_seconds"] is not None]
     result = {
@@ -126,7 +127,7 @@ def _compare(cfg: Config, out: dict, subsets, real: np.ndarray, base: float) -> 
         if name == g.estimator:
             continue
         other = cfg.model_copy(deep=True)
-        other.select.gradex.estimator = name
+        other.select.gradex.estimator = name  # type: ignore[assignment]  # one of ESTIMATORS
         e = Estimator(other, out["adapter"], est.grads, est.target, est.texts, like=shared)
         shared = e if e.gram is not None else shared
         t0 = time.process_time()

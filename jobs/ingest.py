@@ -109,7 +109,7 @@ def resolve(spec: InputSpec, field: str) -> Source:
         raise InputError(f"{field}.path: cannot read {uri} ({str(exc).splitlines()[0]})") from None
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"{field}.path: {uri} does not exist")
-    fmt = spec.format
+    fmt: str | None = spec.format
     join = (lambda name: f"{uri.rstrip('/')}/{name}") if storage.is_remote(uri) else None
     if info.type == pafs.FileType.Directory:
         listing = fs.get_file_info(pafs.FileSelector(root))
@@ -154,6 +154,7 @@ def resolve(spec: InputSpec, field: str) -> Source:
             )
     if fmt == "hf":
         raise InputError(f"{field}.path: {uri} is a file; format hf expects a save_to_disk folder")
+    assert fmt is not None
     return Source(fmt, fs, (_info(fs, root, uri),))
 
 
@@ -290,6 +291,7 @@ def _keep_types(source: Source, spec: InputSpec) -> dict[str, pa.DataType]:
     first = source.files[0]
     if source.fmt in ("parquet", "hf"):
         schema = _schema(source, first)
+        assert isinstance(schema, pa.Schema)  # parquet and hf files have typed schemas
         kinds = {c: schema.field(c).type for c in spec.keep_columns}
     else:  # JSON lines: the first record's values (no rows are read on the driver)
         record = _first_record(source, first)
@@ -358,7 +360,7 @@ def _json_error(data: bytes, file: InputFile, line0: int, message: str) -> str:
         try:
             record = json.loads(line)
         except ValueError as exc:
-            return f"{file.uri}: line {n} is not valid JSON ({exc.msg})"
+            return f"{file.uri}: line {n} is not valid JSON ({getattr(exc, 'msg', exc)})"
         if not isinstance(record, dict):
             return f"{file.uri}: line {n} is not a JSON object"
         if f"in row {rows}" in message:
@@ -512,7 +514,8 @@ def _conversations(batch: pa.Table, reader: Reader, piece: Piece, raw0: int):
                                  f"{spec.prompt_columns} are empty")  # fmt: skip
             else:
                 values.append(pair("\n\n".join(parts), answer))
-    texts, messages = [], []
+    texts: list[str] = []
+    messages: list[list[dict]] = []
     for i, value in enumerate(values):
         if value is None:  # an empty row: dropped and counted like a blank text
             texts.append("")
@@ -550,7 +553,7 @@ def normalise(batch: pa.Table, reader: Reader, piece: Piece, raw0: int) -> tuple
     empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(
         zero_copy_only=False
     )
-    counts = {"empty": int(empty.sum()), "first_empty": None}
+    counts: dict[str, int | str | None] = {"empty": int(empty.sum()), "first_empty": None}
     if counts["empty"] and spec.on_empty == "error":
         counts["first_empty"] = _where(reader, piece, batch, raw0, int(np.flatnonzero(empty)[0]))
     keep = pa.array(~empty)
@@ -721,12 +724,12 @@ def write_part(store: Store, side: str, index: int, first: int, staged, *drops) 
     if table.num_rows == 0:
         return {"rows": 0}
     table = table.combine_chunks()
-    digest = hashlib.sha1()
-    digest.update("\n".join(table.column("id").to_pylist()).encode())
-    digest.update(b"\x00" + "\x00".join(table.column("text").to_pylist()).encode())
+    sha = hashlib.sha1()
+    sha.update("\n".join(table.column("id").to_pylist()).encode())
+    sha.update(b"\x00" + "\x00".join(table.column("text").to_pylist()).encode())
     if VECTOR in table.column_names:
-        digest.update(table.column(VECTOR).combine_chunks().flatten().to_numpy().tobytes())
-    digest = digest.hexdigest()[:20]
+        sha.update(table.column(VECTOR).combine_chunks().flatten().to_numpy().tobytes())
+    digest = sha.hexdigest()[:20]
     rows = pa.array(np.arange(first, first + table.num_rows, dtype=np.int64))
     table = pa.table({"row": rows, **{c: table.column(c) for c in table.column_names}})
     name = f"part-{index:05d}-{digest[:12]}.parquet"
@@ -833,7 +836,7 @@ def _ingest_side(
                 f"{where}: column {spec.vector_column!r} ({field}.vector_column) has dimension "
                 f"{dim}, {dims[0][1]} has {dims[0][0]}; every row needs the same"
             )
-    dims = {d for d, _ in dims}
+    dim_set = {d for d, _ in dims}
     next_gen = previous.info["id_generation"] + 1 if previous else 0
     generation = RunFolder.data(side, "_ids", f"gen-{next_gen}")
     old_ids = (
@@ -859,7 +862,7 @@ def _ingest_side(
     stats = ray.get([refs[0] for refs in bucket_refs])
     n_dup = sum(s["duplicates"] for s in stats)
     example = next((s["example"] for s in stats if s["example"]), None)
-    if n_dup and spec.id_column:
+    if n_dup and spec.id_column and example is not None:
         raise InputError(
             f"{field}.id_column: {n_dup} repeated ids in {spec.id_column!r} "
             f"(e.g. {example[0]!r} x{example[1]})"
@@ -878,7 +881,7 @@ def _ingest_side(
     if not parts:
         raise InputError(f"{field}.{text_field(spec)[0]}: every row of {spec.path} has an empty "
                          "text")  # fmt: skip
-    dim = next(iter(dims), None)
+    dim = next(iter(dim_set), None)
     commit_index(store, side, parts, spec, files, source.fmt, dim, buckets, generation)
     store.delete(staging)
     return {
@@ -932,10 +935,11 @@ def _caps(pieces: list[Piece], limit: int | None) -> list[int | None]:
     """Rows each piece may read under `limit` (parquet pieces know their rows)."""
     if limit is None:
         return [None] * len(pieces)
-    caps, left = [], limit
+    caps: list[int | None] = []
+    left = limit
     for piece in pieces:
         caps.append(max(0, min(left, piece.rows if piece.rows is not None else left)))
-        left -= caps[-1]
+        left -= caps[-1] or 0
     return caps
 
 

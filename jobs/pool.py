@@ -195,7 +195,7 @@ def missing_chunks(items: list[dict], roots: dict[str, str]) -> list[dict]:
 def drop_stale_parts(pool: Pool, root: str) -> None:
     """Delete cached per-part folders under `root` of parts no longer in the pool (a
     re-ingested, changed input)."""
-    for digest in set(pool.store.folders(root)) - {p.digest for p in pool.parts}:
+    for digest in set(pool.store.folders(root)) - {str(p.digest) for p in pool.parts}:
         pool.store.delete(f"{root}/{digest}")
 
 

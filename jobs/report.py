@@ -62,7 +62,8 @@ def source_table(run_dir: Path, console: Console | None = None) -> None:
     method = json.loads((run_dir / RunFolder.MANIFEST).read_text())["config"]["select"]["method"]
     n_sel = pq.ParquetFile(selection).metadata.num_rows
     if "source" in schema.names:
-        rows = composition(pool_counts(run_dir, "source"), selection_counts(selection, "source"))
+        in_pool = pool_counts(run_dir, "source") or {}
+        rows = composition(in_pool, selection_counts(selection, "source"))
         title = f"Where the {n_sel} selected rows came from ({method}), next to the pool"
         console.print(_table(rows, "source", title))
     else:
@@ -71,7 +72,8 @@ def source_table(run_dir: Path, console: Console | None = None) -> None:
             "candidates.keep_columns for a breakdown)"
         )
     if "label" in schema.names:
-        rows = composition(pool_counts(run_dir, "label"), selection_counts(selection, "label"))
+        in_pool = pool_counts(run_dir, "label") or {}
+        rows = composition(in_pool, selection_counts(selection, "label"))
         console.print(_table(rows, "label", "Most selected labels", top=5))
     console.print(f"selection: {selection} (rows for training: selected.jsonl)", soft_wrap=True)
 

@@ -270,7 +270,7 @@ class RunLock:
     """The lock of one run folder, held by this process."""
 
     where: str  # the folder as the user named it (a path or a URI)
-    backend: object
+    backend: LocalLock | ObjectLock
     info: dict
     created: bool = False  # the folder did not exist: removed again if nothing else is left in it
     depth: int = 1

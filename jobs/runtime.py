@@ -63,7 +63,7 @@ def received() -> list[int]:
     return list(_received)
 
 
-def interruption(exc: BaseException) -> Interrupted | None:
+def interruption(exc: BaseException | None) -> Interrupted | None:
     """The Interrupted that `exc` is or stems from (a KeyboardInterrupt raised by our handlers,
     also when a library wrapped it), or None."""
     seen = set()

@@ -77,7 +77,7 @@ def run_select(
     if method.needs & {"vectors", "texts"} and targets.n == 0:  # they select for the targets
         raise InputError(f"{data.uri_of('data/targets')}: no target rows (empty target set)")
     ctx = Context(cfg, pool, targets, run_dir, out, log)
-    represented = {}
+    represented: dict = {}
     if plan.representation is not None:
         t0 = time.perf_counter()
         ctx.pool, ctx.targets, represented = REPRESENTATIONS[plan.representation].prepare(ctx)

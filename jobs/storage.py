@@ -19,6 +19,7 @@ Credentials come from the filesystem's usual chain (for S3: AWS_ACCESS_KEY_ID/..
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -276,7 +277,7 @@ class Store:
 
         return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
 
-    def list(self, rel: str) -> list[str]:
+    def list(self, rel: str) -> builtins.list[str]:
         """Names of the files directly in folder `rel` (sorted; none when it does not exist)."""
         import pyarrow.fs as pafs
 
@@ -287,7 +288,7 @@ class Store:
             if i.type == pafs.FileType.File and not i.base_name.startswith(".tmp-")
         )
 
-    def folders(self, rel: str) -> list[str]:
+    def folders(self, rel: str) -> builtins.list[str]:
         import pyarrow.fs as pafs
 
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
@@ -375,7 +376,9 @@ def shared_path(local_path: Path):
     remote = mirror_of(local_path)
     if remote is None:
         return str(local_path), None
-    return remote.remote_path(remote.relative(local_path)), remote.fs
+    rel = remote.relative(local_path)
+    assert rel is not None  # mirror_of found the mirror that holds it
+    return remote.remote_path(rel), remote.fs
 
 
 def committed(local_path: Path) -> None:

@@ -21,13 +21,18 @@ engine/, actors/ and jobs/; an installed wheel has them inside this package.
 from __future__ import annotations
 
 from pathlib import Path as _Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what a type checker sees of the names __getattr__ imports on first use
+    from raysift.api import Result, Run, evaluate, methods, open_run, representations, run, select
 
 __version__ = "0.1.0"
 
-# A checkout keeps engine/, actors/, jobs/, configs/ and demo/ beside this folder; the wheel puts
-# them inside it (setuptools' package-dir mapping). Searching the checkout's root for submodules
-# makes `raysift.engine` the checkout's engine/ wherever the checkout is imported from: an editable
-# install, pytest, Ray workers and submitted jobs (their working_dir on sys.path) alike.
+# A checkout keeps engine/, actors/, jobs/, configs/ and demo/ beside this folder and links to them
+# from it (raysift/engine -> ../engine: what type checkers and IDEs read); the wheel puts them
+# inside it (setuptools' package-dir mapping). Where the links are missing (a job's uploaded
+# working_dir leaves them out: Ray would follow them and send every file twice), searching the
+# checkout's root for submodules makes `raysift.engine` the checkout's engine/ all the same.
 _checkout = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "jobs").is_dir() and (_checkout / "jobs" / "cli.py").is_file():
     __path__.append(str(_checkout))  # noqa: F821 - a package's own __path__
@@ -48,4 +53,5 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_API])
 
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", "select", "run", "evaluate", "open_run", "methods", "representations",
+           "Result", "Run"]  # fmt: skip

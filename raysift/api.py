@@ -375,14 +375,16 @@ def _select_local(candidates, targets, tree: dict) -> Result:
             f"select.budget: {cfg.select.budget} is larger than the pool ({len(ids)} candidates)"
         )
     data = InMemory(cfg, ids)
-    target_ids = None
+    target_ids, tgt = None, None
     if targets is not None:
         tgt, target_ids = _clean(_as_table(targets, "targets", t.text_column), "targets",
                                  t.text_column, t.id_column)  # fmt: skip
         data.target_table = tgt
     if plan.representation is not None:
         represent = REPRESENTATIONS[plan.representation].local
+        assert represent is not None and tgt is not None  # checks(cfg): in-process, with targets
         data.vectors, data.target_vectors = represent(cfg, pool, tgt)
+    assert method.local is not None  # checks(cfg): the method runs in-process
     sel = method.local(data)
     chosen = pa.array(sel.indices, pa.int64())
     rows = pa.table({"id": pa.array(ids[sel.indices], pa.string()),

@@ -140,6 +140,18 @@ def test_engine_parameters_are_the_configs():
     with pytest.raises(ValueError, match="greater than 0"):
         TSDSConfig(alpha=0)
     assert "distance scale" in TSDSConfig.model_fields["C"].description
+    # every engine parameter is declared in its section, with the engine's type and default
+    import typing
+
+    from raysift.engine.params import config_fields
+
+    for section, params in ((TSDSConfig, TSDSParams), (IndexConfig, IndexParams),
+                            (GOTDConfig, SinkhornParams)):  # fmt: skip
+        hints = typing.get_type_hints(params)
+        for f in config_fields(params):
+            declared = section.model_fields[f.name]
+            assert declared.annotation == hints[f.name], (section.__name__, f.name)
+            assert declared.default == f.default, (section.__name__, f.name)
 
 
 def test_each_evaluate_entry_gets_its_own_sub_config(tmp_path):

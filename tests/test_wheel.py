@@ -102,7 +102,7 @@ def test_installed_wheel_selects_and_runs_the_demo_in_an_empty_folder(wheel, tmp
     assert got["rows"] == 25 and got["in_process"] and not got["ray"]
     assert got["columns"] == ["id", "row", "rank", "score", "probability", "count", "source"]
     assert not got["bare_jobs_importable"]
-    assert got["methods"] == ["dsir", "gotd", "gradex", "knn", "less", "random", "tsds"]
+    assert got["methods"] == ["dsir", "gotd", "gradex", "knn", "less", "random", "rds", "tsds"]
 
     demo = subprocess.run(
         [str(env_dir / "bin" / "raysift"), "demo", "--no-evaluate",

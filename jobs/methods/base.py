@@ -77,9 +77,21 @@ class InMemory(MethodInput):
     target_vectors: np.ndarray | None = None  # (M, d) float32
     target_table: pa.Table | None = None
 
+    def both_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pool vectors, target vectors) of a method that needs a representation (the caller
+        represented both sides before calling it)."""
+        assert self.vectors is not None and self.target_vectors is not None
+        return self.vectors, self.target_vectors
+
 
 def no_checks(cfg: Config) -> None:
     """A method or representation with no static checks."""
+
+
+def all_checks(cfg: Config, *checks: Callable[[Config], None]) -> None:
+    """Run several static checks in order (a preset: its representation's, then its selector's)."""
+    for check in checks:
+        check(cfg)
 
 
 @dataclass(frozen=True)

@@ -135,9 +135,11 @@ def _fit_sample(item: dict, options: dict, q: float, seed: int) -> np.ndarray:
     return feats.select((u < q) & (feats.lengths() >= o.min_example_length)).counts(o.num_buckets)
 
 
-def _chunk_best(item: dict, options: dict, ld: np.ndarray, k: list[int], seed: int) -> list:
+def _chunk_best(
+    item: dict, options: dict, ld: np.ndarray, k: list[int], seed: int
+) -> list[Ranked] | Ranked:
     """Per target set t: the chunk's best k[t] eligible rows by key t (log w_t, plus Gumbel
-    noise for sampling)."""
+    noise for sampling); one Ranked, not a list, for a single target set."""
     o = DSIRConfig(**options)
     feats, _ = chunk_features(item, None, o)
     logw = feats.log_weights(ld)  # (rows, K)
@@ -170,14 +172,14 @@ def select(ctx: Context) -> Selection:
     cand = plan_chunks(pool, o.chunk_rows, group=None)
     items = cand + plan_chunks(targets, o.chunk_rows, group=o.target_column)
     actors = o.num_actors or max(1, int(cpus))
-    total = {"candidates": {}, "targets": {}}
+    total: dict[str, dict] = {"candidates": {}, "targets": {}}
     stats = {"rows": 0, "eligible": 0, "chunks_computed": 0, "chunks_reused": 0}
     raw = np.zeros(o.num_buckets, np.int64)
     with progress("dsir: features", pool.n + targets.n, "texts") as shown:
         for r in map_actors(ChunkFeaturizer, {"options": options}, items, actors):
-            side = total[r["side"]]
+            counts = total[r["side"]]
             for g, c in r["counts"].items():
-                side[g] = side.get(g, 0) + c
+                counts[g] = counts.get(g, 0) + c
             stats["chunks_computed" if r["computed"] else "chunks_reused"] += 1
             if r["side"] == "candidates":
                 for key in ("rows", "eligible"):
@@ -198,7 +200,7 @@ def select(ctx: Context) -> Selection:
         f"select: dsir: {stats['eligible']:,} of {stats['rows']:,} candidates have at least "
         f"{o.min_example_length} words ({dropped:,} dropped, {dropped / max(stats['rows'], 1):.1%})"
     )
-    fit_rows = stats["rows"] if o.mode == "compat" else stats["eligible"]
+    fit_rows: int | None = stats["rows"] if o.mode == "compat" else stats["eligible"]
     if o.fit_tokens != "all" and o.fit_tokens < fit_grams:
         q = o.fit_tokens / fit_grams
         task = ray.remote(_fit_sample)

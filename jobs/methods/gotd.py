@@ -61,12 +61,13 @@ def select(ctx: Context) -> Selection:
 
 def local(a: InMemory) -> Selection:
     o = a.cfg.select.gotd
+    X, Y = a.both_vectors()
     shard = SinkhornShard(
-        a.vectors, a.target_vectors, n_total=len(a.ids), epsilon=o.epsilon,
+        X, Y, n_total=len(a.ids), epsilon=o.epsilon,
         cache_bytes=o.cache_mb << 20, block=o.block,
     )  # fmt: skip
     f, n_iter, errors, converged = coordinate(
-        local_fanout([shard]), len(a.target_vectors), epsilon=o.epsilon, threshold=o.threshold,
+        local_fanout([shard]), len(Y), epsilon=o.epsilon, threshold=o.threshold,
         momentum=o.momentum, max_iterations=o.max_iterations,
     )  # fmt: skip
     g, rows = merge_smallest([shard.smallest(a.budget)], a.budget)

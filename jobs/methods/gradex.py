@@ -24,6 +24,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,9 @@ from raysift.jobs.runfolder import (
 from raysift.jobs.runtime import start_ray
 from raysift.jobs.storage import Store
 from raysift.jobs.vectors import resolve_threads
+
+if TYPE_CHECKING:
+    import torch
 
 FOLDER = RunFolder.GRADEX
 
@@ -311,7 +315,8 @@ class Estimator:
         self._gm = like._gm if like is not None else None
         if like is not None:
             self._batches = getattr(like, "_batches", None)
-        self.gram, self.norm = (like.gram, like.norm) if like is not None else (None, None)
+        self.gram: torch.Tensor | None = like.gram if like is not None else None
+        self.norm: torch.Tensor | None = like.norm if like is not None else None
         if (
             self.gram is None
             and g.estimator != "offset"
@@ -422,7 +427,7 @@ def prepare(cfg: Config, run_dir: Path, log, data: Store | None = None) -> dict:
     adapter, meta = meta_init(cfg, gdir, sample, log)
     t0 = time.perf_counter()
     log(f"gradex: gradients of {sample.num_rows} rows and {target_rows.num_rows} target texts")
-    info = {
+    info: dict = {
         "train": compute_gradients(
             cfg, gdir, sample.select(["id", "source", "text"]), "train", adapter
         ),  # fmt: skip

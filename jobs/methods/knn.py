@@ -74,8 +74,8 @@ def round_robin(ctx: Context, Q: np.ndarray) -> Selection:
     n = ctx.pool.n
     L = rr.first_length(ctx.budget, len(Q), n)
     while True:
-        lists = merge_tree(map_parts(lists_part, ctx.pool, Q, L), _merge_lists, L)
-        sel = rr.select(*lists, ctx.budget, n)
+        rows, sims = merge_tree(map_parts(lists_part, ctx.pool, Q, L), _merge_lists, L)
+        sel = rr.select(rows, sims, ctx.budget, n)
         if sel is not None:
             sel.info = {"list_length": L}
             return sel
@@ -94,17 +94,18 @@ def select(ctx: Context) -> Selection:
 
 def local(a: InMemory) -> Selection:
     mode, n = a.plan.aggregation, len(a.ids)
+    X, Y = a.both_vectors()
     if mode == "round_robin":
-        L = rr.first_length(a.budget, len(a.target_vectors), n)
-        while (sel := rr.select(*rr.target_lists(a.vectors, a.target_vectors, np.arange(n), L),
+        L = rr.first_length(a.budget, len(Y), n)
+        while (sel := rr.select(*rr.target_lists(X, Y, np.arange(n), L),
                                 a.budget, n)) is None:  # fmt: skip
             L = min(n, 2 * L)
         return sel
     codes = None
     column = subtask_column(a.cfg)
-    if mode == "subtask_mean_max" and column is not None:
+    if mode == "subtask_mean_max" and column is not None and a.target_table is not None:
         codes, _ = subtask_codes(as_strings(a.target_table.column(column)))
-    score = knn_scores(a.vectors, a.target_vectors, mode, codes).astype(np.float64)
+    score = knn_scores(X, Y, mode or "max", codes).astype(np.float64)
     best = Ranked(score, a.ids, np.arange(n), score).top(a.budget)
     return Selection(best.row, best.score)
 

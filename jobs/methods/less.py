@@ -40,7 +40,7 @@ from raysift.jobs.config import Config, LessConfig, to_yaml
 from raysift.jobs.console import progress
 from raysift.jobs.errors import InputError
 from raysift.jobs.methods import knn
-from raysift.jobs.methods.base import Context, Method, Representation
+from raysift.jobs.methods.base import Context, Method, Representation, all_checks
 from raysift.jobs.pool import (
     Pool,
     Vectors,
@@ -179,8 +179,8 @@ def compute_features(cfg: Config, pool: Pool, targets: Pool, warm: dict) -> dict
         drop_stale_parts(side, roots[side.side])
     items = plan_chunks(pool, o.chunk_rows) + plan_chunks(targets, o.chunk_rows)
     todo = missing_chunks(items, roots)
-    stats = {"chunks": len(items), "chunks_computed": 0, "chunks_reused": len(items) - len(todo),
-             "key": key}  # fmt: skip
+    stats: dict = {"chunks": len(items), "chunks_computed": 0,
+                   "chunks_reused": len(items) - len(todo), "key": key}  # fmt: skip
     if todo:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -275,7 +275,7 @@ METHOD = Method(
     score="LESS gradient cosine, subtask mean-max",
     needs=frozenset({"vectors"}),
     options=LessConfig,
-    checks=lambda cfg: (check_static(cfg), knn.checks(cfg)),
+    checks=lambda cfg: all_checks(cfg, check_static, knn.checks),
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from raysift.jobs.config import LmHiddenConfig
 from raysift.jobs.methods import knn, lm_hidden
-from raysift.jobs.methods.base import Method
+from raysift.jobs.methods.base import Method, all_checks
 
 METHOD = Method(
     name="rds",
@@ -15,5 +15,5 @@ METHOD = Method(
     score="cosine to the target whose turn took the row (LM hidden states)",
     needs=frozenset({"vectors"}),
     options=LmHiddenConfig,
-    checks=lambda cfg: (lm_hidden.checks(cfg), knn.checks(cfg)),
+    checks=lambda cfg: all_checks(cfg, lm_hidden.checks, knn.checks),
 )

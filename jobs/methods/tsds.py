@@ -76,9 +76,10 @@ def _sample(t, sol, ids: np.ndarray, budget: int, seed: int, n: int, info: dict)
 def local(a: InMemory) -> Selection:
     t = a.cfg.select.tsds
     params, index = _params(t)
+    X, Y = a.both_vectors()
     try:
         run = select_compat if t.mode == "compat" else select_exact
-        sol, info = run(local_fanout([IndexShard(a.vectors, 0, index)]), a.target_vectors,
+        sol, info = run(local_fanout([IndexShard(X, 0, index)]), Y,
                         len(a.ids), params)  # fmt: skip
     except (ShortResults, ValueError) as exc:
         raise _errors(t, exc) from None
