@@ -14,9 +14,9 @@ import pyarrow as pa
 
 from raysift.engine.embed import encode, load_encoder
 from raysift.engine.render import turns
-from raysift.jobs.pool import chunk_name, read_part_rows, vectors_to_arrow
-from raysift.jobs.runfolder import RunFolder
-from raysift.jobs.storage import Store
+from raysift.jobs.core.pool import chunk_name, read_part_rows, vectors_to_arrow
+from raysift.jobs.core.runfolder import RunFolder
+from raysift.jobs.core.storage import Store
 
 
 def commit_chunk(store: Store, side: str, digest: str, a: int, b: int, ids, vectors) -> None:

@@ -17,7 +17,13 @@ import numpy as np
 import pyarrow as pa
 
 from raysift.engine.render import render
-from raysift.jobs.pool import chunk_file, read_part_rows, row_columns, rows_of, vectors_to_arrow
+from raysift.jobs.core.pool import (
+    chunk_file,
+    read_part_rows,
+    row_columns,
+    rows_of,
+    vectors_to_arrow,
+)
 
 
 class ChunkFeatures:

@@ -16,8 +16,8 @@ import ray
 
 from raysift.actors.fanout import RESTARTS
 from raysift.engine.knn import IndexParams, IndexShard, shard_bounds
-from raysift.jobs.pool import Pool, read_rows, read_vector_range
-from raysift.jobs.storage import Store
+from raysift.jobs.core.pool import Pool, read_rows, read_vector_range
+from raysift.jobs.core.storage import Store
 
 
 class StoredIndexShard(IndexShard):

@@ -15,7 +15,7 @@ import ray
 from raysift.actors.fanout import RESTARTS, ResilientFanout
 from raysift.engine.knn import shard_bounds
 from raysift.engine.sinkhorn import DEFAULTS, SinkhornShard
-from raysift.jobs.pool import Pool, read_vector_range
+from raysift.jobs.core.pool import Pool, read_vector_range
 
 
 class StoredSinkhornShard(SinkhornShard):

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import ray
 
 from raysift.engine.selection import Ranked
-from raysift.jobs.pool import Pool, read_part
+from raysift.jobs.core.pool import Pool, read_part
 
 FANIN = 16  # lists per merge task
 

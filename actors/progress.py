@@ -29,7 +29,7 @@ def watch(label: str, total: int, unit: str, every: float = 0.5) -> Iterator:
     `done` is the count, its other keys are shown."""
     import ray
 
-    from raysift.jobs.console import progress
+    from raysift.jobs.core.console import progress
 
     sink = ray.remote(num_cpus=0)(Sink).remote()
     stop = threading.Event()

@@ -82,8 +82,8 @@ def worker(mode: str, precision: str, data: Path) -> dict:
         import ray.data
 
         from raysift.jobs.config import EmbedConfig
-        from raysift.jobs.embed import embed_sides
         from raysift.jobs.runtime import RAY_ENV, configure_data
+        from raysift.jobs.stages.embed import embed_sides
 
         t0 = time.perf_counter()
         ray.init(
@@ -98,8 +98,8 @@ def worker(mode: str, precision: str, data: Path) -> dict:
         ray.data.range(8).materialize()
         result["ray_start_seconds"] = time.perf_counter() - t0
         from raysift.jobs.config import IngestConfig, InputSpec
-        from raysift.jobs.ingest import ingest_side
-        from raysift.jobs.storage import Store
+        from raysift.jobs.core.storage import Store
+        from raysift.jobs.stages.ingest import ingest_side
 
         cfg = EmbedConfig(
             max_length=MAX_LENGTH, batch_size=BATCH, precision=precision, num_actors=1,

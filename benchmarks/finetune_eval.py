@@ -220,7 +220,7 @@ def main() -> None:
     OUT = ROOT / "runs" / "bench" / args.out
     if not args.table:
         from raysift.jobs.config import load_config
-        from raysift.jobs.evaluate import run_evaluate
+        from raysift.jobs.workflows.evaluate import run_evaluate
 
         build(args.per_source)
         for budget in args.budget:

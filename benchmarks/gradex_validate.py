@@ -56,8 +56,8 @@ def finetune_on_sources(
     and score the same held-out texts, so the rows sit beside that table's. The runs share the
     validation run's ingest, theta* and gradients (same rows, seed and settings)."""
     from raysift.jobs.config import load_config
-    from raysift.jobs.evaluate import Heldout, heldout_scores
     from raysift.jobs.pipeline import run
+    from raysift.jobs.workflows.evaluate import Heldout, heldout_scores
 
     heldout = pq.read_table(FT_OUT / target / "heldout.parquet").column("text").to_pylist()
     base = OUT / target / "run"
@@ -149,7 +149,7 @@ def main() -> None:
         finetune_on_sources(args.target, args.rows_per_source, args.finetune, args.seeds)
     elif not args.table:
         from raysift.jobs.config import load_config
-        from raysift.jobs.gradex_estimate import run_estimate
+        from raysift.jobs.workflows.gradex_estimate import run_estimate
 
         build(1000)
         extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}

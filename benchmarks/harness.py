@@ -123,10 +123,10 @@ def stored_pool(folder: Path, candidates, targets, address: str | None = None):
     """(candidates Pool, targets Pool): the arrays ingested into a run folder in `folder`, vectors
     given as they are (the real ingest and embed stages), so shard actors load their own rows."""
     from raysift.jobs.config import validate
-    from raysift.jobs.ingest import write_vector_inputs
+    from raysift.jobs.core.pool import load_pool
+    from raysift.jobs.core.storage import Store
     from raysift.jobs.pipeline import run
-    from raysift.jobs.pool import load_pool
-    from raysift.jobs.storage import Store
+    from raysift.jobs.stages.ingest import write_vector_inputs
 
     pool, targets_path = write_vector_inputs(folder, candidates, targets)
     cfg = validate({

@@ -60,8 +60,8 @@ def loop_vs_batched(n: int) -> dict:
     from raysift.actors.gradients import LessFeatures
     from raysift.engine import less, lm
     from raysift.jobs.config import LessConfig
+    from raysift.jobs.core.storage import Store
     from raysift.jobs.methods.less import WARMUP, load_state
-    from raysift.jobs.storage import Store
 
     torch.set_num_threads(os.cpu_count() or 1)
     store = Store.local(OUT / "run" / WARMUP)

@@ -235,8 +235,8 @@ def new_code(
 def old_layout(new_run: Path, old_run: Path) -> None:
     """The run folder of the code before the scale-out, from the new one's parts and chunks (the
     harness reads them; neither driver does)."""
-    from raysift.jobs.pool import load_pool, read_part, read_vectors
-    from raysift.jobs.storage import Store
+    from raysift.jobs.core.pool import load_pool, read_part, read_vectors
+    from raysift.jobs.core.storage import Store
 
     store = Store.local(new_run)
     for side in ("candidates", "targets"):

@@ -16,10 +16,10 @@ from typing import Annotated
 import click
 import typer
 
-from raysift.jobs import console
 from raysift.jobs.config import METHOD_NAMES
-from raysift.jobs.errors import Interrupted, describe, input_error
-from raysift.jobs.runfolder import RunFolder
+from raysift.jobs.core import console
+from raysift.jobs.core.errors import Interrupted, describe, input_error
+from raysift.jobs.core.runfolder import RunFolder
 
 app = typer.Typer(
     add_completion=False,
@@ -75,7 +75,7 @@ def _load(config: Path, overrides: list[str] | None):
 
 def _wait(seconds: float) -> None:
     """How long this command waits for a run folder another run holds (jobs.runlock)."""
-    from raysift.jobs.runlock import WAITING
+    from raysift.jobs.core.runlock import WAITING
 
     WAITING["seconds"] = seconds
 
@@ -148,7 +148,7 @@ def finetune(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None
 def evaluate(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None:
     """Select with each method at one budget, fine-tune on each, score the target's held-out
     perplexity; writes evaluation.json and report.html."""
-    from raysift.jobs.evaluate import run_evaluate
+    from raysift.jobs.workflows.evaluate import run_evaluate
 
     _wait(wait_)
     cfg = _load(config, set_)
@@ -172,7 +172,7 @@ def estimate(
 ) -> None:
     """GradEx: estimate fine-tuning on subsets of the pool's data sources from gradients at a
     meta-initialisation, score the sources and choose them (gradex/ in the run folder)."""
-    from raysift.jobs.gradex_estimate import run_estimate
+    from raysift.jobs.workflows.gradex_estimate import run_estimate
 
     _wait(wait_)
     cfg = _load(config, set_)
@@ -193,7 +193,7 @@ def estimate(
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config and its inputs, and print the resolved config."""
     from raysift.jobs.config import to_yaml
-    from raysift.jobs.ingest import check_input
+    from raysift.jobs.stages.ingest import check_input
 
     cfg = _load(config, set_)
     check_input(cfg.candidates, "candidates")
@@ -205,7 +205,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 def curate(config: ConfigArg, set_: SetOpt = None, wait_: WaitOpt = 0) -> None:
     """Incremental curation of a growing pool folder: embed only new rows, re-select, write a
     new version under curate/ with a diff against the previous one (nothing new: no-op)."""
-    from raysift.jobs.curate import run_curate
+    from raysift.jobs.workflows.curate import run_curate
 
     _wait(wait_)
     summary = run_curate(_load(config, set_), log=_log)
@@ -271,7 +271,7 @@ def demo(
 ) -> None:
     """The whole path on the shipped demo: embed, select (knn), then fine-tune SmolLM2 on knn's,
     random's and the target's own rows and compare target perplexity in report.html."""
-    from raysift.jobs.report import evaluation_table, source_table
+    from raysift.jobs.stages.report import evaluation_table, source_table
 
     config = demo_config()
     overrides = list(set_ or [])
@@ -281,7 +281,7 @@ def demo(
     run_dir = _run(config, overrides, None, wait_)
     source_table(run_dir)
     if evaluate_:
-        from raysift.jobs.evaluate import run_evaluate
+        from raysift.jobs.workflows.evaluate import run_evaluate
 
         run_evaluate(_load(config, overrides), log=_log)
         evaluation_table(run_dir)
@@ -351,7 +351,7 @@ def _main(argv: list[str] | None) -> int:
             # standalone_mode=False: a command's `typer.Exit(n)` comes back as n, not raised
             code = app(args=argv, standalone_mode=False, prog_name="raysift")
         finally:  # a remote run folder gets what the command wrote, also when it failed
-            from raysift.jobs.storage import sync_all
+            from raysift.jobs.core.storage import sync_all
 
             sync_all()
         if code == 130 and received():  # Typer turned our KeyboardInterrupt into Exit(130)

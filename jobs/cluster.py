@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from raysift.jobs.errors import InputError
+from raysift.jobs.core.errors import InputError
 
 PACKAGE = Path(__file__).resolve().parent.parent  # raysift/ in a wheel, the checkout's root else
 CHECKOUT = (PACKAGE / "raysift" / "__init__.py").is_file()

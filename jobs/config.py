@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from raysift.engine.params import IndexParams, SinkhornParams, TSDSParams, config_fields
-from raysift.jobs.errors import InputError
+from raysift.jobs.core.errors import InputError
 
 
 class Strict(BaseModel):

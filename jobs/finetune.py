@@ -41,9 +41,9 @@ from raysift.engine.lm import resolve_lm_path
 from raysift.engine.loading import quiet
 from raysift.engine.render import RenderError, render, row_of
 from raysift.jobs.config import Config, FinetuneConfig, result_settings
-from raysift.jobs.errors import InputError
-from raysift.jobs.runfolder import RunFolder, atomic_path, write_json, write_text
-from raysift.jobs.storage import Store, shared_path
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.runfolder import RunFolder, atomic_path, write_json, write_text
+from raysift.jobs.core.storage import Store, shared_path
 
 STATE = "state.pt"
 TOKENS = RunFolder.TOKENS

@@ -8,7 +8,7 @@ import threading
 
 from raysift.jobs.cluster import TOKEN_HELP, check_ray_address, token_present
 from raysift.jobs.config import RayConfig
-from raysift.jobs.errors import InputError, Interrupted
+from raysift.jobs.core.errors import InputError, Interrupted
 
 # Ray Train's controller polls its workers every 2 s by default: it notices the end of a fit and
 # registers reported checkpoints that late (a Ctrl-C then resumes from an older one); 0.5 s costs
@@ -25,7 +25,7 @@ def start_ray(settings: RayConfig) -> None:
     # A failed task's other return values (ingest's tables, a shard's partials) hold copies of the
     # error raysift has already raised (exit 2, one line): Ray would print each again at exit.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    from raysift.jobs import console
+    from raysift.jobs.core import console
 
     if not ray.is_initialized():
         console.quiet_ray()  # before ray.init: its own lines at start-up go through the filters

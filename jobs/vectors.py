@@ -14,10 +14,10 @@ import os
 import pyarrow.fs as pafs
 
 from raysift.jobs.config import EmbedConfig
-from raysift.jobs.errors import InputError
-from raysift.jobs.pool import Part, Pool, chunks, load_pool, uncovered
-from raysift.jobs.runfolder import RunFolder
-from raysift.jobs.storage import Store
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import Part, Pool, chunks, load_pool, uncovered
+from raysift.jobs.core.runfolder import RunFolder
+from raysift.jobs.core.storage import Store
 
 SIDES = ("targets", "candidates")
 

@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 from raysift.jobs.config import Config, load_config, validate
-from raysift.jobs.errors import InputError
-from raysift.jobs.runfolder import RunFolder
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.runfolder import RunFolder
 
 LOCAL_ROWS = 100_000  # in-process below this many in-memory candidate rows (unless `ray=` says)
 IN_MEMORY = "<in memory>"
@@ -133,7 +133,7 @@ class Run:
 
 def open_run(path: str | Path) -> Run:
     """Read a run folder (a path or an s3:// / gs:// URI) without touching its bulk folders."""
-    from raysift.jobs.storage import Store, filesystem, is_remote
+    from raysift.jobs.core.storage import Store, filesystem, is_remote
 
     uri = str(path)
     if is_remote(uri):
@@ -172,7 +172,7 @@ def run(config: str | Path | Config, stages: Sequence[str] | None = None,
 def evaluate(config: str | Path | Config, overrides: Sequence[str] = ()) -> dict:
     """Fine-tune on each of `evaluate.methods`' selections and score the held-out texts;
     returns evaluation.json's content (report.html lands in the run folder)."""
-    from raysift.jobs.evaluate import run_evaluate
+    from raysift.jobs.workflows.evaluate import run_evaluate
 
     cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
     run_dir = run_evaluate(cfg)
@@ -358,7 +358,7 @@ def _tree(method, representation, budget, seed, text_column, id_column, keep_col
 
 def _select_local(candidates, targets, tree: dict) -> Result:
     from raysift.jobs.methods import METHODS, REPRESENTATIONS, InMemory
-    from raysift.jobs.select import checks, selection_table
+    from raysift.jobs.stages.select import checks, selection_table
 
     cfg = validate(tree, "raysift.select")
     checks(cfg)
@@ -405,7 +405,7 @@ def _select_local(candidates, targets, tree: dict) -> Result:
 
 
 def _select_on_ray(candidates, targets, tree: dict, output_dir) -> Result:
-    from raysift.jobs.runlock import hold
+    from raysift.jobs.core.runlock import hold
 
     run_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="raysift-"))
     if tree["output_dir"] == IN_MEMORY:
@@ -415,8 +415,8 @@ def _select_on_ray(candidates, targets, tree: dict, output_dir) -> Result:
 
 
 def _inputs_and_run(candidates, targets, tree: dict) -> Result:
+    from raysift.jobs.core.storage import is_remote
     from raysift.jobs.pipeline import run as run_pipeline
-    from raysift.jobs.storage import is_remote
 
     # In-memory inputs are written once, by this process, to a file the ingest reads: into the
     # run folder when it is local, else beside it in a temporary folder.

@@ -1,7 +1,7 @@
 """README's generated references: the config table (from the config schema: every field, its
 default, its description and bounds) and the methods table (from the method table).
 
-    python -m raysift.reference          # rewrite the generated blocks of README.md, docs/config.md
+    python -m raysift.reference          # rewrite the generated blocks of README.md and docs/
     python -m raysift.reference --check  # exit 1 when one differs (what the tests run)
 """
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     root = Path(argv[argv.index("--root") + 1]) if "--root" in argv else Path(".")
     stale = []
-    for path in (root / "README.md", root / "docs" / "config.md"):
+    for path in (root / "README.md", *sorted((root / "docs").rglob("*.md"))):
         current = path.read_text()
         wanted = render(current)
         if current == wanted:

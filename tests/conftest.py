@@ -74,10 +74,10 @@ def vector_pool(folder: Path, candidates, targets, parts: int = 1):
     arrays as an ingested pool with its vectors committed: the real ingest and embed stages, the
     vectors given (not normalised), `parts` input files. Row i is candidates[i]."""
     from raysift.jobs.config import validate
-    from raysift.jobs.ingest import write_vector_inputs
+    from raysift.jobs.core.pool import load_pool
+    from raysift.jobs.core.storage import Store
     from raysift.jobs.pipeline import run
-    from raysift.jobs.pool import load_pool
-    from raysift.jobs.storage import Store
+    from raysift.jobs.stages.ingest import write_vector_inputs
 
     pool, targets_path = write_vector_inputs(folder, candidates, targets, parts)
     cfg = validate({
@@ -94,8 +94,8 @@ def vector_pool(folder: Path, candidates, targets, parts: int = 1):
 def pool_table(run: Path, side: str = "candidates", columns: list[str] | None = None):
     """Every row of an ingested side, in row order (tests read the parts back; the stages never
     do on the driver)."""
-    from raysift.jobs.pool import load_pool, read_rows
-    from raysift.jobs.storage import Store
+    from raysift.jobs.core.pool import load_pool, read_rows
+    from raysift.jobs.core.storage import Store
 
     pool = load_pool(Store.local(run), side)
     return read_rows(pool, 0, pool.n, columns or list(pool.columns))
@@ -110,9 +110,9 @@ def fake_pool(run: Path, side: str, ids, texts, vectors=None, **columns) -> None
 
     from raysift.actors.embedder import commit_chunk
     from raysift.jobs.config import EmbedConfig, InputSpec
-    from raysift.jobs.ingest import commit_index, write_part
-    from raysift.jobs.pool import VECTOR, Part, load_pool
-    from raysift.jobs.storage import Store
+    from raysift.jobs.core.pool import VECTOR, Part, load_pool
+    from raysift.jobs.core.storage import Store
+    from raysift.jobs.stages.ingest import commit_index, write_part
     from raysift.jobs.vectors import check_settings, settings, write_summary
 
     store = Store.local(run)

@@ -12,7 +12,7 @@ import pytest
 
 import raysift
 from raysift.jobs.config import METHOD_NAMES
-from raysift.jobs.errors import InputError
+from raysift.jobs.core.errors import InputError
 from raysift.jobs.methods import METHODS
 from tests.conftest import DEMO_POOL, DEMO_TARGETS
 

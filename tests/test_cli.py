@@ -584,7 +584,7 @@ def test_a_failed_ray_task_is_named_by_its_error(ray_cluster):
     RayTaskError's first line (`ray::task()` in terminal colours, pid and address)."""
     import ray
 
-    from raysift.jobs.errors import InputError, describe
+    from raysift.jobs.core.errors import InputError, describe
 
     @ray.remote
     def read_piece(kind):

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from raysift.jobs.config import load_config, parse_override, to_yaml, validate
-from raysift.jobs.errors import InputError
+from raysift.jobs.core.errors import InputError
 
 from .conftest import REPO, write_config
 
@@ -157,7 +157,7 @@ def test_engine_parameters_are_the_configs():
 def test_each_evaluate_entry_gets_its_own_sub_config(tmp_path):
     """Every method of the demo's evaluate (random has no select section), an entry with
     options, and an option the method does not have (one line naming the entry and field)."""
-    from raysift.jobs.evaluate import sub_config
+    from raysift.jobs.workflows.evaluate import sub_config
 
     path = write_config(tmp_path / "c.yaml", **base(tmp_path))
     cfg = load_config(path, [

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from raysift.jobs.config import load_config
-from raysift.jobs.curate import run_curate
 from raysift.jobs.pipeline import run
+from raysift.jobs.workflows.curate import run_curate
 from tests.conftest import DEMO_POOL, DEMO_TARGETS, pool_table, write_config
 
 
@@ -44,8 +44,8 @@ def _pool(tmp_path, first: int, name: str):
 
 def embeddings(run_dir, side):
     """(ids, vectors) of a side, in row order (read back by the test)."""
-    from raysift.jobs.pool import load_pool, read_vector_range
-    from raysift.jobs.storage import Store
+    from raysift.jobs.core.pool import load_pool, read_vector_range
+    from raysift.jobs.core.storage import Store
 
     pool = load_pool(Store.local(run_dir), side)
     return pool_table(run_dir, side, ["id"])["id"].to_pylist(), read_vector_range(pool, 0, pool.n)

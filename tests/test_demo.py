@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysift.jobs.cli import main
-from raysift.jobs.report import composition, pool_counts, selection_counts
+from raysift.jobs.stages.report import composition, pool_counts, selection_counts
 
 from .conftest import DEMO_POOL
 

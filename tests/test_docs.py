@@ -19,14 +19,19 @@ BIN = Path(sys.executable).parent
 
 def test_generated_tables_match_the_code(tmp_path, capsys):
     assert reference.main(["--check", "--root", str(REPO)]) == 0
-    (tmp_path / "docs").mkdir()
-    shutil.copy(REPO / "docs" / "config.md", tmp_path / "docs" / "config.md")
+    shutil.copytree(REPO / "docs", tmp_path / "docs")
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    config = (REPO / "docs" / "config.md").read_text()
+    row = next(line for line in config.splitlines() if line.startswith("| `select.budget` |"))
+    (tmp_path / "docs" / "config.md").write_text(config.replace(row, row.replace("500", "600")))
     readme = (REPO / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `select.budget` |"))
-    (tmp_path / "README.md").write_text(readme.replace(row, row.replace("500", "600")))
+    summary = next(line for line in readme.splitlines() if line.startswith("| `rds` |"))
+    (tmp_path / "README.md").write_text(readme.replace(summary, summary.replace("RDS+", "RDS")))
     assert reference.main(["--check", "--root", str(tmp_path)]) == 1
-    assert "README.md" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "README.md" in err and "config.md" in err
     assert reference.main(["--root", str(tmp_path)]) == 0  # rewritten: back in step
+    assert (tmp_path / "docs" / "config.md").read_text() == config
     assert (tmp_path / "README.md").read_text() == readme
 
 
@@ -47,11 +52,12 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
     assert "select.tsds.index.nprobe" in (tmp_path / "site" / "config" / "index.html").read_text()
 
 
-def test_the_readme_describes_every_run_folder_path():
-    """`RunFolder` names every path of a run folder; README's table must describe each."""
-    from raysift.jobs.runfolder import RunFolder
+def test_the_docs_describe_every_run_folder_path():
+    """`RunFolder` names every path of a run folder; the run-folder page's table describes each."""
+    from raysift.jobs.core.runfolder import RunFolder
 
-    section = (REPO / "README.md").read_text().split("### The run folder")[1].split("\n### ")[0]
+    page = (REPO / "docs" / "run-folder.md").read_text()
+    section = page.split("\n## The run folder (`output_dir`)")[1].split("\n## ")[0]
     paths = {v for k, v in vars(RunFolder).items() if k.isupper() and isinstance(v, str)}
     assert len(paths) >= 18
     assert sorted(p for p in paths if f"`{p}" not in section) == []

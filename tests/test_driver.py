@@ -14,8 +14,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import pytest
 
+from raysift.jobs.core.storage import Store
 from raysift.jobs.methods import PAIRS
-from raysift.jobs.storage import Store
 from tests.synthpool import synth_pool
 
 from .conftest import write_config
@@ -113,7 +113,7 @@ def test_select_never_reads_the_pool_on_the_driver(pool, guard, name):
 
 
 def test_the_guard_catches_a_driver_that_reads(pool, guard):
-    from raysift.jobs.pool import load_pool, read_part, read_vectors
+    from raysift.jobs.core.pool import load_pool, read_part, read_vectors
 
     _, run_dir = pool
     candidates = load_pool(Store.local(run_dir), "candidates")  # the index: allowed
@@ -128,7 +128,7 @@ def test_the_guard_catches_a_driver_that_reads(pool, guard):
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
 def test_ingest_never_reads_input_rows_on_the_driver(tmp_path, guard, fmt):
     from raysift.jobs.config import IngestConfig, InputSpec
-    from raysift.jobs.ingest import check_input, ingest_side, plan, raw_batches
+    from raysift.jobs.stages.ingest import check_input, ingest_side, plan, raw_batches
 
     candidates, _ = synth_pool(n=900, m=4)
     rows = candidates.select(["text", "source"])
@@ -221,7 +221,7 @@ def test_every_selector_on_every_representation(pool, texts, guard, selector, re
 
 @pytest.mark.slow
 def test_a_killed_lm_hidden_pass_recomputes_only_the_lost_chunk(texts):
-    from raysift.jobs.storage import Store
+    from raysift.jobs.core.storage import Store
 
     cfg, run_dir = texts
     select = {"method": "rds", "budget": 20}

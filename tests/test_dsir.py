@@ -210,9 +210,9 @@ def test_gumbel_selection_is_the_same_for_any_partitioning(reference, tmp_path):
     again, m2 = _run(tmp_path / "b", four, targets, chunk_rows=300, fit_tokens=half)
     assert again.equals(b) and m2["stages"]["select"]["chunks_computed"] == 0
     from raysift.jobs.config import DSIRConfig
+    from raysift.jobs.core.pool import load_pool
+    from raysift.jobs.core.storage import Store
     from raysift.jobs.methods.dsir import drop_stale
-    from raysift.jobs.pool import load_pool
-    from raysift.jobs.storage import Store
 
     cached = tmp_path / "b" / "features" / "candidates" / "n2-b10000"
     (cached / "0123stale").mkdir()  # a part that is no longer in the pool

@@ -15,8 +15,8 @@ import torch
 
 from raysift.engine.embed import DEFAULT_MODEL, resolve_model_path
 from raysift.jobs.cli import main
-from raysift.jobs.pool import load_pool, read_rows, read_vector_range
-from raysift.jobs.storage import Store
+from raysift.jobs.core.pool import load_pool, read_rows, read_vector_range
+from raysift.jobs.core.storage import Store
 
 from .conftest import DEMO_POOL, DEMO_TARGETS, write_config
 
@@ -59,7 +59,7 @@ def test_actor_matches_a_direct_forward_pass(tmp_path, demo_rows, precision, tol
     from raysift.actors.embedder import ChunkEmbedder
     from raysift.actors.pool import map_actors
     from raysift.jobs.config import IngestConfig, InputSpec
-    from raysift.jobs.ingest import ingest_side
+    from raysift.jobs.stages.ingest import ingest_side
 
     rows = demo_rows.slice(0, 24).select(["id", "text"])  # mixed lengths, code included
     pq.write_table(rows, tmp_path / "in.parquet")

@@ -219,7 +219,7 @@ def test_evaluate_end_to_end_and_its_perplexity(tmp_path, tiny_lm, ray_cluster):
 
     from raysift.engine.lm import load_finetuned
     from raysift.jobs.config import load_config
-    from raysift.jobs.evaluate import run_evaluate
+    from raysift.jobs.workflows.evaluate import run_evaluate
 
     pool = pq.read_table(DEMO_POOL).slice(0, 400)
     pq.write_table(pool, tmp_path / "pool.parquet")

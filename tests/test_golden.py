@@ -95,7 +95,7 @@ CASES = sorted(META["cases"])
 
 @pytest.mark.parametrize("name", CASES)
 def test_selection_equals_the_previous_code(layout, name, capsys):
-    from raysift.jobs.select import run_select
+    from raysift.jobs.stages.select import run_select
 
     parts, base = layout
     cfg = _config(base, name, parts)

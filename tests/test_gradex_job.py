@@ -15,9 +15,9 @@ from raysift.engine import gradex as gx
 from raysift.engine import lm
 from raysift.engine.baselines import random_select
 from raysift.jobs.config import load_config
-from raysift.jobs.gradex_estimate import run_estimate
 from raysift.jobs.methods.gradex import load_target, load_train, shard_files
 from raysift.jobs.pipeline import run
+from raysift.jobs.workflows.gradex_estimate import run_estimate
 
 from .conftest import DEMO_POOL, DEMO_TARGETS, pool_table, write_config
 
@@ -198,7 +198,7 @@ def test_evaluate_compares_gradex_with_random_sources(tmp_path, tiny_lm, ray_clu
     """`evaluate.methods` takes gradex and its baselines: each run fine-tunes the base model on
     the budget's rows of its sources, and the report has a row for each. (gradex-all is the
     random baseline at the budget: test_select_stage_takes_the_chosen_sources_rows.)"""
-    from raysift.jobs.evaluate import run_evaluate
+    from raysift.jobs.workflows.evaluate import run_evaluate
 
     cfg = load_config(
         write_config(

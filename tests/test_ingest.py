@@ -12,10 +12,10 @@ import pytest
 
 from raysift.engine.ids import content_id
 from raysift.jobs.config import IngestConfig, InputSpec
-from raysift.jobs.errors import InputError
-from raysift.jobs.ingest import check_input, ingest_side
-from raysift.jobs.pool import load_pool, read_rows
-from raysift.jobs.storage import Store
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import load_pool, read_rows
+from raysift.jobs.core.storage import Store
+from raysift.jobs.stages.ingest import check_input, ingest_side
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("ray_cluster")]
 

@@ -40,8 +40,8 @@ def _config(folder, tiny_lm, target: str, **evaluate):
 
 
 def test_chat_pool_runs_and_evaluates_end_to_end(tmp_path, tiny_lm, ray_cluster):
-    from raysift.jobs.evaluate import run_evaluate
     from raysift.jobs.pipeline import run
+    from raysift.jobs.workflows.evaluate import run_evaluate
 
     cfg = _config(tmp_path, tiny_lm, "define_animals",
                   methods=["knn", "rds", "less"], seeds=[0])  # fmt: skip

@@ -12,9 +12,9 @@ import torch
 from raysift.actors.gradients import LessFeatures
 from raysift.engine import less, lm
 from raysift.engine.gradex import GradientModel, Projector
+from raysift.jobs.core.storage import Store
 from raysift.jobs.finetune import epoch_state_name, save_epoch_state
 from raysift.jobs.methods.less import load_state
-from raysift.jobs.storage import Store
 
 from .test_gradex import TEXTS as GRADEX_TEXTS
 
@@ -96,7 +96,9 @@ def test_batched_features_equal_a_per_example_autograd_loop(warmed, tiny_lm):
             )
             err = float((gamma[n][i] - want).norm() / want.norm())
             # float32, threaded reductions in no fixed order: measured up to 1.0e-6 run to run
-            assert err < 5e-6, (n, i, err)
+            # on an idle machine, 5.4e-6 with other jobs on its 2 cores (other thread splits);
+            # rounding only: the bound stays orders of magnitude below a changed beta or moment
+            assert err < 2e-5, (n, i, err)
 
 
 def test_the_moments_are_the_right_parameters(warmed):

@@ -14,10 +14,10 @@ import pytest
 
 from raysift.engine import less
 from raysift.jobs.config import load_config
+from raysift.jobs.core.storage import Store
 from raysift.jobs.finetune import epoch_state_name
 from raysift.jobs.methods.less import WARMUP, committed_chunks, load_state, read_chunk
 from raysift.jobs.pipeline import run
-from raysift.jobs.storage import Store
 
 from .conftest import DEMO_POOL, write_config
 
@@ -172,7 +172,7 @@ def test_one_subtask_and_another_seed_reuse_the_features(selected, tiny_lm):
 
 
 def test_bad_subtask_column_is_one_line(selected, tiny_lm):
-    from raysift.jobs.errors import InputError
+    from raysift.jobs.core.errors import InputError
 
     folder, _ = selected
     cfg = _config(folder, tiny_lm, subtask_column="nope")
@@ -183,7 +183,7 @@ def test_bad_subtask_column_is_one_line(selected, tiny_lm):
 def test_evaluate_runs_less_with_one_warmup_and_one_feature_pass(selected, tmp_path, tiny_lm):
     """`raysift evaluate` with LESS over two seeds: the warm-up and the pool's features live
     beside the shared pool and are computed once; the report lists LESS."""
-    from raysift.jobs.evaluate import run_evaluate
+    from raysift.jobs.workflows.evaluate import run_evaluate
 
     folder, _ = selected
     cfg = load_config(

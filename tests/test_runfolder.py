@@ -3,7 +3,13 @@ import json
 import pyarrow as pa
 import pytest
 
-from raysift.jobs.runfolder import Manifest, atomic_path, clean_leftovers, write_json, write_parquet
+from raysift.jobs.core.runfolder import (
+    Manifest,
+    atomic_path,
+    clean_leftovers,
+    write_json,
+    write_parquet,
+)
 
 
 def test_a_failed_write_leaves_no_file_and_no_temp(tmp_path):

@@ -16,12 +16,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from raysift.jobs.runlock import FolderBusy, hold
+from raysift.jobs.core.runlock import FolderBusy, hold
 from tests.conftest import DEMO_POOL, DEMO_TARGETS, REPO, write_config
 
 HOLDER = """
 import sys, time
-from raysift.jobs.runlock import hold
+from raysift.jobs.core.runlock import hold
 with hold(sys.argv[1], command="raysift curate"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -75,7 +75,7 @@ def test_a_waiting_writer_gets_the_folder_when_the_holder_ends(tmp_path, capsys)
 
 
 def test_a_run_refused_by_its_checks_leaves_no_folder(tmp_path):
-    from raysift.jobs.errors import InputError
+    from raysift.jobs.core.errors import InputError
 
     folder = tmp_path / "new"
     with pytest.raises(InputError, match="a check"), hold(str(folder)):

@@ -15,9 +15,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from raysift.jobs import storage
-from raysift.jobs.errors import InputError
-from raysift.jobs.runfolder import write_json, write_parquet
+from raysift.jobs.core import storage
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.runfolder import write_json, write_parquet
 from tests.conftest import DEMO_POOL, DEMO_TARGETS, REPO, write_config
 
 BUCKET = "raysift-runs"
@@ -259,8 +259,8 @@ def test_object_store_lock_refuses_renews_expires_and_is_taken_over(s3_env, monk
     to a conditional takeover, and finds out at its next renewal (its run stops there)."""
     import boto3
 
-    from raysift.jobs import runlock
-    from raysift.jobs.runlock import FolderBusy, ObjectLock, S3Object, hold, holder
+    from raysift.jobs.core import runlock
+    from raysift.jobs.core.runlock import FolderBusy, ObjectLock, S3Object, hold, holder
 
     monkeypatch.setenv("RAYSIFT_LOCK_EXPIRY", "2")  # renewed every 0.5 s
     uri = f"s3://{BUCKET}/locked"

@@ -39,8 +39,8 @@ def config(tmp_path, candidates, targets, **sections):
 
 
 def read_vectors(run):
-    from raysift.jobs.pool import load_pool, read_vector_range
-    from raysift.jobs.storage import Store
+    from raysift.jobs.core.pool import load_pool, read_vector_range
+    from raysift.jobs.core.storage import Store
 
     pool = load_pool(Store.local(run), "candidates")
     return read_vector_range(pool, 0, pool.n)

@@ -37,7 +37,7 @@ def _lab(colour: str) -> np.ndarray:
 
 
 def test_source_colours_are_distinguishable_for_twenty_sources():
-    from raysift.jobs.evaluation_report import COLOURS, _ink, luminance
+    from raysift.jobs.workflows.evaluation_report import COLOURS, _ink, luminance
 
     assert len(COLOURS) >= 20 and len(set(COLOURS[:20])) == 20
     distance = min(
@@ -54,8 +54,8 @@ def test_source_colours_are_distinguishable_for_twenty_sources():
 
 def test_execution_only_settings_keep_the_reuse_keys(tmp_path):
     from raysift.jobs.config import Config, FinetuneConfig
-    from raysift.jobs.curate import _config_key
     from raysift.jobs.finetune import fingerprint
+    from raysift.jobs.workflows.curate import _config_key
 
     rows = tmp_path / "selected.jsonl"
     rows.write_text('{"id": "a", "text": "x"}\n')
@@ -78,7 +78,7 @@ def test_execution_only_settings_keep_the_reuse_keys(tmp_path):
 
 def test_summary_over_seeds():
     """evaluate's per-method summary: mean, sample std over seeds, against random and the base."""
-    from raysift.jobs.evaluate import summarise
+    from raysift.jobs.workflows.evaluate import summarise
 
     def run(method, seed, ppl, share):
         return {"method": method, "seed": seed, "perplexity": ppl, "share_from_target": share,
@@ -98,7 +98,7 @@ def test_summary_over_seeds():
 
 
 def test_progress_prints_plain_lines_off_a_terminal(capsys, monkeypatch):
-    from raysift.jobs.console import progress
+    from raysift.jobs.core.console import progress
 
     monkeypatch.setenv("RAYSIFT_PROGRESS_SECONDS", "0")
     with progress("embed", 300, "texts") as shown:

@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from raysift.engine.selection import Selection
 from raysift.jobs.config import Config, Plan, RayConfig, SelectConfig
-from raysift.jobs.pool import Pool, read_vector_range
+from raysift.jobs.core.pool import Pool, read_vector_range
+from raysift.jobs.core.storage import Store
 from raysift.jobs.runtime import start_ray
-from raysift.jobs.storage import Store
 
 
 @dataclass

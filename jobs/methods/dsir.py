@@ -28,10 +28,9 @@ from raysift.engine.dsir import Features, Featurizer, gumbel, log_diff, split_bu
 from raysift.engine.ids import hash_uniform
 from raysift.engine.selection import Ranked, Selection
 from raysift.jobs.config import DSIRConfig
-from raysift.jobs.console import progress
-from raysift.jobs.errors import InputError
-from raysift.jobs.methods.base import Context, Method, cluster_cpus
-from raysift.jobs.pool import (
+from raysift.jobs.core.console import progress
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import (
     Pool,
     as_strings,
     chunk_file,
@@ -39,9 +38,10 @@ from raysift.jobs.pool import (
     plan_chunks,
     read_part_rows,
 )
-from raysift.jobs.runfolder import RunFolder
+from raysift.jobs.core.runfolder import RunFolder
+from raysift.jobs.core.storage import Store
+from raysift.jobs.methods.base import Context, Method, cluster_cpus
 from raysift.jobs.runtime import start_ray
-from raysift.jobs.storage import Store
 
 FEATURES = RunFolder.FEATURES
 

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 
 from raysift.jobs.config import Config, EmbedConfig
-from raysift.jobs.errors import InputError
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import Pool
+from raysift.jobs.core.storage import Store
 from raysift.jobs.methods.base import Context, Representation
-from raysift.jobs.pool import Pool
-from raysift.jobs.storage import Store
 from raysift.jobs.vectors import check_vectors_ready, vector_dim
 
 

@@ -17,10 +17,10 @@ from raysift.engine.gotd import select as gotd_select
 from raysift.engine.selection import Selection
 from raysift.engine.sinkhorn import SinkhornShard, coordinate
 from raysift.jobs.config import GOTDConfig
-from raysift.jobs.console import progress
+from raysift.jobs.core.console import progress
+from raysift.jobs.core.runfolder import RunFolder
 from raysift.jobs.methods.base import Context, InMemory, Method, start_cluster
 from raysift.jobs.methods.tsds import shards_fit
-from raysift.jobs.runfolder import RunFolder
 
 GOTD_POTENTIAL = RunFolder.GOTD_POTENTIAL
 

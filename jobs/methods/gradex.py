@@ -37,11 +37,10 @@ from raysift.engine import gradex as gx
 from raysift.engine.ids import hash_uniform
 from raysift.engine.selection import Ranked, Selection
 from raysift.jobs.config import Config, GradExConfig, to_yaml
-from raysift.jobs.console import progress
-from raysift.jobs.errors import InputError
-from raysift.jobs.methods.base import Context, Method
-from raysift.jobs.pool import Pool, as_strings, load_pool, read_part, read_rows
-from raysift.jobs.runfolder import (
+from raysift.jobs.core.console import progress
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import Pool, as_strings, load_pool, read_part, read_rows
+from raysift.jobs.core.runfolder import (
     TMP_PREFIX,
     RunFolder,
     write_json,
@@ -49,8 +48,9 @@ from raysift.jobs.runfolder import (
     write_parquet,
     write_text,
 )
+from raysift.jobs.core.storage import Store
+from raysift.jobs.methods.base import Context, Method
 from raysift.jobs.runtime import start_ray
-from raysift.jobs.storage import Store
 from raysift.jobs.vectors import resolve_threads
 
 if TYPE_CHECKING:

@@ -22,10 +22,10 @@ from raysift.engine.baselines import knn_scores
 from raysift.engine.less import subtask_codes
 from raysift.engine.selection import Ranked, Selection
 from raysift.jobs.config import Config, KnnConfig
-from raysift.jobs.errors import InputError
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import Part, Pool, as_strings, read_vectors
 from raysift.jobs.methods.base import Context, InMemory, Method
 from raysift.jobs.methods.random import part_ids
-from raysift.jobs.pool import Part, Pool, as_strings, read_vectors
 
 
 def subtask_column(cfg: Config) -> str | None:

@@ -37,11 +37,9 @@ from raysift.engine import less
 from raysift.engine.ids import hash_uniform
 from raysift.engine.selection import Ranked
 from raysift.jobs.config import Config, LessConfig, to_yaml
-from raysift.jobs.console import progress
-from raysift.jobs.errors import InputError
-from raysift.jobs.methods import knn
-from raysift.jobs.methods.base import Context, Method, Representation, all_checks
-from raysift.jobs.pool import (
+from raysift.jobs.core.console import progress
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import (
     Pool,
     Vectors,
     as_strings,
@@ -52,9 +50,11 @@ from raysift.jobs.pool import (
     read_part,
     row_columns,
 )
-from raysift.jobs.runfolder import RunFolder, write_jsonl, write_text
+from raysift.jobs.core.runfolder import RunFolder, write_jsonl, write_text
+from raysift.jobs.core.storage import Store
+from raysift.jobs.methods import knn
+from raysift.jobs.methods.base import Context, Method, Representation, all_checks
 from raysift.jobs.runtime import start_ray
-from raysift.jobs.storage import Store
 from raysift.jobs.vectors import resolve_threads
 
 WARMUP = f"{RunFolder.LESS}/warmup"

@@ -29,11 +29,11 @@ from raysift.actors.pool import map_actors
 from raysift.engine.lm import resolve_lm_path
 from raysift.engine.render import render
 from raysift.jobs.config import Config, InputSpec, LmHiddenConfig
-from raysift.jobs.console import progress
-from raysift.jobs.errors import InputError
+from raysift.jobs.core.console import progress
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import Pool, Vectors, drop_stale_parts, missing_chunks, plan_chunks
+from raysift.jobs.core.runfolder import RunFolder
 from raysift.jobs.methods.base import Context, Representation, cluster_cpus, cluster_gpus
-from raysift.jobs.pool import Pool, Vectors, drop_stale_parts, missing_chunks, plan_chunks
-from raysift.jobs.runfolder import RunFolder
 from raysift.jobs.runtime import start_ray
 from raysift.jobs.vectors import resolve_threads
 

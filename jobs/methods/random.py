@@ -11,8 +11,8 @@ import numpy as np
 from raysift.actors.partitions import map_parts, merge_ranked
 from raysift.engine.baselines import random_keys
 from raysift.engine.selection import Ranked, Selection
+from raysift.jobs.core.pool import Part, Pool, as_strings, read_part
 from raysift.jobs.methods.base import Context, InMemory, Method
-from raysift.jobs.pool import Part, Pool, as_strings, read_part
 
 
 def part_ids(pool: Pool, part: Part) -> np.ndarray:

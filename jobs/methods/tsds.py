@@ -25,9 +25,9 @@ from raysift.engine.tsds_search import (
     select_exact,
 )
 from raysift.jobs.config import Config, TSDSConfig
-from raysift.jobs.errors import InputError
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.runfolder import RunFolder
 from raysift.jobs.methods.base import Context, InMemory, Method, start_cluster
-from raysift.jobs.runfolder import RunFolder
 
 PROBABILITIES = RunFolder.PROBABILITIES
 

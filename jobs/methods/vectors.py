@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 
 from raysift.jobs.config import Config
+from raysift.jobs.core.pool import matrix
 from raysift.jobs.methods.base import Representation
 from raysift.jobs.methods.embedding import committed
-from raysift.jobs.pool import matrix
 
 
 def local(cfg: Config, candidates: pa.Table, targets: pa.Table) -> tuple[np.ndarray, np.ndarray]:

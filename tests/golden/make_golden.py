@@ -76,7 +76,7 @@ def main() -> None:
 
     from raysift.jobs.config import validate
     from raysift.jobs.runtime import RAY_ENV, configure_data
-    from raysift.jobs.select import run_select
+    from raysift.jobs.stages.select import run_select
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                             text=True, check=True).stdout.strip()  # fmt: skip

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from raysift.engine.loading import VERBOSE
-from raysift.jobs.runfolder import RunFolder
+from raysift.jobs.core.runfolder import RunFolder
 
 LOG = logging.getLogger("raysift")
 LOG.propagate = False

@@ -14,12 +14,12 @@ import pyarrow as pa
 
 from raysift.engine import gradex as gx
 from raysift.jobs.config import Config, to_yaml
-from raysift.jobs.evaluate import Heldout, heldout_scores
+from raysift.jobs.core.runfolder import RunFolder, write_json, write_jsonl, write_text
+from raysift.jobs.core.runlock import writes_run_folder
 from raysift.jobs.finetune import run_finetune
 from raysift.jobs.methods.gradex import Estimator, _sub_config, check_static, estimate_sources
 from raysift.jobs.pipeline import run
-from raysift.jobs.runfolder import RunFolder, write_json, write_jsonl, write_text
-from raysift.jobs.runlock import writes_run_folder
+from raysift.jobs.workflows.evaluate import Heldout, heldout_scores
 
 # -- validation -----------------------------------------------------------------------------------
 

@@ -30,11 +30,11 @@ from raysift.engine.gotd import select as gotd_select
 from raysift.engine.selection import Ranked, Selection
 from raysift.engine.sinkhorn import SinkhornShard, c_transform
 from raysift.jobs.config import Config, result_settings
-from raysift.jobs.ingest import check_input, fingerprint
-from raysift.jobs.pool import Part, Pool, load_pool, read_vector_range, read_vectors
-from raysift.jobs.runfolder import Manifest, RunFolder, atomic_path, write_json
-from raysift.jobs.runlock import writes_run_folder
-from raysift.jobs.storage import Store, open_run
+from raysift.jobs.core.pool import Part, Pool, load_pool, read_vector_range, read_vectors
+from raysift.jobs.core.runfolder import Manifest, RunFolder, atomic_path, write_json
+from raysift.jobs.core.runlock import writes_run_folder
+from raysift.jobs.core.storage import Store, open_run
+from raysift.jobs.stages.ingest import check_input, fingerprint
 from raysift.jobs.vectors import SIDES
 
 LATEST = "latest.json"
@@ -82,7 +82,7 @@ def _incremental_gotd(cfg: Config, run_dir: Path, pool: Pool, targets: Pool, pre
     """New rows' g by the c-transform of the stored f (tasks on the new parts only); old rows
     keep their g (shifted for the larger pool: g carries eps log(1/N)); the budget smallest of
     both, ties by row."""
-    from raysift.jobs.select import GOTD_POTENTIAL
+    from raysift.jobs.stages.select import GOTD_POTENTIAL
 
     eps, n, budget = cfg.select.gotd.epsilon, pool.n, cfg.select.budget
     f = pq.read_table(run_dir / GOTD_POTENTIAL).column("f").to_numpy()
@@ -107,7 +107,12 @@ def run_curate(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """One scheduled curation run; returns what it did (also in curate/vNNNN/info.json)."""
     from raysift.jobs.methods import Context
     from raysift.jobs.pipeline import run
-    from raysift.jobs.select import GOTD_POTENTIAL, needs_embed_stage, run_select, write_selection
+    from raysift.jobs.stages.select import (
+        GOTD_POTENTIAL,
+        needs_embed_stage,
+        run_select,
+        write_selection,
+    )
 
     inputs = _inputs(cfg)  # the input checks come first: a bad path writes nothing
     key = _config_key(cfg)

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from raysift.actors.partitions import column_counts
-from raysift.jobs.pool import load_pool
-from raysift.jobs.runfolder import RunFolder
-from raysift.jobs.storage import Store
+from raysift.jobs.core.pool import load_pool
+from raysift.jobs.core.runfolder import RunFolder
+from raysift.jobs.core.storage import Store
 
 
 def pool_counts(run_dir: Path, column: str) -> dict[str, int] | None:

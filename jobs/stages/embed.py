@@ -25,15 +25,20 @@ import time
 
 import numpy as np
 
+from raysift.engine.embed import resolve_model_path
 from raysift.jobs.config import EmbedConfig
-from raysift.jobs.console import progress
-from raysift.jobs.pool import VECTOR, Part, Pool, load_pool, matrix, read_part
-from raysift.jobs.runfolder import RunFolder
-from raysift.jobs.storage import Store
+from raysift.jobs.core.console import progress
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import VECTOR, Part, Pool, load_pool, matrix, read_part
+from raysift.jobs.core.runfolder import Manifest, RunFolder
+from raysift.jobs.core.storage import Store
+from raysift.jobs.stages.base import Reuse, Stage, StageRun
 from raysift.jobs.vectors import (
+    SIDES,
     SUMMARY,
     check_settings,
     committed,
+    embeddings_current,
     plan,
     resolve_gpus,
     resolve_threads,
@@ -143,3 +148,41 @@ def _dim(store: Store, side: str, pool: Pool) -> int:
         folder = pool.chunk_dir(pool.parts[0])
         chunk = store.parquet(f"{folder}/{store.list(folder)[0]}")
         return chunk.schema_arrow.field("vector").type.list_size
+
+
+def _checks(run: StageRun) -> None:
+    if not run.cfg.candidates.vector_column:
+        try:
+            resolve_model_path(run.cfg.embed.model)
+        except FileNotFoundError as exc:
+            raise InputError(str(exc)) from None
+    if "ingest" not in run.stages:
+        for side in SIDES:
+            load_pool(run.pool_store, side)  # the index exists (run the ingest stage first, else)
+
+
+def _current(run: StageRun, manifest: Manifest) -> Reuse | None:
+    """Nothing to embed: this run's selection needs no embeddings, or the last embed finished and
+    every row still has its vector (recorded as a finished stage that embedded nothing)."""
+    from raysift.jobs.stages.select import needs_embed_stage  # the methods: not in embed's workers
+
+    cfg = run.cfg
+    if "select" in run.stages and not needs_embed_stage(cfg):
+        plan = cfg.plan()
+        what = f"on {plan.representation}" if plan.representation else "needs no embeddings"
+        return Reuse(f"embed: skipped, {cfg.select.method} {what}")
+    if manifest.stage("embed").get("status") != "done":
+        return None
+    reused = embeddings_current(Store.for_run(run.run_dir), cfg.embed)
+    if not reused:
+        return None
+    return Reuse("embed: every row has its vector, reusing embeddings/", info=reused)
+
+
+STAGE = Stage(
+    name="embed",
+    summary="data/<side>/ parts -> embeddings/<side>/<digest>/ chunks (actor pool, resumable)",
+    checks=_checks,
+    current=_current,
+    run=lambda run: embed_sides(Store.for_run(run.run_dir), SIDES, run.cfg.embed),
+)

@@ -41,6 +41,7 @@ import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -50,12 +51,14 @@ import pyarrow.parquet as pq
 
 from raysift.engine.ids import content_ids
 from raysift.engine.render import RenderError, check_messages, pair, plain
-from raysift.jobs import storage
-from raysift.jobs.config import IngestConfig, InputSpec
-from raysift.jobs.errors import InputError
-from raysift.jobs.pool import INDEX, LAYOUT, VECTOR, Part, Pool, load_pool
-from raysift.jobs.runfolder import RunFolder
-from raysift.jobs.storage import Store
+from raysift.jobs.config import Config, IngestConfig, InputSpec
+from raysift.jobs.core import storage
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import INDEX, LAYOUT, VECTOR, Part, Pool, load_pool
+from raysift.jobs.core.runfolder import Manifest, RunFolder
+from raysift.jobs.core.storage import Store
+from raysift.jobs.stages.base import Reuse, Stage, StageRun
+from raysift.jobs.vectors import SIDES
 
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 BATCH_ROWS = 65_536
@@ -961,7 +964,7 @@ def write_vector_inputs(folder, candidates, targets, parts: int = 1) -> tuple:
     from arrays: ingest them with `vector_column: vector`."""
     from pathlib import Path
 
-    from raysift.jobs.pool import vectors_to_arrow
+    from raysift.jobs.core.pool import vectors_to_arrow
 
     folder = Path(folder)
     (folder / "pool").mkdir(parents=True, exist_ok=True)
@@ -976,3 +979,53 @@ def write_vector_inputs(folder, candidates, targets, parts: int = 1) -> tuple:
         pq.write_table(rows, folder / "pool" / f"p{k:03d}.parquet")
     pq.write_table(table(targets, "t"), folder / "targets.parquet")
     return folder / "pool", folder / "targets.parquet"
+
+
+def run_ingest(cfg: Config, run_dir: Path, append: bool = False) -> dict:
+    """Both sides into the run folder's partitioned pool; their vector columns must agree."""
+    store = Store.for_run(run_dir)
+    info = {}
+    for side in SIDES:
+        spec = getattr(cfg, side)
+        counts = ingest_side(spec, side, store, side, cfg.ingest, append)
+        info[side] = {**counts, "spec": spec.model_dump(mode="json")}
+    dims = {side: info[side]["dim"] for side in SIDES}
+    if dims["candidates"] != dims["targets"]:
+        raise InputError(
+            f"candidates.vector_column: {cfg.candidates.vector_column!r} in {cfg.candidates.path} "
+            f"has dimension {dims['candidates']}, targets.vector_column "
+            f"{cfg.targets.vector_column!r} in {cfg.targets.path} has {dims['targets']}"
+        )
+    return info
+
+
+def _checks(run: StageRun) -> None:
+    for side in SIDES:
+        check_input(getattr(run.cfg, side), side)
+
+
+def _current(run: StageRun, manifest: Manifest) -> Reuse | None:
+    """The last ingest finished with the same input specs and unchanged input files."""
+    entry = manifest.stage("ingest")
+    if entry.get("status") != "done":
+        return None
+    store = Store.for_run(run.run_dir)
+    for side in SIDES:
+        spec = getattr(run.cfg, side)
+        if not store.is_file(RunFolder.data(side, INDEX)):
+            return None
+        previous = entry.get(side, {})
+        if previous.get("spec") != spec.model_dump(mode="json"):
+            return None
+        if previous.get("inputs") != fingerprint(check_input(spec, side)):
+            return None
+    return Reuse("ingest: inputs unchanged since the last run, reusing data/")
+
+
+STAGE = Stage(
+    name="ingest",
+    summary="candidates and targets -> data/<side>/ parts + _index.json (Ray tasks per piece)",
+    checks=_checks,
+    current=_current,
+    run=lambda run: run_ingest(run.cfg, run.run_dir, run.append),
+)

@@ -37,15 +37,15 @@ from raysift.engine.embed import pick_device
 from raysift.engine.lm import load_finetuned, load_lm, perplexity, resolve_lm_path
 from raysift.engine.render import render as render_row
 from raysift.jobs.config import PRESETS, VECTOR_SELECTORS, Config, MethodEntry, validate
-from raysift.jobs.console import progress, say
-from raysift.jobs.errors import InputError
-from raysift.jobs.evaluation_report import render, run_folder
-from raysift.jobs.ingest import check_input, file_columns, ingest_side
+from raysift.jobs.core.console import progress, say
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import load_pool, read_rows, row_columns, rows_of
+from raysift.jobs.core.runfolder import RunFolder, write_json, write_jsonl, write_text
+from raysift.jobs.core.runlock import writes_run_folder
+from raysift.jobs.core.storage import Store
 from raysift.jobs.methods import METHODS
-from raysift.jobs.pool import load_pool, read_rows, row_columns, rows_of
-from raysift.jobs.runfolder import RunFolder, write_json, write_jsonl, write_text
-from raysift.jobs.runlock import writes_run_folder
-from raysift.jobs.storage import Store
+from raysift.jobs.stages.ingest import check_input, file_columns, ingest_side
+from raysift.jobs.workflows.evaluation_report import render, run_folder
 
 
 def check_evaluate(cfg: Config) -> None:
@@ -79,7 +79,7 @@ def _prefixed(log: Callable[[str], None], prefix: str, message: str) -> None:
 def run_evaluate(cfg: Config, log: Callable[[str], None] = say) -> Path:
     from raysift.jobs.pipeline import run
     from raysift.jobs.runtime import start_ray
-    from raysift.jobs.select import check_budget, needs_embed_stage
+    from raysift.jobs.stages.select import check_budget, needs_embed_stage
 
     e = cfg.evaluate
     default_seeds = e.seeds or [cfg.seed]

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from raysift.jobs.report import composition, pool_counts, selection_counts
-from raysift.jobs.runfolder import RunFolder
+from raysift.jobs.core.runfolder import RunFolder
+from raysift.jobs.stages.report import composition, pool_counts, selection_counts
 
 # 20 source colours, every pair at least 32 apart in CIE76 delta E (about 2.3 is a just-noticeable
 # difference): Tableau's first four, then farthest-point picks in CIELAB over sRGB colours of

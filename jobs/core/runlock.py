@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raysift.jobs.errors import InputError
-from raysift.jobs.runfolder import RunFolder
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.runfolder import RunFolder
 
 EXPIRY = "RAYSIFT_LOCK_EXPIRY"  # seconds an object-store lock lives without renewal
 # How a command waits for a folder another run holds: 0 = refuse at once (the CLI's --wait sets
@@ -312,7 +312,7 @@ _GUARD = threading.Lock()
 
 
 def _key(where: str) -> str:
-    from raysift.jobs.storage import is_remote
+    from raysift.jobs.core.storage import is_remote
 
     if is_remote(where):
         return where.rstrip("/")
@@ -327,11 +327,11 @@ def _covering(key: str) -> RunLock | None:
 
 
 def _backend(where: str):
-    from raysift.jobs.storage import is_remote
+    from raysift.jobs.core.storage import is_remote
 
     if not is_remote(where):
         return LocalLock(Path(where.removeprefix("file://")))
-    from raysift.jobs.storage import Remote
+    from raysift.jobs.core.storage import Remote
 
     Remote(where).probe()  # no credentials or no endpoint: one line, before the lock's calls
     if where.startswith("s3://"):
@@ -346,7 +346,7 @@ def hold(where: str, command: str | None = None, wait: float | None = None,
          say=None) -> Iterator[RunLock | None]:  # fmt: skip
     """Hold the run folder `where` for the block: at once, or after waiting up to `wait` seconds
     (default: WAITING["seconds"]) for its holder; else FolderBusy naming the holder."""
-    from raysift.jobs.console import say as default_say
+    from raysift.jobs.core.console import say as default_say
 
     say = say or default_say
     key = _key(where)

@@ -33,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysift.jobs.errors import InputError
-from raysift.jobs.runfolder import RunFolder
-from raysift.jobs.storage import Store
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.runfolder import RunFolder
+from raysift.jobs.core.storage import Store
 
 INDEX = "_index.json"
 VECTOR = "_vector"  # a part's column of given vectors (candidates.vector_column)

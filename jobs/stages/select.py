@@ -31,11 +31,13 @@ import pyarrow as pa
 from raysift.actors.partitions import fetch_rows
 from raysift.engine.selection import Selection
 from raysift.jobs.config import Config
-from raysift.jobs.errors import InputError
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.pool import Pool, load_pool, row_columns
+from raysift.jobs.core.runfolder import RunFolder, write_jsonl, write_parquet
+from raysift.jobs.core.storage import Store
 from raysift.jobs.methods import METHODS, REPRESENTATIONS, Context
-from raysift.jobs.pool import Pool, load_pool, row_columns
-from raysift.jobs.runfolder import RunFolder, write_jsonl, write_parquet
-from raysift.jobs.storage import Store
+from raysift.jobs.stages.base import Stage, StageRun, always_runs
+from raysift.jobs.vectors import SIDES, check_vectors_ready
 
 GOTD_POTENTIAL = RunFolder.GOTD_POTENTIAL
 
@@ -127,3 +129,26 @@ def selection_table(sel: Selection, rows: pa.Table, keep: list[str]) -> pa.Table
             **{c: rows.column(c) for c in keep},
         }
     )
+
+
+def _checks(run: StageRun) -> None:
+    cfg = run.cfg
+    checks(cfg)  # the method's and its representation's (the tables' records)
+    if "ingest" in run.stages:
+        return
+    store = run.pool_store
+    for side in SIDES:
+        load_pool(store, side)  # the index exists (run the ingest stage first, else)
+    check_budget(cfg, load_pool(store, "candidates"))
+    if "embed" not in run.stages and needs_embed_stage(cfg):
+        for side in SIDES:
+            check_vectors_ready(store, side, cfg.embed)
+
+
+STAGE = Stage(
+    name="select",
+    summary="the partitioned pool -> selection.parquet + selected.jsonl (per-part tasks, shards)",
+    checks=_checks,
+    current=always_runs,
+    run=lambda run: run_select(run.cfg, run.run_dir, run.data, run.log),
+)

@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP_PREFIX = ".tmp-"
+# Called with each path atomic_path commits. jobs/core/storage registers its upload to a mirrored
+# run folder's remote copy when it is imported -- the only way a folder gets a mirror -- so this
+# layer's bottom module imports nothing above it.
+_ON_COMMIT: list[Callable[[Path], None]] = []
+
+
+def on_commit(hook: Callable[[Path], None]) -> None:
+    """Call `hook(path)` after every atomic commit into a run folder."""
+    if hook not in _ON_COMMIT:
+        _ON_COMMIT.append(hook)
 
 
 class RunFolder:
@@ -107,9 +117,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
         if tmp.is_dir() and final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        from raysift.jobs import storage  # storage names its bulk folders from RunFolder
-
-        storage.committed(final)  # a remote run folder gets the file now (jobs/storage.py)
+        for hook in _ON_COMMIT:  # a remote run folder gets the file now (storage.committed)
+            hook(final)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

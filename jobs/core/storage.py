@@ -28,8 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
-from raysift.jobs.errors import InputError
-from raysift.jobs.runfolder import RunFolder
+from raysift.jobs.core.errors import InputError
+from raysift.jobs.core.runfolder import RunFolder, on_commit
 
 # Folders of a run folder (at any depth: evaluate and GradEx sub-runs have their own) whose files
 # the workers write on the run folder's filesystem; the driver's mirror never holds them.
@@ -387,6 +387,9 @@ def committed(local_path: Path) -> None:
         remote = mirror_of(local_path)
         if remote is not None:
             remote.push(local_path)
+
+
+on_commit(committed)
 
 
 def sync_all() -> None:
