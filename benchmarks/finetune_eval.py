@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import yaml
-from harness import ROOT, SHARED
+from harness import ROOT, SHARED, share_pool_features
 
 POOL = SHARED / "data" / "pool.parquet"
 OUT = ROOT / "runs" / "bench" / "finetune"
@@ -171,23 +171,8 @@ def length_filter_table(thresholds: tuple[int, ...] = (100, 5)) -> None:
 
 
 def share_features(name: str, folder: str) -> None:
-    """LESS's warm-up and pool features and the pool's lm_hidden vectors depend on the pool, not
-    the target: copy them from a target that has them into this target's run folder (each target
-    is its own `raysift evaluate` run folder; its select then computes only the target's own)."""
-    import shutil
-
-    here = OUT / name / folder
-    for other in TARGETS:
-        there = OUT / other / folder
-        if other == name:
-            continue
-        if (there / "less" / "warmup" / "finetune" / "result.json").is_file() and not (
-                here / "less").exists():  # fmt: skip
-            shutil.copytree(there / "less", here / "less")
-        for feats in [*(there / "features" / "candidates").glob("less-*"),
-                      *(there / "features" / "candidates").glob("hidden-*")]:  # fmt: skip
-            if not (here / "features" / "candidates" / feats.name).exists():
-                shutil.copytree(feats, here / "features" / "candidates" / feats.name)
+    """The pool's LESS features and lm_hidden vectors, from another target's run folder."""
+    share_pool_features(OUT / name / folder, [OUT / other / folder for other in TARGETS])
 
 
 def main() -> None:

@@ -139,3 +139,21 @@ def stored_pool(folder: Path, candidates, targets, address: str | None = None):
     run(cfg, ["ingest", "embed"], log=lambda _: None)
     store = Store.local(folder / "run")
     return load_pool(store, "candidates"), load_pool(store, "targets")
+
+
+def share_pool_features(here: Path, others: list[Path]) -> None:
+    """LESS's warm-up and pool features and the pool's lm_hidden vectors depend on the pool, not
+    the target: copy them into run folder `here` from another target's run folder on the same
+    pool that has them (its select then computes only the target's own)."""
+    import shutil
+
+    for there in others:
+        if there == here or not there.is_dir():
+            continue
+        if (there / "less" / "warmup" / "finetune" / "result.json").is_file() and not (
+                here / "less").exists():  # fmt: skip
+            shutil.copytree(there / "less", here / "less")
+        for feats in [*(there / "features" / "candidates").glob("less-*"),
+                      *(there / "features" / "candidates").glob("hidden-*")]:  # fmt: skip
+            if not (here / "features" / "candidates" / feats.name).exists():
+                shutil.copytree(feats, here / "features" / "candidates" / feats.name)

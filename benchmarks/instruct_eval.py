@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
-from harness import ROOT
+from harness import ROOT, share_pool_features
 
 OUT = ROOT / "runs" / "bench" / "instruct"
 TARGETS = {  # name -> the pool rows that are the target's kind (evaluate.target_rows)
@@ -75,19 +74,9 @@ def config(name: str, budget: int, seeds: list[int], methods: list, less: dict) 
 
 
 def share_features(name: str, budget: int) -> None:
-    """The pool's LESS warm-up and features and lm_hidden vectors do not depend on the target."""
-    here = OUT / name / f"b{budget}"
-    for other in TARGETS:
-        there = OUT / other / f"b{budget}"
-        if other == name or not there.is_dir():
-            continue
-        if (there / "less" / "warmup" / "finetune" / "result.json").is_file() and not (
-                here / "less").exists():  # fmt: skip
-            shutil.copytree(there / "less", here / "less")
-        for feats in [*(there / "features" / "candidates").glob("less-*"),
-                      *(there / "features" / "candidates").glob("hidden-*")]:  # fmt: skip
-            if not (here / "features" / "candidates" / feats.name).exists():
-                shutil.copytree(feats, here / "features" / "candidates" / feats.name)
+    """The pool's LESS features and lm_hidden vectors, from another target's run folder."""
+    folder = f"b{budget}"
+    share_pool_features(OUT / name / folder, [OUT / other / folder for other in TARGETS])
 
 
 def _paired(paired: dict | None, a: str, b: str, fmt: str) -> str:

@@ -90,15 +90,21 @@ def training_row(row: dict, f: FinetuneConfig):
     return row_of(row, f.text_column, f.messages_column, f.prompt_column, f.response_column)
 
 
+def check_model(name: str, field: str = "finetune.model") -> Path:
+    """The local folder of causal LM `name` (the packaged one converted here, once, rather than in
+    every worker); a missing one is bad input naming `field`."""
+    try:
+        return resolve_lm_path(name, field)
+    except FileNotFoundError as exc:
+        raise InputError(str(exc)) from None
+
+
 def check_finetune(cfg: Config, rows_path: Path) -> list[int]:
     """Every fine-tune input check that needs no cluster: rows and model (converting the
     packaged one once, here rather than in every worker), before any output. Returns the rows
     file's tokenising plan (`scan_rows`)."""
     plan_ = scan_rows(rows_path, cfg.finetune)
-    try:
-        resolve_lm_path(cfg.finetune.model)
-    except FileNotFoundError as exc:
-        raise InputError(str(exc)) from None
+    check_model(cfg.finetune.model)
     adapter = cfg.finetune.init_adapter
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise InputError(f"finetune.init_adapter: {adapter} is not a LoRA adapter folder")

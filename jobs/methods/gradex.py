@@ -49,6 +49,7 @@ from raysift.jobs.core.runfolder import (
     write_text,
 )
 from raysift.jobs.core.storage import Store
+from raysift.jobs.finetune import check_model
 from raysift.jobs.methods.base import Context, Method
 from raysift.jobs.runtime import start_ray
 from raysift.jobs.vectors import resolve_threads
@@ -522,18 +523,13 @@ def select(ctx: Context) -> Selection:
 def check_static(cfg: Config) -> None:
     """The checks that need neither data nor cluster: the source column is carried, the model
     exists (its conversion happens here, once)."""
-    from raysift.engine.lm import resolve_lm_path
-
     g = cfg.select.gradex
     if g.source_column not in cfg.candidates.keep_columns:
         raise InputError(
             f"select.gradex.source_column: {g.source_column!r} is not in candidates.keep_columns "
             f"({cfg.candidates.keep_columns})"
         )
-    try:
-        resolve_lm_path(cfg.finetune.model)
-    except FileNotFoundError as exc:
-        raise InputError(str(exc)) from None
+    check_model(cfg.finetune.model)
 
 
 METHOD = Method(

@@ -52,6 +52,7 @@ from raysift.jobs.core.pool import (
 )
 from raysift.jobs.core.runfolder import RunFolder, write_jsonl, write_text
 from raysift.jobs.core.storage import Store
+from raysift.jobs.finetune import check_model
 from raysift.jobs.methods import knn
 from raysift.jobs.methods.base import Context, Method, Representation, all_checks
 from raysift.jobs.runtime import start_ray
@@ -75,12 +76,7 @@ def check_less(cfg: Config, targets: Pool) -> None:
 
 def check_static(cfg: Config) -> None:
     """The checks that need neither data nor cluster: the model exists."""
-    from raysift.engine.lm import resolve_lm_path
-
-    try:
-        resolve_lm_path(cfg.finetune.model)
-    except FileNotFoundError as exc:
-        raise InputError(str(exc)) from None
+    check_model(cfg.finetune.model)
 
 
 # -- the warm-up ----------------------------------------------------------------------------------

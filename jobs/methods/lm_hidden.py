@@ -26,13 +26,13 @@ import pyarrow as pa
 
 from raysift.actors.features import HiddenStates
 from raysift.actors.pool import map_actors
-from raysift.engine.lm import resolve_lm_path
 from raysift.engine.render import render
 from raysift.jobs.config import Config, InputSpec, LmHiddenConfig
 from raysift.jobs.core.console import progress
 from raysift.jobs.core.errors import InputError
 from raysift.jobs.core.pool import Pool, Vectors, drop_stale_parts, missing_chunks, plan_chunks
 from raysift.jobs.core.runfolder import RunFolder
+from raysift.jobs.finetune import check_model
 from raysift.jobs.methods.base import Context, Representation, cluster_cpus, cluster_gpus
 from raysift.jobs.runtime import start_ray
 from raysift.jobs.vectors import resolve_threads
@@ -54,10 +54,7 @@ def field_of(cfg: Config) -> str:
 def model_folder(cfg: Config) -> Path:
     """The model's local folder, which must hold a causal LM (one line naming the field else)."""
     name, field = settings(cfg)["model"], field_of(cfg)
-    try:
-        path = resolve_lm_path(name, field)
-    except FileNotFoundError as exc:
-        raise InputError(str(exc)) from None
+    path = check_model(name, field)
     config = json.loads((path / "config.json").read_text())
     architectures = config.get("architectures") or []
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):

@@ -3,10 +3,8 @@ warm-up and GradEx's meta-initialisation run too, below the methods."""
 
 from __future__ import annotations
 
-from raysift.engine.lm import resolve_lm_path
-from raysift.jobs.core.errors import InputError
 from raysift.jobs.core.runfolder import RunFolder
-from raysift.jobs.finetune import check_finetune, run_finetune
+from raysift.jobs.finetune import check_finetune, check_model, run_finetune
 from raysift.jobs.stages.base import Stage, StageRun, always_runs
 
 
@@ -14,10 +12,7 @@ def _checks(run: StageRun) -> None:
     if "select" not in run.stages:  # the rows are a finished selection: check them and the model
         check_finetune(run.cfg, run.run_dir / RunFolder.SELECTED)
         return
-    try:  # the rows come from this run's select: check the model now
-        resolve_lm_path(run.cfg.finetune.model)
-    except FileNotFoundError as exc:
-        raise InputError(str(exc)) from None
+    check_model(run.cfg.finetune.model)  # the rows come from this run's select: the model now
 
 
 STAGE = Stage(

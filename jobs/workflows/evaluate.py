@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from raysift.engine import task_metric
 from raysift.engine.compare import paired_bootstrap, paired_mean_bootstrap, winner
 from raysift.engine.embed import pick_device
-from raysift.engine.lm import load_finetuned, load_lm, perplexity, resolve_lm_path
+from raysift.engine.lm import load_finetuned, load_lm, perplexity
 from raysift.engine.render import render as render_row
 from raysift.jobs.config import PRESETS, VECTOR_SELECTORS, Config, MethodEntry, validate
 from raysift.jobs.core.console import progress, say
@@ -43,6 +43,7 @@ from raysift.jobs.core.pool import load_pool, read_rows, row_columns, rows_of
 from raysift.jobs.core.runfolder import RunFolder, write_json, write_jsonl, write_text
 from raysift.jobs.core.runlock import writes_run_folder
 from raysift.jobs.core.storage import Store
+from raysift.jobs.finetune import check_model
 from raysift.jobs.methods import METHODS
 from raysift.jobs.stages.ingest import check_input, file_columns, ingest_side
 from raysift.jobs.workflows.evaluation_report import render, run_folder
@@ -59,10 +60,7 @@ def check_evaluate(cfg: Config) -> None:
     check_input(e.heldout, "evaluate.heldout")
     check_input(cfg.candidates, "candidates")
     check_input(cfg.targets, "targets")
-    try:
-        resolve_lm_path(cfg.finetune.model)
-    except FileNotFoundError as exc:
-        raise InputError(str(exc)) from None
+    check_model(cfg.finetune.model)
     for column in e.target_rows:
         if column not in cfg.candidates.keep_columns:
             raise InputError(
