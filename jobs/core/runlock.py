@@ -171,6 +171,12 @@ class ObjectLock:
             self.tag = None
 
 
+def _bucket_and_key(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` or `gs://bucket/a/b` -> ("bucket", "a/b/.raysift.lock")."""
+    bucket, _, prefix = uri.split("://", 1)[1].partition("/")
+    return bucket, f"{prefix.rstrip('/')}/{RunFolder.LOCK}".lstrip("/")
+
+
 class S3Object:
     """The lock object on S3 (boto3: pyarrow's S3 client has no conditional writes)."""
 
@@ -183,8 +189,7 @@ class S3Object:
                 f"output_dir: {uri}: an s3:// run folder is locked with boto3 "
                 "(pip install 'raysift[s3]')"
             ) from None
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        self.bucket, self.key = bucket, f"{prefix.rstrip('/')}/{RunFolder.LOCK}".lstrip("/")
+        self.bucket, self.key = _bucket_and_key(uri)
         self.client, self.error = boto3.client("s3"), ClientError
 
     def _conditional(self, call, **kwargs) -> str | None:
@@ -230,8 +235,7 @@ class GCSObject:
                 f"output_dir: {uri}: a gs:// run folder is locked with google-cloud-storage "
                 "(pip install 'raysift[gcs]')"
             ) from None
-        bucket, _, prefix = uri.removeprefix("gs://").partition("/")
-        key = f"{prefix.rstrip('/')}/{RunFolder.LOCK}".lstrip("/")
+        bucket, key = _bucket_and_key(uri)
         self.blob = storage.Client().bucket(bucket).blob(key)
         self.lost = (PreconditionFailed, NotFound)
 
